@@ -1,0 +1,27 @@
+"""mechgrok: mechanistic interpretability of memorization versus generalization (grokking).
+
+>>> import mechgrok as mg
+>>> task = mg.tasks.modular_arithmetic(p=11, op="add", train_frac=0.5, seed=0)
+>>> model = mg.models.transformer(task, n_layers=1, d_model=16, n_heads=2, d_mlp=32)
+>>> sorted(mg.evaluate(model, task))[:2]
+['test', 'train']
+"""
+
+from mechgrok import models, presets, tasks
+from mechgrok.capture import ActivationCache, capture, load_cache
+from mechgrok.run import Run
+from mechgrok.train import TrainConfig, evaluate, train
+
+__version__ = "0.1.0"
+
+__all__ = ["tasks", "models", "presets", "train", "TrainConfig", "evaluate", "Run", "capture",
+           "ActivationCache", "load_cache", "report", "__version__"]
+
+
+def __getattr__(name: str):
+    # The report pulls in matplotlib; load it on first use to keep `import mechgrok` light.
+    if name == "report":
+        import importlib
+
+        return importlib.import_module("mechgrok.report")
+    raise AttributeError(f"module 'mechgrok' has no attribute {name!r}")

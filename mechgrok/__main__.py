@@ -1,0 +1,5 @@
+import sys
+
+from mechgrok.cli import main
+
+sys.exit(main())

@@ -1,0 +1,422 @@
+"""Hook-based activation capture, in memory or streamed to disk.
+
+``capture(model, inputs, hooks)`` runs ``model`` over ``inputs`` in batches and keeps the outputs
+of the named hooks, ``[N, ...]`` each, as an ``ActivationCache``. Three backends give the same
+numbers (the tests check it):
+
+- ``"transformer_lens"`` (default): transformer-lens forward hooks on ``HookPoint`` s, installed
+  once with ``model.hooks(...)`` for the whole run. Needs a ``HookedRootModule``.
+- ``"torch"``: ``register_forward_hook`` on the named submodules of any ``nn.Module``.
+- ``"nnsight"``: an ``nnsight.NNsight`` trace per batch that reads ``.output`` of the named
+  modules in execution order (nnsight 0.8 requires that order; a one-example dry run finds it).
+
+Hook names are module paths (``blocks.0.mlp.hook_post``, ``transformer.h.0.mlp``); for a
+``HookedRootModule`` every hook point is also a module, so all backends accept its hook names.
+A module that returns a tuple (a Hugging Face block, for instance) is captured as element 0; a
+module called several times in one forward is captured at its first call.
+
+With ``out=PATH`` each hook streams into a standard ``.npy`` file (``numpy.lib.format``) written
+batch by batch through a memory map, so peak memory does not grow with ``N``; the folder
+(``meta.json`` plus one ``.npy`` per hook) appears atomically when complete. ``load_cache`` maps it
+back lazily. Activations are always returned on the CPU.
+
+>>> import mechgrok as mg
+>>> task = mg.tasks.modular_arithmetic(p=11, op="add", train_frac=0.5, seed=0)
+>>> model = mg.models.transformer(task, n_layers=1, d_model=16, n_heads=2, d_mlp=32)
+>>> cache = capture(model, task.inputs, hooks=["blocks.0.mlp.hook_post"], progress=False)
+>>> tuple(cache["blocks.0.mlp.hook_post"].shape), cache.meta["backend"]
+((121, 3, 32), 'transformer_lens')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Shaped
+from numpy.lib.format import open_memmap
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mechgrok._io import atomic_dir, atomic_write_text
+from mechgrok.models import HookedRootModule
+
+__all__ = ["ActivationCache", "capture", "load_cache", "BACKENDS"]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("transformer_lens", "nnsight", "torch")
+FORMAT = "mechgrok.activations/1"
+
+
+class ActivationCache(Mapping[str, Tensor]):
+    """Read-only mapping hook name -> activations ``[N, ...]``, plus metadata.
+
+    Not transformer-lens' ``ActivationCache``: this one holds only the requested hooks, over a
+    whole dataset, and may live on disk.
+
+    Attributes:
+        meta: ``{"hooks", "shapes", "dtypes", "n", "backend", ...}``.
+        path: the folder the tensors are memory-mapped from, or ``None`` in memory.
+
+    The mapping cannot be changed; the tensors of a disk cache are copy-on-write views of the
+    files, so editing them in place never alters what is on disk.
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor], meta: dict[str, Any] | None = None,
+                 path: str | Path | None = None):
+        self._tensors = dict(tensors)
+        self.meta = dict(meta) if meta is not None else _meta(self._tensors, backend=None)
+        self.path = Path(path) if path is not None else None
+
+    def __getitem__(self, name: str) -> Tensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(f"hook {name!r} was not captured; this cache holds {list(self._tensors)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        where = f"disk {str(self.path)!r}" if self.path is not None else "memory"
+        shapes = ", ".join(f"{k}: {list(v.shape)}" for k, v in self._tensors.items())
+        return f"ActivationCache({where}; {shapes})"
+
+
+def capture(model: nn.Module, inputs: Shaped[Tensor, "N ..."], hooks: Sequence[str], *,
+            backend: str = "transformer_lens", batch_size: int = 1024, out: str | Path | None = None,
+            overwrite: bool = False, progress: bool = True) -> ActivationCache:
+    """Run ``model`` over ``inputs`` in batches and keep the outputs of ``hooks``.
+
+    Args:
+        model: a transformer-lens ``HookedRootModule`` (any backend), or any ``nn.Module`` for
+            the ``"torch"`` and ``"nnsight"`` backends. It runs in eval mode under
+            ``torch.no_grad()``; each submodule's train/eval flag is restored afterwards, and no
+            hook (nor nnsight's wrapper) is left on it.
+        inputs: ``[N, ...]`` model inputs (token ids ``[N, n_ctx]`` or floats), split along dim 0.
+        hooks: hook names / module paths, e.g. ``["blocks.0.mlp.hook_post"]``. Each hook's
+            output must have the batch on dim 0; a tuple output is captured as its element 0.
+        backend: ``"transformer_lens"``, ``"torch"`` or ``"nnsight"`` (see the module docstring).
+        batch_size: examples per forward pass.
+        out: a folder to stream to (``meta.json`` + ``{hook}.npy``); ``None`` keeps it in memory.
+        overwrite: replace an existing ``out`` folder (only once the new one is complete).
+        progress: show a progress bar over batches.
+
+    Returns:
+        An ``ActivationCache`` of CPU tensors ``[N, *per_example_shape]``, in the order of
+        ``hooks``; memory-mapped from ``out`` when given.
+
+    Raises:
+        ValueError: unknown backend or hook (with the close matches), empty ``hooks`` or
+            ``inputs``, a hook that does not run or lacks the batch dimension. All argument
+            checks happen before the model runs or anything is written.
+        TypeError: ``backend="transformer_lens"`` on a model that is not a ``HookedRootModule``.
+        FileExistsError: ``out`` exists and ``overwrite`` is false.
+    """
+    hooks = _check_args(model, inputs, hooks, backend, batch_size)
+    if out is not None and Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it or choose another folder")
+    n = int(inputs.shape[0])
+    device = next(model.parameters(), torch.empty(0)).device
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            folder = stack.enter_context(atomic_dir(out)) if out is not None else None
+            sink = _Sink(n, folder)
+            batches = _batches(inputs, batch_size, device, progress, desc=f"capture ({backend})")
+            _RUNNERS[backend](model, hooks, batches, sink)
+            tensors = {h: sink.tensors[h] for h in hooks}  # in the caller's order
+            meta = _meta(tensors, backend=backend, batch_size=batch_size, model=type(model).__name__)
+            if folder is None:
+                return ActivationCache(tensors, meta)
+            meta["files"] = {h: sink.files[h] for h in hooks}
+            sink.close()
+            atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2))
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    logger.info("captured %d examples of %s to %s", n, hooks, out)
+    return load_cache(out)
+
+
+def load_cache(path: str | Path) -> ActivationCache:
+    """Open a folder written by ``capture(..., out=path)``; nothing is read until it is used.
+
+    Each tensor is ``torch.from_numpy`` over ``np.load(mmap_mode="c")``: a copy-on-write memory
+    map, so the OS pages data in on access, the file is opened read-only, and an in-place edit
+    changes only the process's private copy (a read-only ``"r"`` map would make torch warn and
+    crash on such an edit). No pickle is involved.
+    """
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not an activation cache: no meta.json (write one with "
+                                "mechgrok.capture(..., out=path))")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+    tensors = {}
+    for name in meta["hooks"]:
+        array = np.load(path / meta["files"][name], mmap_mode="c", allow_pickle=False)
+        if list(array.shape) != meta["shapes"][name]:
+            raise ValueError(f"{path / meta['files'][name]} has shape {list(array.shape)} but meta.json "
+                             f"says {meta['shapes'][name]}; the cache is damaged, capture it again")
+        tensors[name] = torch.from_numpy(array)
+    return ActivationCache(tensors, meta, path)
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _check_args(model: nn.Module, inputs: Tensor, hooks: Sequence[str], backend: str,
+                batch_size: int) -> list[str]:
+    """Validate everything before the model runs; return the hooks without duplicates."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__} (for an nnsight "
+                        "wrapper pass the module it wraps)")
+    if isinstance(hooks, str):
+        raise TypeError(f"hooks must be a list of names, got the string {hooks!r}; write [{hooks!r}]")
+    hooks = list(dict.fromkeys(hooks))
+    if not hooks:
+        raise ValueError("hooks is empty; name at least one, e.g. hooks=['blocks.0.mlp.hook_post']")
+    if not isinstance(inputs, Tensor) or inputs.ndim == 0 or inputs.shape[0] == 0:
+        raise ValueError("inputs must be a tensor [N, ...] with N >= 1, got "
+                         f"{tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if backend == "transformer_lens":
+        if not isinstance(model, HookedRootModule):
+            raise TypeError(f"backend='transformer_lens' needs a transformer-lens HookedRootModule, got "
+                            f"{type(model).__name__}; use backend='torch' or 'nnsight' for any nn.Module")
+        known = list(model.hook_dict)
+    else:
+        known = [name for name, _ in model.named_modules() if name]
+    known_set = set(known)
+    for hook in hooks:
+        if hook not in known_set:
+            close = difflib.get_close_matches(hook, known, n=3)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+                f"valid names include {known[:5]}"
+            raise ValueError(f"unknown hook {hook!r}; {hint}")
+    return hooks
+
+
+# ---------------------------------------------------------------------------- storage
+
+
+class _Sink:
+    """One pre-allocated ``[N, ...]`` buffer per hook, allocated when its first batch arrives.
+
+    In memory (``folder=None``) a torch tensor; otherwise a ``.npy`` memory map in ``folder``
+    seen through ``torch.from_numpy``, so each batch is copied straight into the file's pages.
+    """
+
+    def __init__(self, n: int, folder: Path | None):
+        self.n, self.folder = n, folder
+        self.tensors: dict[str, Tensor] = {}
+        self.files: dict[str, str] = {}
+        self._maps: list[np.memmap] = []
+
+    def write(self, name: str, start: int, value: Tensor) -> None:
+        """Copy ``value`` ``[rows, ...]`` into rows ``start:start + rows`` of ``name``'s buffer."""
+        buf = self.tensors.get(name)
+        if buf is None:
+            buf = self.tensors[name] = self._allocate(name, value)
+        if value.shape[1:] != buf.shape[1:]:
+            raise ValueError(f"hook {name!r} gave per-example shape {tuple(value.shape[1:])} in one batch and "
+                             f"{tuple(buf.shape[1:])} in another; capture needs one shape for all examples")
+        buf[start:start + value.shape[0]].copy_(value)
+
+    def _allocate(self, name: str, value: Tensor) -> Tensor:
+        shape = (self.n, *value.shape[1:])
+        if self.folder is None:
+            return torch.empty(shape, dtype=value.dtype)
+        try:
+            dtype = torch.empty(0, dtype=value.dtype).numpy().dtype
+        except TypeError as e:
+            raise TypeError(f"hook {name!r} has dtype {value.dtype}, which .npy cannot store; cast the "
+                            "model (e.g. model.float()) or capture in memory (out=None)") from e
+        file = re.sub(r"[^\w.-]", "_", name) + ".npy"
+        self.files[name] = file
+        self._maps.append(open_memmap(self.folder / file, mode="w+", dtype=dtype, shape=shape))
+        return torch.from_numpy(self._maps[-1])
+
+    def close(self) -> None:
+        """Flush the memory maps to their files and drop them."""
+        for m in self._maps:
+            m.flush()
+        self._maps.clear()
+        self.tensors.clear()
+
+
+def _meta(tensors: Mapping[str, Tensor], **extra: Any) -> dict[str, Any]:
+    n = next(iter(tensors.values())).shape[0] if tensors else 0
+    return {"format": FORMAT, "hooks": list(tensors), "n": int(n),
+            "shapes": {k: list(v.shape) for k, v in tensors.items()},
+            "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}, **extra}
+
+
+def _batches(inputs: Tensor, batch_size: int, device: torch.device, progress: bool,
+             desc: str) -> Iterator[tuple[int, Tensor]]:
+    """``(start, inputs[start:start + batch_size])`` on ``device``, with a progress bar."""
+    starts = range(0, inputs.shape[0], batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        yield start, inputs[start:start + batch_size].to(device)
+
+
+# ---------------------------------------------------------------------------- backends
+
+Batches = Iterable[tuple[int, Tensor]]
+
+
+class _Recorder:
+    """Sends each hook's first output per batch to the sink and checks that every hook ran.
+
+    When one batch holds all ``N`` examples and the cache stays in memory, outputs are kept by
+    reference, with no copy (as transformer-lens' ``run_with_cache`` does). If the model then
+    edits one of them in place later in the same forward (its version counter moves), the batch
+    is run again with copies, so a captured value is always the hook's output at the time.
+    """
+
+    def __init__(self, hooks: list[str], sink: _Sink):
+        self.hooks, self.sink = hooks, sink
+        self.by_reference = sink.folder is None
+        self.start, self.rows, self.seen, self.versions = 0, 0, set(), {}
+
+    def run(self, forward: Callable[[Tensor], Any], batches: Batches) -> None:
+        """Call ``forward`` on each batch while the hooks call this recorder."""
+        for start, batch in batches:
+            if not self._run_one(forward, start, batch):
+                logger.debug("a captured activation was edited in place; capturing copies instead")
+                self.by_reference = False
+                self.sink.tensors.clear()
+                self._run_one(forward, start, batch)
+
+    def _run_one(self, forward: Callable[[Tensor], Any], start: int, batch: Tensor) -> bool:
+        self.start, self.rows, self.seen, self.versions = start, len(batch), set(), {}
+        forward(batch)
+        missing = [h for h in self.hooks if h not in self.seen]
+        if missing:
+            raise _not_run(missing)
+        return all(self.sink.tensors[h]._version == v for h, v in self.versions.items())
+
+    def __call__(self, name: str, value: Any) -> None:
+        if name in self.seen:  # a module called twice per forward: keep its first call
+            return
+        self.seen.add(name)
+        if isinstance(value, tuple):
+            value = value[0]
+        if not isinstance(value, Tensor) or value.ndim == 0 or value.shape[0] != self.rows:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"hook {name!r} gave {got} for a batch of {self.rows} examples; capture needs a "
+                             "tensor (or a tuple starting with one) with the batch on dim 0")
+        value = value.detach()
+        if self.by_reference and self.rows == self.sink.n:
+            self.sink.tensors[name], self.versions[name] = value, value._version
+        else:
+            self.sink.write(name, self.start, value)
+
+
+def _not_run(missing: list[str]) -> ValueError:
+    return ValueError(f"hooks {missing} did not run during the forward pass; capture modules the forward "
+                      "actually calls")
+
+
+def _run_transformer_lens(model: HookedRootModule, hooks: list[str], batches: Batches, sink: _Sink) -> None:
+    # `model.hooks` installs the hooks once for all batches (what run_with_hooks does per call).
+    # Over several batches each hook copies its activation straight into the pre-allocated
+    # output, where run_with_cache would keep one tensor per batch and concatenate them.
+    recorder = _Recorder(hooks, sink)
+    fwd = [(name, lambda t, hook, name=name: recorder(name, t)) for name in hooks]
+    with model.hooks(fwd_hooks=fwd):
+        recorder.run(model, batches)
+
+
+def _run_torch(model: nn.Module, hooks: list[str], batches: Batches, sink: _Sink) -> None:
+    recorder = _Recorder(hooks, sink)
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda _m, _args, output, name=name: recorder(name, output)) for name in hooks]
+    try:
+        recorder.run(model, batches)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _execution_order(model: nn.Module, hooks: list[str], batch: Tensor) -> list[str]:
+    """``hooks`` sorted by when their module first runs, from a forward on one example."""
+    order: list[str] = []
+
+    def note(name: str) -> Callable:
+        return lambda *_: order.append(name) if name not in order else None
+
+    handles = [model.get_submodule(h).register_forward_hook(note(h)) for h in hooks]
+    try:
+        model(batch[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [h for h in hooks if h not in order]
+    if missing:
+        raise _not_run(missing)
+    return order
+
+
+def _run_nnsight(model: nn.Module, hooks: list[str], batches: Batches, sink: _Sink) -> None:
+    import nnsight
+    from nnsight.intervention import source as nnsight_source
+
+    batches = iter(batches)
+    first = next(batches)
+    order = _execution_order(model, hooks, first[1])
+    recorder = _Recorder(order, sink)
+    # NNsight installs a controller as the `forward` of every module, permanently; undo that
+    # afterwards so the caller's model is left as it was.
+    state = getattr(nnsight_source, "STATE", "__nnsight__")
+    before = {m: m.__dict__.get("forward") for m in model.modules() if state not in m.__dict__}
+    try:
+        traced = nnsight.NNsight(model)
+        envoys = [(name, traced.get(name)) for name in order]
+
+        def forward(batch: Tensor) -> None:
+            with traced.trace(batch):
+                # The trace body runs while the model is paused at each module, so `.output` is
+                # the live tensor: hand it to the recorder now instead of `.save()`-ing it.
+                for name, envoy in envoys:
+                    recorder(name, envoy.output)
+
+        recorder.run(forward, _chain(first, batches))
+    finally:
+        for m, forward in before.items():
+            m.__dict__.pop(state, None)
+            if forward is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.__dict__["forward"] = forward
+
+
+def _chain(first: tuple[int, Tensor], rest: Iterator[tuple[int, Tensor]]) -> Iterator[tuple[int, Tensor]]:
+    yield first
+    yield from rest
+
+
+_RUNNERS: dict[str, Callable[[nn.Module, list[str], Batches, _Sink], None]] = {
+    "transformer_lens": _run_transformer_lens,
+    "torch": _run_torch,
+    "nnsight": _run_nnsight,
+}

@@ -1,0 +1,105 @@
+"""The ``mechgrok`` command: train, report, demo.
+
+    mechgrok train --preset demo --out runs/demo [--steps 2000] [--set lr=1e-3] [--overwrite]
+    mechgrok report runs/demo
+    mechgrok demo [--out runs/demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("mechgrok")
+
+
+def _parse_sets(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        k, v = pair.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _train(args: argparse.Namespace) -> Path:
+    from mechgrok import presets, train
+
+    overrides = _parse_sets(args.set)
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    task, model, cfg = presets.build(args.preset, **overrides)
+    out = Path(args.out or f"runs/{args.preset}")
+    log.info("training preset %r into %s (%s)", args.preset, out, task.summary())
+    run = train(model, task, cfg, out=out, overwrite=args.overwrite, progress=not args.no_progress)
+    last = run.history()[-1]
+    log.info("done: train acc %.3f, test acc %.3f at step %d", last["train_acc"], last["test_acc"], last["step"])
+    return run.path
+
+
+def _report(args: argparse.Namespace) -> Path:
+    from mechgrok import report
+
+    path = report.build(args.run)
+    log.info("wrote %s", path)
+    return path
+
+
+def _demo(args: argparse.Namespace) -> Path:
+    from mechgrok import report
+
+    ns = argparse.Namespace(preset="demo", out=args.out, steps=None, set=[], overwrite=False,
+                            no_progress=args.no_progress)
+    run_dir = _train(ns)
+    path = report.build(run_dir)
+    log.info("report: %s", path)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mechgrok", description=__doc__.split("\n")[0])
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a preset into a run folder (resumes a killed run)")
+    t.add_argument("--preset", default="demo", help="demo | test | doshi-mlp | nanda (default: demo)")
+    t.add_argument("--out", help="run folder (default: runs/PRESET)")
+    t.add_argument("--steps", type=int, help="override the number of training steps")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a TrainConfig field, e.g. --set lr=1e-3 --set weight_decay=0.5")
+    t.add_argument("--overwrite", action="store_true", help="replace a run folder made with another config")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    r = sub.add_parser("report", help="write RUN/report.html and RUN/report.md from a run folder")
+    r.add_argument("run", help="run folder")
+    r.set_defaults(func=_report)
+
+    d = sub.add_parser("demo", help="train the demo model (or resume it) and write its report")
+    d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        result = args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError, TypeError) as e:
+        print(f"mechgrok: error: {e}", file=sys.stderr)
+        return 2
+    print(result)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

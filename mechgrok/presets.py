@@ -1,0 +1,70 @@
+"""Named, ready-to-train configurations: task + model + TrainConfig.
+
+- ``demo``: modular addition p=59 (DESIGN.md §5); groks on a 2-core CPU in about two minutes.
+- ``test``: p=47, a few-second grokking run for tests and smoke checks.
+- ``doshi-mlp``: Doshi et al. 2023's MLP (p=97, width 500, x², MSE on one-hot targets, AdamW lr 1e-2,
+  full batch) with 10% of training labels corrupted.
+- ``nanda``: the full-size setup of Nanda et al. 2023 (p=113, d_model 128, d_mlp 512, lr 1e-3,
+  40k full-batch steps), for patient or GPU users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from mechgrok import models
+from mechgrok import tasks as _tasks
+from mechgrok.train import TrainConfig
+
+__all__ = ["Preset", "PRESETS", "get", "build"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    task: dict[str, Any]  # a task config (mechgrok.tasks.from_config)
+    model: dict[str, Any]  # {"kind": "transformer"|"mlp", "kwargs": {...}} without vocabulary sizes
+    train: TrainConfig
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    Preset("demo", "1-layer transformer on a + b mod 59, 30% training data (groks in ~2 min on CPU)",
+           {"kind": "modular_arithmetic", "p": 59, "op": "add", "train_frac": 0.3, "corrupt_frac": 0.0, "seed": 0},
+           {"kind": "transformer", "kwargs": {"n_layers": 1, "d_model": 64, "n_heads": 4, "d_mlp": 256, "seed": 0}},
+           TrainConfig(steps=8000, lr=3e-3, weight_decay=1.0, eval_every=100, checkpoint_every=500)),
+    Preset("test", "tiny transformer on a + b mod 47, 40% training data (groks in seconds)",
+           {"kind": "modular_arithmetic", "p": 47, "op": "add", "train_frac": 0.4, "corrupt_frac": 0.0, "seed": 0},
+           {"kind": "transformer", "kwargs": {"n_layers": 1, "d_model": 32, "n_heads": 4, "d_mlp": 128, "seed": 0}},
+           TrainConfig(steps=1500, lr=1e-2, weight_decay=1.0, eval_every=50, checkpoint_every=250)),
+    Preset("doshi-mlp", "Doshi et al. 2023 MLP (width 500, x², MSE) on a + b mod 97 with 10% corrupted labels",
+           {"kind": "modular_arithmetic", "p": 97, "op": "add", "train_frac": 0.5, "corrupt_frac": 0.1, "seed": 0},
+           {"kind": "mlp", "kwargs": {"width": 500, "act": "square", "seed": 0}},
+           TrainConfig(steps=3000, lr=1e-2, weight_decay=1.0, loss="mse", eval_every=50, checkpoint_every=500)),
+    Preset("nanda", "Nanda et al. 2023 full-size run: p=113, d_model 128, d_mlp 512, 40k full-batch steps",
+           {"kind": "modular_arithmetic", "p": 113, "op": "add", "train_frac": 0.3, "corrupt_frac": 0.0, "seed": 0},
+           {"kind": "transformer", "kwargs": {"n_layers": 1, "d_model": 128, "n_heads": 4, "d_mlp": 512, "seed": 0}},
+           TrainConfig(steps=40000, lr=1e-3, weight_decay=1.0, eval_every=100, checkpoint_every=1000)),
+]}
+
+
+def get(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def build(name: str, **train_overrides: Any) -> tuple[_tasks.Task, nn.Module, TrainConfig]:
+    """The task, a freshly initialised model and the TrainConfig of preset ``name``.
+
+    ``train_overrides`` replace TrainConfig fields (e.g. ``steps=2000``).
+    """
+    p = get(name)
+    task = _tasks.from_config(p.task)
+    builder = {"transformer": models.transformer, "mlp": models.mlp}[p.model["kind"]]
+    model = builder(task, **p.model["kwargs"])
+    cfg = p.train.replace(**train_overrides) if train_overrides else p.train
+    return task, model, cfg

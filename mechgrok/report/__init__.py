@@ -1,0 +1,139 @@
+"""Self-contained HTML / Markdown reports of a run folder.
+
+``build(run)`` reads the run folder alone (``config.json``, ``history.jsonl``, ``analysis/*.json``;
+it never trains or loads a model unless a section does) and writes, atomically:
+
+- ``RUN/report.html``: one file, inline CSS, figures as base64 PNG data URIs, no external URL;
+- ``RUN/report.md`` with its figures as PNG files in ``RUN/report_files/``;
+- ``RUN/report.json``: the key numbers of every section (``sections[anchor]["numbers"]``).
+
+Sections are registered functions; see ``mechgrok.report.sections`` for how to add one.
+
+Usage::
+
+    import mechgrok as mg
+    mg.report.build("runs/demo")        # -> Path("runs/demo/report.html")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mechgrok._io import atomic_dir, atomic_write_text
+from mechgrok.report.html import fmt, render_html, render_markdown
+from mechgrok.report.sections import (SECTIONS, Figure, Section, SectionFn, Table, first_step, section, slugify,
+                                      unregister)
+from mechgrok.run import Run
+
+__all__ = ["build", "Section", "Figure", "Table", "section", "unregister", "SECTIONS", "first_step"]
+
+log = logging.getLogger(__name__)
+REPORT_FORMAT = "mechgrok.report/1"
+
+
+def _summary(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """One line each for the task, the model and the training settings (for the report header)."""
+    def kv(d: dict[str, Any], keys: Sequence[str] | None = None) -> str:
+        keys = [k for k in (keys or d) if k in d]
+        return ", ".join(f"{k}={fmt(d[k])}" for k in keys)
+
+    lines = []
+    if task := config.get("task"):
+        lines.append(("Task", f"`{task.get('kind', '?')}` ({kv({k: v for k, v in task.items() if k != 'kind'})})"))
+    if model := config.get("model"):
+        lines.append(("Model", f"`{model.get('kind', '?')}` ({kv(model.get('kwargs', {}))})"))
+    if train := config.get("train"):
+        lines.append(("Training", kv(train, ["steps", "optimizer", "lr", "weight_decay", "betas",
+                                            "warmup", "batch_size", "loss", "dropout", "seed"])))
+    return lines
+
+
+def _run_section(fn: SectionFn, run: Run) -> Section | None:
+    """Call one section function; an exception becomes an error Section (and a logged traceback)."""
+    name = getattr(fn, "__name__", "section").strip("_").replace("_", " ")
+    title = getattr(fn, "report_title", None) or name.capitalize()
+    try:
+        result = fn(run)
+        if result is not None and not isinstance(result, Section):
+            raise TypeError(f"section function {fn.__name__!r} returned {type(result).__name__}; "
+                            "return a mechgrok.report.Section, or None when its data are absent")
+        return result
+    except Exception as e:
+        log.exception("report section %r failed on %s; shown as an error box", title, run.path)
+        return Section(title, error=f"{type(e).__name__}: {e}")
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/inf -> None, numpy scalars -> Python numbers, tuples -> lists (report.json is strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    if hasattr(value, "tolist"):  # numpy / torch arrays
+        return _jsonable(value.tolist())
+    return str(value)
+
+
+def build(run: Run | str | Path, sections: Sequence[SectionFn] | None = None) -> Path:
+    """Write ``report.html``, ``report.md`` (+ ``report_files/``) and ``report.json`` into the run.
+
+    Args:
+        run: a ``Run`` or the path of a run folder (it must hold a ``config.json``).
+        sections: section functions to run, in this order (default: every registered one,
+            ordered by ``order``). Use it for a one-off report with an extra or fewer sections.
+
+    Returns:
+        The path of ``report.html``.
+    """
+    run = run if isinstance(run, Run) else Run(run)
+    config = run.config  # a folder that is not a run is an error of the caller, not an error box
+    results = [s for s in (_run_section(fn, run) for fn in (SECTIONS if sections is None else sections))
+               if s is not None]
+    seen: dict[str, int] = {}
+    for s in results:  # unique anchors, GitHub style: "x", "x-1", "x-2"
+        n = seen.get(s.anchor, 0)
+        seen[s.anchor] = n + 1
+        if n:
+            s.anchor = f"{s.anchor}-{n}"
+
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    title = f"mechgrok report: {run.name}"
+    meta = [*_summary(config), ("Run folder", f"`{run.path}`"), ("Generated", generated)]
+
+    figure_paths: list[list[str]] = []
+    with atomic_dir(run.path / "report_files") as tmp:
+        used: set[str] = set()
+        for s in results:
+            paths = []
+            for i, fig in enumerate(s.figures, 1):
+                stem = slugify(fig.name) if fig.name else f"{s.anchor}-{i}"
+                while stem in used:
+                    stem += "-x"
+                used.add(stem)
+                (tmp / f"{stem}.png").write_bytes(fig.png)
+                paths.append(f"report_files/{stem}.png")
+            figure_paths.append(paths)
+
+    atomic_write_text(run.path / "report.md", render_markdown(title, meta, results, figure_paths))
+    report_json = {"format": REPORT_FORMAT, "run": run.name, "generated": generated,
+                   "summary": {k: v.replace("`", "") for k, v in _summary(config)},
+                   "sections": {s.anchor: {"title": s.title, "numbers": s.numbers, "error": s.error}
+                                for s in results}}
+    atomic_write_text(run.path / "report.json", json.dumps(_jsonable(report_json), indent=2, allow_nan=False))
+    out = run.path / "report.html"
+    atomic_write_text(out, render_html(title, meta, results))
+    log.info("wrote %s (%d sections, %d failed)", out, len(results), sum(s.error is not None for s in results))
+    return out

@@ -1,0 +1,183 @@
+"""capture: the three backends agree with each other and with transformer-lens' run_with_cache."""
+
+import os
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import mechgrok as mg  # noqa: E402
+from mechgrok.capture import BACKENDS, ActivationCache, capture, load_cache  # noqa: E402
+
+TF_HOOKS = ["blocks.0.mlp.hook_post", "blocks.0.hook_resid_post", "blocks.0.attn.hook_pattern", "hook_embed"]
+MLP_HOOKS = ["blocks.0.mlp.hook_pre", "blocks.0.mlp.hook_post", "hook_out"]
+
+
+@pytest.fixture(scope="module")
+def task():
+    return mg.tasks.modular_arithmetic(p=11, op="add", train_frac=0.5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tf(task):
+    return mg.models.transformer(task, n_layers=1, d_model=16, n_heads=2, d_mlp=32)
+
+
+@pytest.fixture(scope="module")
+def mlp(task):
+    return mg.models.mlp(task, width=16)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long))  # transformers installs its own hooks on first use
+    return model
+
+
+def _hook_state(model: torch.nn.Module) -> list:
+    """The forward hooks and instance attributes of every module (to check capture leaves none)."""
+    return [(sorted(m._forward_hooks), sorted(m.__dict__)) for m in model.modules()]
+
+
+@pytest.mark.parametrize("which, hooks", [("tf", TF_HOOKS), ("mlp", MLP_HOOKS)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_match_run_with_cache(request, task, which, hooks, backend):
+    model = request.getfixturevalue(which)
+    _, ref = model.run_with_cache(task.inputs)
+    before = _hook_state(model)
+    cache = capture(model, task.inputs, hooks, backend=backend, batch_size=50, progress=False)
+    assert isinstance(cache, ActivationCache) and cache.path is None
+    assert list(cache) == hooks  # only the requested hooks, in the requested order
+    for h in hooks:
+        assert cache[h].shape == ref[h].shape
+        torch.testing.assert_close(cache[h], ref[h], rtol=0, atol=0)
+    assert cache.meta["n"] == len(task.inputs) and cache.meta["backend"] == backend
+    assert cache.meta["shapes"][hooks[0]] == list(ref[hooks[0]].shape)
+    assert _hook_state(model) == before
+
+
+def test_batching_does_not_change_values(tf, task):
+    one = capture(tf, task.inputs, TF_HOOKS[:2], batch_size=len(task.inputs), progress=False)
+    for bs in (1, 7, 64):
+        many = capture(tf, task.inputs, TF_HOOKS[:2], batch_size=bs, progress=False)
+        for h in TF_HOOKS[:2]:
+            assert torch.equal(one[h], many[h])
+
+
+def test_mode_and_grad_restored(mlp, task):
+    mlp.train()
+    cache = capture(mlp, task.inputs, ["blocks.0.mlp.hook_post"], progress=False)
+    assert mlp.training and all(m.training for m in mlp.modules())
+    assert not cache["blocks.0.mlp.hook_post"].requires_grad
+
+
+def test_gpt2_torch_and_nnsight_agree(gpt2):
+    x = torch.randint(0, 50, (10, 8), generator=torch.Generator().manual_seed(0))
+    hooks = ["transformer.h.1", "transformer.h.0.mlp", "transformer.h.0"]  # out of execution order
+    before = _hook_state(gpt2)
+    a = capture(gpt2, x, hooks, backend="torch", batch_size=4, progress=False)
+    b = capture(gpt2, x, hooks, backend="nnsight", batch_size=4, progress=False)
+    for h in hooks:
+        assert a[h].shape == (10, 8, 32)
+        torch.testing.assert_close(a[h], b[h], rtol=0, atol=0)
+    assert _hook_state(gpt2) == before
+    with torch.no_grad():  # hidden_states = [embeddings, block 0 output, ln_f(block 1 output)]
+        hidden = gpt2(x, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(a["transformer.h.0"], hidden[1])
+        torch.testing.assert_close(gpt2.transformer.ln_f(a["transformer.h.1"]), hidden[2])
+    with pytest.raises(TypeError, match="backend='torch' or 'nnsight'"):
+        capture(gpt2, x, hooks, progress=False)
+
+
+def test_unknown_hook_fails_before_anything_runs(tf, task, tmp_path):
+    out = tmp_path / "acts"
+    with pytest.raises(ValueError, match=r"unknown hook 'blocks.0.mlp.hook_pst'; did you mean 'blocks.0.mlp.hook_post'"):
+        capture(tf, task.inputs, ["blocks.0.hook_resid_post", "blocks.0.mlp.hook_pst"], out=out, progress=False)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="unknown backend 'jax'.*transformer_lens"):
+        capture(tf, task.inputs, TF_HOOKS, backend="jax")
+    with pytest.raises(ValueError, match="hooks is empty"):
+        capture(tf, task.inputs, [])
+
+
+class _Unused(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = torch.nn.Linear(3, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_hook_that_never_runs(task):
+    model = _Unused()
+    for backend in ("torch", "nnsight"):
+        with pytest.raises(ValueError, match="did not run"):
+            capture(model, task.inputs.float(), ["used", "unused"], backend=backend, progress=False)
+
+
+def test_disk_round_trip(tf, task, tmp_path):
+    out = tmp_path / "acts"
+    mem = capture(tf, task.inputs, TF_HOOKS, batch_size=50, progress=False)
+    disk = capture(tf, task.inputs, TF_HOOKS, batch_size=50, out=out, progress=False)
+    again = load_cache(out)
+    assert disk.path == out and again.path == out and list(again) == TF_HOOKS
+    assert sorted(p.name for p in out.iterdir()) == sorted(["meta.json"] + [f"{h}.npy" for h in TF_HOOKS])
+    assert [p.name for p in tmp_path.iterdir()] == ["acts"]  # no temporary folder left behind
+    for h in TF_HOOKS:
+        assert torch.equal(mem[h], disk[h]) and torch.equal(mem[h], again[h])
+        file = out / disk.meta["files"][h]
+        assert np.array_equal(np.load(file, allow_pickle=False), mem[h].numpy())  # a standard .npy
+        assert file.stat().st_size >= mem[h].numel() * mem[h].element_size()
+    maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else None
+    if maps is not None:  # the values are memory-mapped from the files, not read into memory
+        assert str(out / disk.meta["files"][TF_HOOKS[0]]) in maps
+    again[TF_HOOKS[0]].zero_()  # copy-on-write: an in-place edit never reaches the file
+    assert torch.equal(load_cache(out)[TF_HOOKS[0]], mem[TF_HOOKS[0]])
+
+
+def test_disk_refuses_to_overwrite(mlp, task, tmp_path):
+    out = tmp_path / "acts"
+    capture(mlp, task.inputs, ["blocks.0.mlp.hook_post"], out=out, progress=False)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        capture(mlp, task.inputs, ["hook_out"], out=out, progress=False)
+    assert list(load_cache(out)) == ["blocks.0.mlp.hook_post"]
+    cache = capture(mlp, task.inputs, ["hook_out"], out=out, overwrite=True, progress=False)
+    assert list(cache) == ["hook_out"] and list(load_cache(out)) == ["hook_out"]
+
+
+def test_load_cache_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an activation cache"):
+        load_cache(tmp_path)
+
+
+def test_cache_is_read_only_mapping():
+    cache = ActivationCache({"a": torch.zeros(2, 3)})
+    assert cache.meta["shapes"] == {"a": [2, 3]} and "a" in cache and len(cache) == 1
+    with pytest.raises(TypeError):
+        cache["b"] = torch.zeros(2)
+    with pytest.raises(KeyError, match="was not captured"):
+        cache["b"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "nnsight"])
+@pytest.mark.parametrize("batch_size", [4, 100])
+def test_in_place_edit_after_the_hook_is_not_captured(backend, batch_size):
+    """A single batch is kept by reference; a later in-place ReLU must not leak into it."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(inplace=True), torch.nn.Linear(4, 2))
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(0))
+    cache = capture(model, x, ["0", "1"], backend=backend, batch_size=batch_size, progress=False)
+    with torch.no_grad():
+        pre = model[0](x)
+    assert (pre < 0).any()
+    torch.testing.assert_close(cache["0"], pre)
+    torch.testing.assert_close(cache["1"], pre.relu())
