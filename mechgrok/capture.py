@@ -15,8 +15,8 @@ Hook names are module paths (``blocks.0.mlp.hook_post``, ``transformer.h.0.mlp``
 A module that returns a tuple (a Hugging Face block, for instance) is captured as element 0; a
 module called several times in one forward is captured at its first call.
 
-With ``out=PATH`` each hook streams into a standard ``.npy`` file (``numpy.lib.format``) written
-batch by batch through a memory map, so peak memory does not grow with ``N``; the folder
+With ``out=PATH`` each hook streams into a standard ``.npy`` file (``numpy.lib.format``), its
+batches appended in order as they come, so peak memory does not grow with ``N``; the folder
 (``meta.json`` plus one ``.npy`` per hook) appears atomically when complete. ``load_cache`` maps it
 back lazily. Activations are always returned on the CPU.
 
@@ -32,17 +32,19 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from jaxtyping import Shaped
-from numpy.lib.format import open_memmap
+from numpy.lib import format as npformat
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -74,7 +76,10 @@ class ActivationCache(Mapping[str, Tensor]):
     def __init__(self, tensors: Mapping[str, Tensor], meta: dict[str, Any] | None = None,
                  path: str | Path | None = None):
         self._tensors = dict(tensors)
-        self.meta = dict(meta) if meta is not None else _meta(self._tensors, backend=None)
+        self.meta = dict(meta) if meta is not None else {
+            "format": FORMAT, "hooks": list(self._tensors), "n": len(next(iter(self._tensors.values()), [])),
+            "shapes": {k: list(v.shape) for k, v in self._tensors.items()},
+            "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in self._tensors.items()}}
         self.path = Path(path) if path is not None else None
 
     def __getitem__(self, name: str) -> Tensor:
@@ -96,7 +101,7 @@ class ActivationCache(Mapping[str, Tensor]):
 
 
 def capture(model: nn.Module, inputs: Shaped[Tensor, "N ..."], hooks: Sequence[str], *,
-            backend: str = "transformer_lens", batch_size: int = 1024, out: str | Path | None = None,
+            backend: str = "transformer_lens", batch_size: int = 8192, out: str | Path | None = None,
             overwrite: bool = False, progress: bool = True) -> ActivationCache:
     """Run ``model`` over ``inputs`` in batches and keep the outputs of ``hooks``.
 
@@ -116,7 +121,10 @@ def capture(model: nn.Module, inputs: Shaped[Tensor, "N ..."], hooks: Sequence[s
 
     Returns:
         An ``ActivationCache`` of CPU tensors ``[N, *per_example_shape]``, in the order of
-        ``hooks``; memory-mapped from ``out`` when given.
+        ``hooks``; memory-mapped from ``out`` when given. In memory, when one batch holds all
+        ``N`` examples, the tensors are the hooks' outputs themselves (no copy, as in
+        transformer-lens' ``run_with_cache``); otherwise each batch is copied into a
+        pre-allocated ``[N, ...]`` tensor.
 
     Raises:
         ValueError: unknown backend or hook (with the close matches), empty ``hooks`` or
@@ -135,15 +143,16 @@ def capture(model: nn.Module, inputs: Shaped[Tensor, "N ..."], hooks: Sequence[s
     try:
         with torch.no_grad(), contextlib.ExitStack() as stack:
             folder = stack.enter_context(atomic_dir(out)) if out is not None else None
-            sink = _Sink(n, folder)
+            sink = stack.enter_context(_Sink(n, folder))
             batches = _batches(inputs, batch_size, device, progress, desc=f"capture ({backend})")
             _RUNNERS[backend](model, hooks, batches, sink)
-            tensors = {h: sink.tensors[h] for h in hooks}  # in the caller's order
-            meta = _meta(tensors, backend=backend, batch_size=batch_size, model=type(model).__name__)
+            meta = {"format": FORMAT, "hooks": hooks, "n": n, "shapes": {h: sink.shapes[h] for h in hooks},
+                    "dtypes": {h: sink.dtypes[h] for h in hooks}, "backend": backend,
+                    "batch_size": batch_size, "model": type(model).__name__}
             if folder is None:
-                return ActivationCache(tensors, meta)
-            meta["files"] = {h: sink.files[h] for h in hooks}
+                return ActivationCache({h: sink.tensors[h] for h in hooks}, meta)
             sink.close()
+            meta["files"] = {h: sink.files[h] for h in hooks}
             atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2))
     finally:
         for m, flag in flags.items():
@@ -220,55 +229,78 @@ def _check_args(model: nn.Module, inputs: Tensor, hooks: Sequence[str], backend:
 
 
 class _Sink:
-    """One pre-allocated ``[N, ...]`` buffer per hook, allocated when its first batch arrives.
+    """Where activations go, one ``[N, ...]`` array per hook, shaped by its first batch.
 
-    In memory (``folder=None``) a torch tensor; otherwise a ``.npy`` memory map in ``folder``
-    seen through ``torch.from_numpy``, so each batch is copied straight into the file's pages.
+    In memory (``folder=None``): a pre-allocated tensor that each batch is copied into, or the
+    hook's own tensor when one batch holds all ``N`` examples (``keep``). On disk: a standard
+    ``.npy`` file whose header is written first and each batch's bytes appended in order, then
+    fsync'ed; sequential writes run several times faster than writing through a memory map,
+    whose every new page costs a fault, and memory stays flat as ``N`` grows.
     """
 
     def __init__(self, n: int, folder: Path | None):
         self.n, self.folder = n, folder
-        self.tensors: dict[str, Tensor] = {}
-        self.files: dict[str, str] = {}
-        self._maps: list[np.memmap] = []
+        self.tensors: dict[str, Tensor] = {}  # in memory
+        self.shapes: dict[str, list[int]] = {}
+        self.dtypes: dict[str, str] = {}
+        self.files: dict[str, str] = {}  # on disk: hook -> file name in folder
+        self._open: dict[str, BinaryIO] = {}  # on disk: hook -> open .npy file
+        self._rows: dict[str, int] = {}  # on disk: hook -> rows written so far
+
+    def keep(self, name: str, value: Tensor) -> None:
+        """Hold ``value`` ``[N, ...]`` itself as ``name``'s activations (no copy)."""
+        self._note(name, value)
+        self.tensors[name] = value
 
     def write(self, name: str, start: int, value: Tensor) -> None:
-        """Copy ``value`` ``[rows, ...]`` into rows ``start:start + rows`` of ``name``'s buffer."""
-        buf = self.tensors.get(name)
-        if buf is None:
-            buf = self.tensors[name] = self._allocate(name, value)
-        if value.shape[1:] != buf.shape[1:]:
-            raise ValueError(f"hook {name!r} gave per-example shape {tuple(value.shape[1:])} in one batch and "
-                             f"{tuple(buf.shape[1:])} in another; capture needs one shape for all examples")
-        buf[start:start + value.shape[0]].copy_(value)
+        """Store ``value`` ``[rows, ...]`` as rows ``start:start + rows`` of ``name``."""
+        if name not in self.shapes:
+            self._note(name, value)
+            self._allocate(name, value)
+        elif list(value.shape[1:]) != self.shapes[name][1:]:
+            raise ValueError(f"hook {name!r} gave per-example shape {list(value.shape[1:])} in one batch and "
+                             f"{self.shapes[name][1:]} in another; capture needs one shape for all examples")
+        if self.folder is None:
+            self.tensors[name][start:start + len(value)].copy_(value)
+            return
+        if start != self._rows[name]:  # batches arrive in order, each hook once per batch
+            raise RuntimeError(f"hook {name!r}: rows {start}: arrived after rows :{self._rows[name]}")
+        self._open[name].write(memoryview(value.cpu().contiguous().numpy()))
+        self._rows[name] += len(value)
 
-    def _allocate(self, name: str, value: Tensor) -> Tensor:
+    def _note(self, name: str, value: Tensor) -> None:
+        self.shapes[name] = [self.n, *value.shape[1:]]
+        self.dtypes[name] = str(value.dtype).removeprefix("torch.")
+
+    def _allocate(self, name: str, value: Tensor) -> None:
         shape = (self.n, *value.shape[1:])
         if self.folder is None:
-            return torch.empty(shape, dtype=value.dtype)
+            self.tensors[name] = torch.empty(shape, dtype=value.dtype)
+            return
         try:
             dtype = torch.empty(0, dtype=value.dtype).numpy().dtype
         except TypeError as e:
             raise TypeError(f"hook {name!r} has dtype {value.dtype}, which .npy cannot store; cast the "
                             "model (e.g. model.float()) or capture in memory (out=None)") from e
-        file = re.sub(r"[^\w.-]", "_", name) + ".npy"
-        self.files[name] = file
-        self._maps.append(open_memmap(self.folder / file, mode="w+", dtype=dtype, shape=shape))
-        return torch.from_numpy(self._maps[-1])
+        self.files[name] = re.sub(r"[^\w.-]", "_", name) + ".npy"
+        f = self._open[name] = open(self.folder / self.files[name], "wb")  # noqa: SIM115 - see close()
+        self._rows[name] = 0
+        npformat.write_array_header_1_0(f, {"descr": npformat.dtype_to_descr(dtype), "fortran_order": False,
+                                            "shape": shape})
 
     def close(self) -> None:
-        """Flush the memory maps to their files and drop them."""
-        for m in self._maps:
-            m.flush()
-        self._maps.clear()
-        self.tensors.clear()
+        """Flush, fsync and close the ``.npy`` files (idempotent)."""
+        while self._open:
+            _, f = self._open.popitem()
+            with f:
+                f.flush()
+                os.fsync(f.fileno())
 
+    def __enter__(self) -> _Sink:
+        return self
 
-def _meta(tensors: Mapping[str, Tensor], **extra: Any) -> dict[str, Any]:
-    n = next(iter(tensors.values())).shape[0] if tensors else 0
-    return {"format": FORMAT, "hooks": list(tensors), "n": int(n),
-            "shapes": {k: list(v.shape) for k, v in tensors.items()},
-            "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}, **extra}
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _batches(inputs: Tensor, batch_size: int, device: torch.device, progress: bool,
@@ -305,6 +337,7 @@ class _Recorder:
                 logger.debug("a captured activation was edited in place; capturing copies instead")
                 self.by_reference = False
                 self.sink.tensors.clear()
+                self.sink.shapes.clear()
                 self._run_one(forward, start, batch)
 
     def _run_one(self, forward: Callable[[Tensor], Any], start: int, batch: Tensor) -> bool:
@@ -326,8 +359,9 @@ class _Recorder:
             raise ValueError(f"hook {name!r} gave {got} for a batch of {self.rows} examples; capture needs a "
                              "tensor (or a tuple starting with one) with the batch on dim 0")
         value = value.detach()
-        if self.by_reference and self.rows == self.sink.n:
-            self.sink.tensors[name], self.versions[name] = value, value._version
+        if self.by_reference and self.rows == self.sink.n and value.device.type == "cpu":
+            self.sink.keep(name, value)
+            self.versions[name] = value._version
         else:
             self.sink.write(name, self.start, value)
 
@@ -400,19 +434,14 @@ def _run_nnsight(model: nn.Module, hooks: list[str], batches: Batches, sink: _Si
                 for name, envoy in envoys:
                     recorder(name, envoy.output)
 
-        recorder.run(forward, _chain(first, batches))
+        recorder.run(forward, itertools.chain([first], batches))
     finally:
-        for m, forward in before.items():
+        for m, own_forward in before.items():
             m.__dict__.pop(state, None)
-            if forward is None:
+            if own_forward is None:
                 m.__dict__.pop("forward", None)
             else:
-                m.__dict__["forward"] = forward
-
-
-def _chain(first: tuple[int, Tensor], rest: Iterator[tuple[int, Tensor]]) -> Iterator[tuple[int, Tensor]]:
-    yield first
-    yield from rest
+                m.__dict__["forward"] = own_forward
 
 
 _RUNNERS: dict[str, Callable[[nn.Module, list[str], Batches, _Sink], None]] = {

@@ -181,3 +181,22 @@ def test_in_place_edit_after_the_hook_is_not_captured(backend, batch_size):
     assert (pre < 0).any()
     torch.testing.assert_close(cache["0"], pre)
     torch.testing.assert_close(cache["1"], pre.relu())
+
+
+class _Strided(torch.nn.Module):
+    """Returns a non-contiguous view, to check that disk writes lay out rows correctly."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Identity()
+
+    def forward(self, x):
+        return self.inner(x.transpose(1, 2)[:, ::2])  # [batch, 2, 3], strided
+
+
+def test_disk_non_contiguous_and_torch_backend(tmp_path):
+    x = torch.randn(7, 3, 4, generator=torch.Generator().manual_seed(0))
+    mem = capture(_Strided(), x, ["inner"], backend="torch", progress=False)
+    disk = capture(_Strided(), x, ["inner"], backend="nnsight", batch_size=3, out=tmp_path / "a", progress=False)
+    assert torch.equal(mem["inner"], x.transpose(1, 2)[:, ::2]) and torch.equal(disk["inner"], mem["inner"])
+    assert disk.meta["shapes"]["inner"] == [7, 2, 3] and disk.meta["dtypes"]["inner"] == "float32"

@@ -1,0 +1,28 @@
+import json
+
+from mechgrok.cli import main
+
+
+def test_train_then_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["-q", "train", "--preset", "test", "--steps", "20", "--set", "eval_every=10",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["eval_every"] == 10
+    assert [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()] == [0, 10, 20]
+    assert main(["-q", "report", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    assert "Training" in html and "data:image/png;base64," in html
+    # a different config into the same folder is refused with a clear message, and nothing changes
+    before = (out / "config.json").read_text()
+    assert main(["-q", "train", "--preset", "test", "--steps", "30", "--out", str(out), "--no-progress"]) == 2
+    assert "different config (train.steps: 20 -> 30)" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == before
+
+
+def test_bad_input_exit_codes(tmp_path, capsys):
+    assert main(["train", "--preset", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert main(["train", "--preset", "test", "--set", "lr=-1", "--out", str(tmp_path / "y")]) == 2
+    assert "lr must be positive" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "not a mechgrok run" in capsys.readouterr().err
