@@ -15,7 +15,7 @@ def test_train_then_report(tmp_path, capsys):
     # a different config into the same folder is refused with a clear message, and nothing changes
     before = (out / "config.json").read_text()
     assert main(["-q", "train", "--preset", "test", "--steps", "30", "--out", str(out), "--no-progress"]) == 2
-    assert "different config (train.steps: 20 -> 30)" in capsys.readouterr().err
+    assert "different config (train.eval_every: 10 -> 50; train.steps: 20 -> 30)" in capsys.readouterr().err
     assert (out / "config.json").read_text() == before
 
 
