@@ -3,7 +3,7 @@
 - ``demo``: modular addition p=59 (DESIGN.md §5); groks on a 2-core CPU in about two minutes.
 - ``test``: p=47, a few-second grokking run for tests and smoke checks.
 - ``doshi-mlp``: Doshi et al. 2023's MLP (p=97, width 500, x², MSE on one-hot targets, AdamW lr 1e-2,
-  full batch) with 10% of training labels corrupted.
+  full batch, train fraction 0.5, no weight decay) with 35% of training labels corrupted.
 - ``nanda``: the full-size setup of Nanda et al. 2023 (p=113, d_model 128, d_mlp 512, lr 1e-3,
   40k full-batch steps), for patient or GPU users.
 """
@@ -40,10 +40,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            {"kind": "modular_arithmetic", "p": 47, "op": "add", "train_frac": 0.4, "corrupt_frac": 0.0, "seed": 0},
            {"kind": "transformer", "kwargs": {"n_layers": 1, "d_model": 32, "n_heads": 4, "d_mlp": 128, "seed": 0}},
            TrainConfig(steps=1500, lr=1e-2, weight_decay=1.0, eval_every=50, checkpoint_every=250)),
-    Preset("doshi-mlp", "Doshi et al. 2023 MLP (width 500, x², MSE) on a + b mod 97 with 10% corrupted labels",
-           {"kind": "modular_arithmetic", "p": 97, "op": "add", "train_frac": 0.5, "corrupt_frac": 0.1, "seed": 0},
+    Preset("doshi-mlp", "Doshi et al. 2023 MLP (width 500, x², MSE, no weight decay) on a + b mod 97, 35% corrupted labels",
+           {"kind": "modular_arithmetic", "p": 97, "op": "add", "train_frac": 0.5, "corrupt_frac": 0.35, "seed": 0},
            {"kind": "mlp", "kwargs": {"width": 500, "act": "square", "seed": 0}},
-           TrainConfig(steps=3000, lr=1e-2, weight_decay=1.0, loss="mse", eval_every=50, checkpoint_every=500)),
+           TrainConfig(steps=3000, lr=1e-2, weight_decay=0.0, loss="mse", eval_every=50, checkpoint_every=500)),
     Preset("nanda", "Nanda et al. 2023 full-size run: p=113, d_model 128, d_mlp 512, 40k full-batch steps",
            {"kind": "modular_arithmetic", "p": 113, "op": "add", "train_frac": 0.3, "corrupt_frac": 0.0, "seed": 0},
            {"kind": "transformer", "kwargs": {"n_layers": 1, "d_model": 128, "n_heads": 4, "d_mlp": 512, "seed": 0}},
