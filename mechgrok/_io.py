@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_dir", "atomic_path", "read_safetensors"]
+__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_dir", "atomic_path", "read_safetensors", "to_jsonable"]
 
 
 def _umask() -> int:
@@ -79,3 +82,20 @@ def read_safetensors(file: str | Path) -> dict:
     except Exception as e:  # safetensors raises SafetensorError / OSError / ValueError
         raise ValueError(f"{file} is damaged or truncated and cannot be read ({e}); delete it "
                          "(or fall back to an earlier checkpoint) and rebuild it") from e
+
+
+def to_jsonable(value: Any) -> Any:
+    """NaN/inf -> None, numpy scalars -> Python numbers, tuples and tensors -> lists (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    if hasattr(value, "tolist"):  # numpy / torch arrays
+        return to_jsonable(value.tolist())
+    return str(value)

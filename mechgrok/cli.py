@@ -1,8 +1,9 @@
-"""The ``mechgrok`` command: train, report, demo.
+"""The ``mechgrok`` command: train, analyze, report, demo.
 
     mechgrok train --preset demo --out runs/demo [--steps 2000] [--set lr=1e-3] [--overwrite]
+    mechgrok analyze runs/demo [--only neurons]
     mechgrok report runs/demo
-    mechgrok demo [--out runs/demo]
+    mechgrok demo [--out runs/demo]      # also trains runs/demo/doshi-mlp
 """
 
 from __future__ import annotations
@@ -52,13 +53,31 @@ def _report(args: argparse.Namespace) -> Path:
     return path
 
 
-def _demo(args: argparse.Namespace) -> Path:
-    from mechgrok import report
+def _analyze(args: argparse.Namespace) -> Path:
+    from mechgrok.analyze import analyze
 
-    ns = argparse.Namespace(preset="demo", out=args.out, steps=None, set=[], overwrite=False,
-                            no_progress=args.no_progress)
-    run_dir = _train(ns)
-    path = report.build(run_dir)
+    written = analyze(args.run, only=args.only, progress=not args.no_progress)
+    for name, path in written.items():
+        log.info("%s -> %s", name, path)
+    if not args.no_report:
+        from mechgrok import report
+
+        return report.build(args.run)
+    return Path(args.run)
+
+
+def _demo(args: argparse.Namespace) -> Path:
+    """Train (or resume) the demo transformer and the Doshi MLP inside it, analyse both, write one report."""
+    from mechgrok import report
+    from mechgrok.analyze import analyze
+
+    out = Path(args.out)
+    for preset, folder in (("demo", out), ("doshi-mlp", out / "doshi-mlp")):
+        ns = argparse.Namespace(preset=preset, out=str(folder), steps=None, set=[], overwrite=False,
+                                no_progress=args.no_progress)
+        run_dir = _train(ns)
+        analyze(run_dir, progress=not args.no_progress)
+    path = report.build(out)  # includes the nested doshi-mlp run's sections
     log.info("report: %s", path)
     return path
 
@@ -82,7 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run", help="run folder")
     r.set_defaults(func=_report)
 
-    d = sub.add_parser("demo", help="train the demo model (or resume it) and write its report")
+    a = sub.add_parser("analyze", help="run the analyses of a run (analysis/*.json) and rebuild its report")
+    a.add_argument("run", help="run folder")
+    a.add_argument("--only", action="append", metavar="NAME", help="run only this analysis (repeatable): "
+                   "progress, neurons")
+    a.add_argument("--no-report", action="store_true", help="do not rebuild the report")
+    a.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a.set_defaults(func=_analyze)
+
+    d = sub.add_parser("demo", help="train (or resume) the demo runs, analyse them, write their reports")
     d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=_demo)

@@ -43,7 +43,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("doshi-mlp", "Doshi et al. 2023 MLP (width 500, x², MSE, no weight decay) on a + b mod 97, 35% corrupted labels",
            {"kind": "modular_arithmetic", "p": 97, "op": "add", "train_frac": 0.5, "corrupt_frac": 0.35, "seed": 0},
            {"kind": "mlp", "kwargs": {"width": 500, "act": "square", "seed": 0}},
-           TrainConfig(steps=3000, lr=1e-2, weight_decay=0.0, loss="mse", eval_every=50, checkpoint_every=500)),
+           TrainConfig(steps=1000, lr=1e-2, weight_decay=0.0, loss="mse", eval_every=25, checkpoint_every=100)),
     Preset("nanda", "Nanda et al. 2023 full-size run: p=113, d_model 128, d_mlp 512, 40k full-batch steps",
            {"kind": "modular_arithmetic", "p": 113, "op": "add", "train_frac": 0.3, "corrupt_frac": 0.0, "seed": 0},
            {"kind": "transformer", "kwargs": {"n_layers": 1, "d_model": 128, "n_heads": 4, "d_mlp": 512, "seed": 0}},

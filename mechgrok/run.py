@@ -26,7 +26,7 @@ from torch import nn
 
 from mechgrok import models
 from mechgrok import tasks as _tasks
-from mechgrok._io import atomic_write_text, read_safetensors
+from mechgrok._io import atomic_write_text, read_safetensors, to_jsonable
 
 __all__ = ["Run", "checkpoint_name", "RUN_FORMAT"]
 
@@ -100,9 +100,9 @@ class Run:
 
     # --------------------------------------------------------------- analysis results
     def write_analysis(self, name: str, result: dict[str, Any]) -> Path:
-        """Write ``analysis/NAME.json`` atomically."""
+        """Write ``analysis/NAME.json`` atomically (NaN/inf become null; tensors become lists)."""
         f = self.path / "analysis" / f"{name}.json"
-        atomic_write_text(f, json.dumps(result, indent=2))
+        atomic_write_text(f, json.dumps(to_jsonable(result), indent=2, allow_nan=False))
         return f
 
     def read_analysis(self, name: str) -> dict[str, Any] | None:

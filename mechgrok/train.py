@@ -29,7 +29,7 @@ from mechgrok.losses import loss_fn, softmax_collapse
 from mechgrok.run import RUN_FORMAT, Run, checkpoint_name
 from mechgrok.tasks import Task
 
-__all__ = ["TrainConfig", "train", "evaluate", "HISTORY_KEYS", "EVAL_SPLITS"]
+__all__ = ["TrainConfig", "train", "evaluate", "metrics_from_logits", "HISTORY_KEYS", "EVAL_SPLITS"]
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +118,12 @@ def evaluate(model: nn.Module, task: Task, loss: str = "cross_entropy") -> dict[
         logits = models.final_logits(model, task.inputs)  # [N, d_out]
     finally:
         model.train(was_training)
-    return _split_metrics(logits, task, loss_fn(loss))
+    return metrics_from_logits(logits, task, loss)
 
 
-def _split_metrics(logits: Tensor, task: Task, fn) -> dict[str, dict[str, float]]:
+def metrics_from_logits(logits: Tensor, task: Task, loss: str = "cross_entropy") -> dict[str, dict[str, float]]:
+    """``evaluate``'s per-split accuracy and loss from final-position logits ``[N, d_out]``."""
+    fn = loss_fn(loss)
     out = {}
     for split in EVAL_SPLITS:
         mask = task.mask("train_corrupted" if split == "train_corrupted_true" else split)
@@ -138,7 +140,7 @@ def _history_row(step: int, model: nn.Module, task: Task, cfg: TrainConfig, lr: 
     model.eval()
     with torch.no_grad():
         logits = models.final_logits(model, task.inputs)
-        metrics = _split_metrics(logits, task, loss_fn(cfg.loss))
+        metrics = metrics_from_logits(logits, task, cfg.loss)
         wnorm = math.sqrt(sum(float((p.double() ** 2).sum()) for p in model.parameters()))
         collapse = softmax_collapse(logits[task.train], task.labels[task.train])
     model.train()

@@ -19,18 +19,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import numbers
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mechgrok._io import atomic_dir, atomic_write_text
+from mechgrok._io import atomic_dir, atomic_write_text, to_jsonable
 from mechgrok.report.html import fmt, render_html, render_markdown
 from mechgrok.report.sections import (SECTIONS, Figure, Section, SectionFn, Table, first_step, section, slugify,
                                       unregister)
 from mechgrok.run import Run
+
+from mechgrok.report import analyses as _analyses  # noqa: E402,F401  (registers the analysis sections)
 
 __all__ = ["build", "Section", "Figure", "Table", "section", "unregister", "SECTIONS", "first_step"]
 
@@ -70,21 +70,9 @@ def _run_section(fn: SectionFn, run: Run) -> Section | None:
         return Section(title, error=f"{type(e).__name__}: {e}")
 
 
-def _jsonable(value: Any) -> Any:
-    """NaN/inf -> None, numpy scalars -> Python numbers, tuples -> lists (report.json is strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value) if math.isfinite(value) else None
-    if hasattr(value, "tolist"):  # numpy / torch arrays
-        return _jsonable(value.tolist())
-    return str(value)
+def nested_runs(run: Run) -> list[Run]:
+    """Run folders directly inside ``run`` (each with its own ``config.json``), by name."""
+    return [Run(d) for d in sorted(run.path.iterdir()) if d.is_dir() and (d / "config.json").exists()]
 
 
 def build(run: Run | str | Path, sections: Sequence[SectionFn] | None = None) -> Path:
@@ -95,13 +83,24 @@ def build(run: Run | str | Path, sections: Sequence[SectionFn] | None = None) ->
         sections: section functions to run, in this order (default: every registered one,
             ordered by ``order``). Use it for a one-off report with an extra or fewer sections.
 
+    Runs nested in the folder (``RUN/NAME/config.json``, as the demo writes ``runs/demo/doshi-mlp``)
+    get their sections too, after the run's own, with titles prefixed by ``NAME:``.
+
     Returns:
         The path of ``report.html``.
     """
     run = run if isinstance(run, Run) else Run(run)
     config = run.config  # a folder that is not a run is an error of the caller, not an error box
-    results = [s for s in (_run_section(fn, run) for fn in (SECTIONS if sections is None else sections))
-               if s is not None]
+    fns = SECTIONS if sections is None else sections
+    results = [s for s in (_run_section(fn, run) for fn in fns) if s is not None]
+    for sub in nested_runs(run):  # e.g. the demo's runs/demo/doshi-mlp: its sections follow, prefixed
+        for s in (_run_section(fn, sub) for fn in fns):
+            if s is not None:
+                s.title = f"{sub.name}: {s.title}"
+                s.anchor = slugify(s.title)
+                for fig in s.figures:
+                    fig.name = f"{sub.name}-{fig.name}" if fig.name else ""
+                results.append(s)
     seen: dict[str, int] = {}
     for s in results:  # unique anchors, GitHub style: "x", "x-1", "x-2"
         n = seen.get(s.anchor, 0)
@@ -132,7 +131,7 @@ def build(run: Run | str | Path, sections: Sequence[SectionFn] | None = None) ->
                    "summary": {k: v.replace("`", "") for k, v in _summary(config)},
                    "sections": {s.anchor: {"title": s.title, "numbers": s.numbers, "error": s.error}
                                 for s in results}}
-    atomic_write_text(run.path / "report.json", json.dumps(_jsonable(report_json), indent=2, allow_nan=False))
+    atomic_write_text(run.path / "report.json", json.dumps(to_jsonable(report_json), indent=2, allow_nan=False))
     out = run.path / "report.html"
     atomic_write_text(out, render_html(title, meta, results))
     log.info("wrote %s (%d sections, %d failed)", out, len(results), sum(s.error is not None for s in results))

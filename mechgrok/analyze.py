@@ -1,0 +1,94 @@
+"""Run the analyses of a finished (or partly trained) run and store them in ``RUN/analysis/``.
+
+``analyze(run)`` runs every registered analysis, writing ``analysis/NAME.json`` (atomically) for
+each; ``mechgrok report RUN`` then shows them. An analysis is a function ``(run, progress) -> dict
+| None`` in ``ANALYSES`` (``None``: not applicable to this run, with the reason logged). Adding one
+is a function plus an entry in ``ANALYSES``, and a report section in ``mechgrok/report/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mechgrok import measures, neurons
+from mechgrok.run import Run
+from mechgrok.train import evaluate
+
+__all__ = ["analyze", "ANALYSES", "neuron_analysis"]
+
+log = logging.getLogger(__name__)
+
+
+def _progress(run: Run, progress: bool) -> dict[str, Any]:
+    return measures.progress(run, progress=progress)
+
+
+def neuron_analysis(model, task, *, layer: int = 0, seeds: Sequence[int] = (0, 1, 2),
+                    progress: bool = True) -> dict[str, Any]:
+    """Scores, groups and pruning sweeps of the MLP neurons of ``layer`` (JSON-ready).
+
+    Scores: IPR when the task is a single modular operation, the memorization score when the task
+    has corrupted labels. For each available score: the classification (``neurons.classify``), a
+    pruning sweep in the three orders, and the accuracies after pruning the memorizing group.
+    """
+    out: dict[str, Any] = {"layer": layer, "evaluate": evaluate(model, task), "scores": {}, "groups": {},
+                           "sweeps": {}, "pruned_memorizing": {}}
+    available = []
+    if len(task.task_names) == 1:
+        available.append("ipr")
+    if bool(task.train_corrupted.any()):
+        available.append("memorization")
+    for score in available:
+        groups = neurons.classify(model, task, score=score, layer=layer)
+        out["scores"][score] = groups.scores.tolist()
+        out["groups"][score] = {k: v for k, v in groups.to_dict().items() if k != "scores"}
+        out["sweeps"][score] = neurons.prune_sweep(model, task, order=groups.scores, seeds=seeds, layer=layer,
+                                                   progress=progress)
+        for row in out["sweeps"][score]:
+            row["score"] = score
+        out["pruned_memorizing"][score] = evaluate(neurons.prune(model, groups.memorizing, layer=layer), task)
+    if len(task.task_names) == 1:
+        nf = measures.neuron_frequencies(model, task, layer=layer)
+        out["neuron_frequency"] = {"dominant": nf.dominant.tolist(), "fraction": nf.fraction.tolist()}
+        out["embedding_power"] = measures.embedding_frequency_norms(model, task).tolist()
+    return out
+
+
+def _neurons(run: Run, progress: bool) -> dict[str, Any]:
+    step = run.steps()[-1]
+    result = neuron_analysis(run.load_model(step), run.task(), progress=progress)
+    result["step"] = step
+    return result
+
+
+#: name -> analysis function; the order is the order they run in.
+ANALYSES: dict[str, Callable[[Run, bool], dict[str, Any] | None]] = {
+    "progress": _progress,
+    "neurons": _neurons,
+}
+
+
+def analyze(run: Run | str | Path, only: Sequence[str] | None = None, progress: bool = True) -> dict[str, Path]:
+    """Run the analyses (all, or those named in ``only``) and write ``analysis/NAME.json``.
+
+    Returns:
+        name -> path of the written file, for the analyses that applied.
+    """
+    run = run if isinstance(run, Run) else Run(run)
+    names = list(ANALYSES) if only is None else list(only)
+    unknown = sorted(set(names) - set(ANALYSES))
+    if unknown:
+        raise ValueError(f"unknown analyses {unknown}; choose from {list(ANALYSES)}")
+    if not run.steps():
+        raise ValueError(f"{run.path} has no checkpoints to analyse; train it first")
+    written = {}
+    for name in names:
+        log.info("analysis %r on %s", name, run.path)
+        result = ANALYSES[name](run, progress)
+        if result is None:
+            continue
+        written[name] = run.write_analysis(name, result)
+    return written

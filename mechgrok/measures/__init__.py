@@ -1,0 +1,45 @@
+"""Progress measures for grokking (Nanda et al. 2023; Doshi et al. 2023; Prieto et al. 2025).
+
+- ``fourier``: the Fourier basis of Z_p, power per frequency, IPR.
+- ``grid``: the full (a, b) grid of a task and one forward pass over it.
+- ``keyfreq``: frequencies of the embedding and of the neurons; key frequencies.
+- ``restricted``: restricted and excluded loss.
+- ``sparsity``: Gini of Fourier norms, weight norm, softmax collapse.
+- ``progress``: all of them on every checkpoint of a run.
+"""
+
+from mechgrok.measures.fourier import basis_labels, fourier_basis, frequency_power, ipr, n_frequencies
+from mechgrok.measures.grid import TaskGrid, grid_forward, grid_inputs, grid_logits, task_grid
+from mechgrok.measures.keyfreq import (
+    KeyFrequencies,
+    NeuronFrequencies,
+    embedding_frequency_norms,
+    frequency_fractions,
+    key_frequencies,
+    key_frequencies_from,
+    neuron_frequencies,
+    neuron_ipr,
+)
+from mechgrok.measures.progress import PROGRESS_COLUMNS, progress
+from mechgrok.measures.restricted import (
+    excluded_logits,
+    excluded_loss,
+    key_frequency_projection,
+    restricted_logits,
+    restricted_loss,
+)
+from mechgrok.measures.sparsity import (
+    fourier_gini,
+    gini,
+    softmax_collapse,
+    unembedding_frequency_norms,
+    weight_norm,
+)
+
+__all__ = ["fourier_basis", "basis_labels", "frequency_power", "ipr", "n_frequencies",
+           "TaskGrid", "task_grid", "grid_inputs", "grid_forward", "grid_logits",
+           "NeuronFrequencies", "KeyFrequencies", "embedding_frequency_norms", "neuron_frequencies",
+           "frequency_fractions", "neuron_ipr", "key_frequencies", "key_frequencies_from",
+           "key_frequency_projection", "restricted_logits", "excluded_logits", "restricted_loss", "excluded_loss",
+           "gini", "fourier_gini", "unembedding_frequency_norms", "weight_norm", "softmax_collapse",
+           "progress", "PROGRESS_COLUMNS"]

@@ -1,0 +1,153 @@
+"""Every progress measure on every checkpoint of a run.
+
+Nanda et al. 2023 ("Progress measures for grokking via mechanistic interpretability") show that
+grokking splits into memorization, circuit formation and cleanup, visible in measures computed
+over training: restricted loss (falls before test loss), excluded loss (rises during circuit
+formation), Gini of the Fourier norms (rises at cleanup) and the weight norm (falls throughout).
+Prieto et al. 2025 ("Grokking at the edge of numerical stability") add softmax collapse.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mechgrok.losses import loss_fn, softmax_collapse
+from mechgrok.measures.grid import TaskGrid, grid_forward, task_grid
+from mechgrok.measures.keyfreq import (
+    NEURON_THRESHOLD,
+    KeyFrequencies,
+    embedding_frequency_norms,
+    frequency_fractions,
+    key_frequencies_from,
+    neuron_ipr,
+)
+from mechgrok.measures.restricted import PROJECTABLE_OPS, excluded_loss_from_logits, restricted_loss_from_logits
+from mechgrok.measures.sparsity import gini, unembedding_frequency_norms, weight_norm
+from mechgrok.models import mlp_hook
+from mechgrok.run import Run
+
+__all__ = ["progress", "PROGRESS_COLUMNS", "PROGRESS_FORMAT"]
+
+PROGRESS_FORMAT = "mechgrok.progress/1"
+PROGRESS_COLUMNS = ("step", "train_loss", "test_loss", "train_acc", "test_acc", "restricted_loss", "excluded_loss",
+                    "gini_embedding", "gini_unembedding", "weight_norm", "softmax_collapse", "mean_neuron_ipr",
+                    "frac_neurons_explained", "key_embedding_share")
+
+
+def _json_float(x: float) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) or math.isinf(x) else x
+
+
+@torch.no_grad()
+def _measure(model: torch.nn.Module, task, grid: TaskGrid, freqs: Sequence[int] | None, fn, hook: str
+             ) -> tuple[dict[str, Any], Any]:
+    """All measures of one checkpoint from ONE forward pass over the grid. Returns (row, neurons)."""
+    logits, acts = grid_forward(model, grid, [hook])  # [p, p, d_out], {hook: [p, p, d_mlp]}
+    flat = logits.reshape(grid.p * grid.p, -1)[grid.cells]  # [M, d_out], the operation's examples
+    row: dict[str, Any] = {}
+    for split, mask, labels in (("train", grid.train, grid.labels), ("test", ~grid.train, grid.true_labels)):
+        if bool(mask.any()):
+            lg = flat[mask]
+            row[f"{split}_loss"] = float(fn(lg, labels[mask]))
+            row[f"{split}_acc"] = float((lg.argmax(-1) == labels[mask]).double().mean())
+        else:
+            row[f"{split}_loss"] = row[f"{split}_acc"] = float("nan")
+    projectable = grid.op in PROJECTABLE_OPS and freqs is not None
+    row["restricted_loss"] = restricted_loss_from_logits(logits, grid, freqs) if projectable else None
+    row["excluded_loss"] = excluded_loss_from_logits(logits, grid, freqs) if projectable else None
+    power = embedding_frequency_norms(model, task, grid.index)[1:]  # [p//2], constant dropped
+    row["gini_embedding"] = gini(power.sqrt())  # = fourier_gini(model, task)["embedding"]
+    row["gini_unembedding"] = gini(unembedding_frequency_norms(model, task, grid.index)[1:].sqrt())
+    row["weight_norm"] = weight_norm(model)
+    row["softmax_collapse"] = softmax_collapse(flat[grid.train], grid.labels[grid.train])
+    neurons = frequency_fractions(acts[hook])
+    row["mean_neuron_ipr"] = float(neuron_ipr(acts[hook]).mean())
+    row["frac_neurons_explained"] = float((neurons.fraction >= NEURON_THRESHOLD).double().mean())
+    row["key_embedding_share"] = (float(power[[k - 1 for k in freqs]].sum() / power.sum())
+                                  if freqs is not None else None)
+    return row, neurons
+
+
+def progress(run: Run | str, steps: Iterable[int] | None = None, freqs: Iterable[int] | None = None,
+             progress: bool = True, *, key_source: str = "neurons", task_name: str | int | None = None,
+             layer: int = 0) -> dict[str, Any]:
+    """Evaluate the progress measures on every checkpoint of ``run`` (or on ``steps``).
+
+    Args:
+        run: a ``Run`` or its folder.
+        steps: checkpoint steps to evaluate (default: all, ascending).
+        freqs: key frequencies for restricted/excluded loss. Default: those of the run's FINAL
+            checkpoint (as Nanda et al. 2023 do), chosen by ``key_frequencies_from`` with
+            ``key_source`` ("neurons" or "embedding") and its default rule.
+        progress: show a tqdm bar over checkpoints.
+        task_name: the operation of a multi-task run to analyse (its grid); required for those.
+        layer: the MLP layer whose neurons are analysed.
+
+    Returns:
+        A JSON-friendly dict: one list per column of ``PROGRESS_COLUMNS`` (one entry per step;
+        NaN/inf become ``None``), ``"key_frequencies"`` (``KeyFrequencies.to_dict()`` plus the
+        ``"step"`` they were read at, or the given ``freqs``) and ``"meta"`` (run, task, op, p,
+        loss, notes). ``train_loss``/``test_loss`` use the run's training loss (so they match
+        ``history.jsonl``); restricted/excluded loss are cross-entropy, and ``None`` for ops other
+        than add/sub. ``gini_*`` are ``fourier_gini``, ``mean_neuron_ipr`` averages ``neuron_ipr``,
+        ``frac_neurons_explained`` is the share of neurons explained >= 0.5 by one frequency and
+        ``key_embedding_share`` the share of non-constant embedding power in the key frequencies.
+
+    Cost: per checkpoint, one model build and load, one forward pass over the ``p²`` grid, and a
+    2-D Fourier transform of the neurons (see benchmarks/bench_measures.py). The final checkpoint
+    is evaluated once more to find the key frequencies when ``freqs`` is not given.
+    """
+    run = run if isinstance(run, Run) else Run(run)
+    task = run.task()
+    grid = task_grid(task, task_name)
+    available = run.steps()
+    if not available:
+        raise FileNotFoundError(f"{run.path} has no checkpoints; train it first")
+    steps = available if steps is None else sorted(set(int(s) for s in steps))
+    missing = [s for s in steps if s not in available]
+    if missing:
+        raise ValueError(f"no checkpoints at steps {missing} in {run.path}; available: {available}")
+    loss_name = run.config["train"].get("loss", "cross_entropy")
+    fn, hook = loss_fn(loss_name), mlp_hook(layer)
+    notes: list[str] = []
+
+    key: dict[str, Any]
+    if freqs is not None:
+        freqs = sorted(set(int(k) for k in freqs))
+        key = {"freqs": freqs, "scores": None, "source": "given", "rule": "passed as freqs=", "p": grid.p, "step": None}
+    else:
+        final = available[-1]
+        model = run.load_model(final)
+        if key_source == "neurons":
+            _, acts = grid_forward(model, grid, [hook])
+            kf: KeyFrequencies = key_frequencies_from(p=grid.p, neurons=frequency_fractions(acts[hook]))
+        elif key_source == "embedding":
+            kf = key_frequencies_from(p=grid.p, embedding_power=embedding_frequency_norms(model, task, grid.index))
+        else:
+            raise ValueError(f"key_source must be 'neurons' or 'embedding', got {key_source!r}")
+        freqs = list(kf.freqs)
+        key = {**kf.to_dict(), "step": final}
+        if not freqs:
+            notes.append(f"no key frequencies at the final step {final} ({kf.rule}): restricted loss is the loss "
+                         "of the constant logits and excluded loss the training loss")
+    if grid.op not in PROJECTABLE_OPS:
+        notes.append(f"restricted/excluded loss are defined for {sorted(PROJECTABLE_OPS)} only; op {grid.op!r} "
+                     "gets None")
+
+    cols: dict[str, list] = {c: [] for c in PROGRESS_COLUMNS}
+    for step in tqdm(steps, desc=f"progress {run.name}", unit="ckpt", disable=not progress):
+        row, _ = _measure(run.load_model(step), task, grid, freqs, fn, hook)
+        row["step"] = step
+        for c in PROGRESS_COLUMNS:
+            v = row[c]
+            cols[c].append(v if v is None or isinstance(v, int) else _json_float(v))
+    meta = {"format": PROGRESS_FORMAT, "run": str(run.path), "task": task.name, "op": grid.op, "p": grid.p,
+            "operation": grid.name, "loss": loss_name, "layer": layer, "neuron_threshold": NEURON_THRESHOLD,
+            "notes": notes}
+    return {**cols, "key_frequencies": key, "meta": meta}

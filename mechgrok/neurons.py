@@ -1,0 +1,272 @@
+"""Neuron scores, memorizing/generalizing classification, and pruning.
+
+Scores, one per MLP neuron of layer ``layer`` (hook ``blocks.{layer}.mlp.hook_post``):
+
+- ``ipr``: periodicity (Doshi et al. 2023, "To grok or not to grok"). Near 1 for a neuron tuned to
+  one frequency (generalizing), near 0 for one whose weights are spread over all frequencies
+  (memorizing). Needs a modular-arithmetic task.
+- ``memorization_score``: how much the neuron's direct contribution to the logits favours the
+  corrupted label over the true label on corrupted training examples. It does not rely on
+  periodicity, so it serves any task with corrupted (or otherwise "to be memorized") labels.
+
+``prune`` returns an edited copy; ``prune_sweep`` measures accuracy per split while pruning more
+and more neurons in a chosen order.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mechgrok import models
+from mechgrok.measures import grid_forward, neuron_ipr, task_grid
+from mechgrok.measures.fourier import ipr as _ipr
+from mechgrok.tasks import Task
+from mechgrok.train import metrics_from_logits
+
+__all__ = ["ipr", "memorization_score", "scores", "classify", "NeuronGroups", "prune", "prune_sweep",
+           "otsu_threshold", "direct_logit_map", "SWEEP_ORDERS"]
+
+SWEEP_ORDERS = ("low-first", "random", "high-first")
+
+
+def _mlp(model: nn.Module, layer: int) -> nn.Module:
+    if not 0 <= layer < models.n_layers(model):
+        raise ValueError(f"layer {layer} does not exist; the model has {models.n_layers(model)} layer(s)")
+    mlp = model.blocks[layer].mlp
+    if not hasattr(mlp, "W_in"):
+        raise ValueError(f"blocks.{layer}.mlp has no W_in (gated or expert MLPs are not supported)")
+    return mlp
+
+
+def direct_logit_map(model: nn.Module, layer: int = 0) -> Float[Tensor, "d_mlp d_out"]:
+    """Each neuron's direct effect on the logits per unit activation: ``W_out`` for the MLP,
+    ``W_out @ W_U`` for a transformer (ignores later layers and any final LayerNorm)."""
+    W_out = _mlp(model, layer).W_out.detach()  # [d_mlp, d_model or d_out]
+    if isinstance(model, models.HookedTransformer):
+        return W_out @ model.W_U.detach()  # [d_mlp, d_vocab_out]
+    return W_out
+
+
+@torch.no_grad()
+def _activations(model: nn.Module, inputs: Tensor, layer: int) -> Float[Tensor, "batch d_mlp"]:
+    """Neuron activations at the answer position, ``[batch, d_mlp]``."""
+    name = models.mlp_hook(layer)
+    _, cache = model.run_with_cache(inputs, names_filter=name)
+    act = cache[name]
+    return act[:, -1] if act.ndim == 3 else act
+
+
+def _check_single_op(task: Task) -> None:
+    if len(task.task_names) != 1:
+        raise ValueError(f"IPR scores need a single modular operation; task {task.name!r} mixes "
+                         f"{task.task_names} (use memorization_score, or a single-op task)")
+
+
+@torch.no_grad()
+def ipr(model: nn.Module, task: Task, layer: int = 0) -> Float[Tensor, " d_mlp"]:
+    """Periodicity score of each MLP neuron: the mean of three IPRs (Doshi et al. 2023).
+
+    - HookedMLP: IPR of the neuron's input weights from ``a`` (``W_in[:p, n]``), from ``b``
+      (``W_in[p:2p, n]``) and of its output weights (``W_out[n]``), as in Doshi et al.
+    - Transformer: IPR of the neuron's activation (answer position, full ``(a, b)`` grid) along
+      ``a`` and along ``b`` (``mechgrok.measures.neuron_ipr``, weighted as two of the three parts),
+      and of its direct path to the logits (``(W_out W_U)[n]``); the constant frequency is left out
+      of all three, since a ReLU activation's positive mean would otherwise dominate.
+
+    Returns ``[d_mlp]`` in [1/(p//2+1), 1]. Limits: IPR sees concentration in frequency only; on a
+    1-layer transformer a neuron can be periodic in ``a + b`` while its marginals are flat.
+    """
+    _check_single_op(task)
+    p = task.p
+    mlp = _mlp(model, layer)
+    if isinstance(model, models.HookedMLP):
+        W_in, W_out = mlp.W_in.detach(), mlp.W_out.detach()  # [2p, d_mlp], [d_mlp, d_out]
+        parts = [_ipr(W_in[:p].T), _ipr(W_in[p:].T), _ipr(W_out)]
+    else:
+        hook = models.mlp_hook(layer)
+        _, acts = grid_forward(model, task_grid(task), [hook])  # {hook: [p, p, d_mlp]}
+        act_ipr = neuron_ipr(acts[hook])  # [d_mlp], mean of the IPRs along a and along b
+        parts = [act_ipr, act_ipr, _ipr(direct_logit_map(model, layer), exclude_constant=True)]
+    return torch.stack(parts).mean(0).float()
+
+
+@torch.no_grad()
+def memorization_score(model: nn.Module, task: Task, layer: int = 0) -> Float[Tensor, " d_mlp"]:
+    """How much each neuron pushes corrupted labels over true labels on corrupted training examples.
+
+    ``m_n = mean_i act_n(x_i) · (D[n, ỹ_i] − D[n, y_i])`` over corrupted training examples ``i``,
+    with ``ỹ`` the corrupted and ``y`` the true label and ``D = direct_logit_map`` (logit units:
+    the neuron's average direct contribution to the corrupted-minus-true logit difference).
+    Positive: the neuron helps memorize corrupted labels. Task-agnostic (no periodicity), in the
+    spirit of the memorization localisation of Doshi et al. 2023. Limits: direct path only.
+    """
+    c = task.train_corrupted
+    if not bool(c.any()):
+        raise ValueError(f"task {task.name!r} has no corrupted training labels, so there is nothing to "
+                         "score memorization against (build it with corrupt_frac > 0)")
+    act = _activations(model, task.inputs[c], layer).double()  # [n_corr, d_mlp]
+    D = direct_logit_map(model, layer).double()  # [d_mlp, d_out]
+    diff = D[:, task.labels[c]] - D[:, task.true_labels[c]]  # [d_mlp, n_corr]
+    return (act.T * diff).mean(1).float()
+
+
+_SCORES = {"ipr": ipr, "memorization": memorization_score}
+
+
+def scores(model: nn.Module, task: Task, score: str = "ipr", layer: int = 0) -> Tensor:
+    """Dispatch to a named score (``"ipr"`` or ``"memorization"``)."""
+    if score not in _SCORES:
+        raise ValueError(f"unknown score {score!r}; choose one of {sorted(_SCORES)}")
+    return _SCORES[score](model, task, layer)
+
+
+def otsu_threshold(x: Tensor, bins: int = 256) -> tuple[float, float]:
+    """Otsu's threshold of a 1-D sample and its separability ``η = σ²_between / σ²_total`` in [0, 1].
+
+    The threshold maximises the between-class variance of the two groups it makes (the middle of
+    the gap when several thresholds make the same groups); ``η`` near 1
+    means a clearly bimodal sample, near 0 a unimodal one (then the split is arbitrary).
+    """
+    x = x.detach().double().flatten()
+    lo, hi = float(x.min()), float(x.max())
+    if hi <= lo:
+        return lo, 0.0
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)[1:-1]  # candidate thresholds
+    below = x[None, :] < edges[:, None]  # [bins-1, n]
+    w0 = below.double().mean(1)
+    w1 = 1 - w0
+    s0 = (x[None, :] * below).sum(1)
+    s1 = (x[None, :] * ~below).sum(1)
+    m0 = s0 / below.sum(1).clamp(min=1)
+    m1 = s1 / (~below).sum(1).clamp(min=1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    best = torch.nonzero(between >= between.max() * (1 - 1e-9)).flatten()
+    i = int(best[len(best) // 2])  # the middle of the plateau of equally good thresholds (an empty gap)
+    return float(edges[i]), float(between[i] / x.var(unbiased=False))
+
+
+@dataclass(frozen=True)
+class NeuronGroups:
+    """Neurons of one layer split into memorizing / generalizing by a documented rule."""
+
+    memorizing: tuple[int, ...]
+    generalizing: tuple[int, ...]
+    scores: Tensor  # [d_mlp]
+    score: str  # "ipr" | "memorization"
+    threshold: float
+    separability: float  # Otsu's η of the scores (near 1: clearly bimodal)
+    rule: str
+    layer: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"memorizing": list(self.memorizing), "generalizing": list(self.generalizing),
+                "scores": self.scores.tolist(), "score": self.score, "threshold": self.threshold,
+                "separability": self.separability, "rule": self.rule, "layer": self.layer}
+
+
+def classify(model: nn.Module, task: Task, score: str = "ipr", threshold: float | None = None,
+             layer: int = 0) -> NeuronGroups:
+    """Split the neurons of ``layer`` into memorizing and generalizing.
+
+    Rule: with ``score="ipr"`` a neuron memorizes when its IPR is below the threshold; with
+    ``score="memorization"`` when its memorization score is above it. The threshold defaults to
+    Otsu's threshold of the scores (the split that maximises between-group variance, natural for the
+    bimodal IPR distribution Doshi et al. report); ``separability`` says how bimodal the scores are.
+    Dead neurons (all-zero weights) count as generalizing under IPR only if their score says so.
+    """
+    s = scores(model, task, score, layer)
+    t, eta = otsu_threshold(s)
+    if threshold is not None:
+        t = float(threshold)
+    mem = (s < t) if score == "ipr" else (s > t)
+    how = "Otsu's threshold" if threshold is None else "a given threshold"
+    cmp = "<" if score == "ipr" else ">"
+    rule = f"memorizing if {score} score {cmp} {t:.4g} ({how}); generalizing otherwise"
+    idx = torch.arange(len(s))
+    return NeuronGroups(tuple(idx[mem].tolist()), tuple(idx[~mem].tolist()), s, score, t, eta, rule, layer)
+
+
+def prune(model: nn.Module, neurons: Sequence[int], layer: int = 0) -> nn.Module:
+    """A copy of ``model`` with ``neurons`` of ``layer`` removed: their input weights (and input
+    bias) and output weights set to zero. The original model is untouched."""
+    pruned = copy.deepcopy(model)
+    mlp = _mlp(pruned, layer)
+    idx = torch.as_tensor(list(neurons), dtype=torch.long)
+    if len(idx) and (idx.min() < 0 or idx.max() >= mlp.W_in.shape[1]):
+        raise ValueError(f"neuron indices must lie in [0, {mlp.W_in.shape[1]}), got {idx.tolist()[:10]}")
+    with torch.no_grad():
+        mlp.W_in[:, idx] = 0
+        mlp.W_out[idx, :] = 0
+        if getattr(mlp, "b_in", None) is not None:
+            mlp.b_in[idx] = 0
+    return pruned
+
+
+@torch.no_grad()
+def _masked_metrics(model: nn.Module, task: Task, layer: int, keep: Tensor, loss: str) -> dict:
+    """Per-split metrics with the neurons where ``keep`` is False zeroed at ``hook_post``
+    (equivalent to ``prune``: zeroing a neuron's output removes all of its effect)."""
+    def hook(act, hook):  # act: [batch, (pos,) d_mlp]
+        return act * keep.to(act.dtype)
+
+    with model.hooks(fwd_hooks=[(models.mlp_hook(layer), hook)]):
+        logits = models.final_logits(model, task.inputs)
+    return metrics_from_logits(logits, task, loss)
+
+
+def prune_sweep(model: nn.Module, task: Task, order: str | Tensor = "ipr", *, counts: Sequence[int] | None = None,
+                orders: Sequence[str] = SWEEP_ORDERS, seeds: Sequence[int] = (0, 1, 2), layer: int = 0,
+                loss: str = "cross_entropy", progress: bool = True) -> list[dict[str, Any]]:
+    """Accuracy per split as more and more neurons are pruned.
+
+    Args:
+        order: the score that orders neurons: ``"ipr"``, ``"memorization"``, or a ``[d_mlp]`` tensor.
+        counts: numbers of neurons to prune (default: 0 to all, 21 evenly spaced values).
+        orders: ``"low-first"`` (ascending score: for IPR, the least periodic first), ``"random"``
+            (one ordering per seed), ``"high-first"``.
+        seeds: seeds of the random orderings.
+
+    Returns:
+        One row per (order, seed, count): ``{"order", "seed", "n_pruned", "frac_pruned", "score",
+        "<split>_acc", "<split>_loss"}`` for the splits of ``mechgrok.evaluate``. The pruned set of a
+        row contains that of every smaller count of the same ordering (nested prefixes).
+    """
+    s = order if isinstance(order, Tensor) else scores(model, task, order, layer)
+    name = "custom" if isinstance(order, Tensor) else order
+    n = _mlp(model, layer).W_in.shape[1]
+    if s.shape != (n,):
+        raise ValueError(f"scores must have shape [{n}], got {tuple(s.shape)}")
+    bad = sorted(set(orders) - set(SWEEP_ORDERS))
+    if bad:
+        raise ValueError(f"unknown orders {bad}; choose from {SWEEP_ORDERS}")
+    counts = sorted({int(round(x)) for x in torch.linspace(0, n, 21).tolist()} if counts is None else set(counts))
+    if counts[0] < 0 or counts[-1] > n:
+        raise ValueError(f"counts must lie in [0, {n}]")
+    perms: list[tuple[str, int | None, Tensor]] = []
+    for o in orders:
+        if o == "random":
+            perms += [(o, seed, torch.randperm(n, generator=torch.Generator().manual_seed(seed))) for seed in seeds]
+        else:
+            perms.append((o, None, torch.argsort(s, descending=(o == "high-first"), stable=True)))
+    rows = []
+    bar = tqdm(total=len(perms) * len(counts), disable=not progress, desc="prune sweep")
+    for o, seed, perm in perms:
+        for k in counts:
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[perm[:k]] = False
+            metrics = _masked_metrics(model, task, layer, keep, loss)
+            row = {"order": o, "seed": seed, "n_pruned": k, "frac_pruned": k / n, "score": name}
+            for split, m in metrics.items():
+                row[f"{split}_acc"], row[f"{split}_loss"] = m["acc"], m["loss"]
+            rows.append(row)
+            bar.update(1)
+    bar.close()
+    return rows

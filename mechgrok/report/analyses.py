@@ -1,0 +1,197 @@
+"""Report sections for ``mechgrok analyze``: progress measures and memorizing neurons.
+
+Each reads one ``analysis/NAME.json`` written by ``mechgrok.analyze`` and returns ``None`` when it
+is absent, so a run that was never analysed still gets a report.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mechgrok.report.figures import line_figure, new_figure
+from mechgrok.report.sections import (GENERALIZED_ACC, MEMORIZED_ACC, Figure, Section, Table, first_step,
+                                      section)
+from mechgrok.run import Run
+
+__all__ = ["progress_measures", "neuron_analysis", "phase_boundaries"]
+
+_SPLITS = {"train_clean_acc": "clean train", "train_corrupted_acc": "corrupted (vs corrupted label)",
+           "train_corrupted_true_acc": "corrupted (vs true label)", "test_acc": "test"}
+
+
+def _arr(values: list) -> np.ndarray:
+    return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+
+
+def _first_below(steps: np.ndarray, y: np.ndarray, level: float, after: int = 0) -> int | None:
+    ok = np.nonzero((y < level) & (steps >= after))[0]
+    return int(steps[ok[0]]) if len(ok) else None
+
+
+def phase_boundaries(prog: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Phase boundaries read off the progress measures (Nanda et al. 2023's three phases).
+
+    - memorization ends at the first logged step with train accuracy 100%;
+    - circuit formation shows as restricted loss falling: the first checkpoint after memorization
+      with restricted loss below 1 nat, compared with the first where test loss is below 1 nat;
+    - excluded loss peaks during circuit formation (its argmax after memorization);
+    - cleanup ends at the first logged step with test accuracy >= 95%.
+    Resolution: the checkpoint cadence (restricted/excluded) and ``eval_every`` (accuracies).
+    """
+    steps = np.array(prog["step"], dtype=np.int64)
+    memorized = first_step(history, "train_acc", MEMORIZED_ACC)
+    out: dict[str, Any] = {"memorized": memorized,
+                           "generalized": first_step(history, "test_acc", GENERALIZED_ACC)}
+    after = memorized or 0
+    test = _arr(prog["test_loss"])
+    out["test_loss_below_1"] = _first_below(steps, test, 1.0, after)
+    if any(v is not None for v in prog.get("restricted_loss", [])):
+        restricted, excluded = _arr(prog["restricted_loss"]), _arr(prog["excluded_loss"])
+        out["restricted_loss_below_1"] = _first_below(steps, restricted, 1.0, after)
+        late = steps >= after
+        out["excluded_loss_peak"] = int(steps[late][np.nanargmax(excluded[late])]) if late.any() else None
+    return out
+
+
+@section(order=30, title="Progress measures", analysis="progress")
+def progress_measures(run: Run) -> Section | None:
+    prog = run.read_analysis("progress")
+    if prog is None:
+        return None
+    history = run.history()
+    steps = np.array(prog["step"], dtype=np.float64)
+    x = steps + 1
+    bounds = phase_boundaries(prog, history)
+    phases = {"memorized": (bounds["memorized"] or 0) + 1 if bounds["memorized"] is not None else None,
+              "generalized": bounds["generalized"] + 1 if bounds["generalized"] is not None else None}
+    key = prog.get("key_frequencies", {})
+    losses = {k.replace("_", " "): _arr(prog[k]) for k in ("train_loss", "test_loss", "restricted_loss",
+                                                             "excluded_loss") if k in prog}
+    figs = [Figure.from_mpl(line_figure(x, losses, ylabel="loss", title="Losses on every checkpoint", logy=True,
+                                        phases=phases),
+                            "Train and test loss with Nanda et al.'s restricted loss (logits restricted to the key "
+                            "frequencies, all pairs) and excluded loss (key frequencies removed, training pairs).",
+                            name="progress-losses")]
+    shares = {k.replace("_", " "): _arr(prog[k]) for k in ("gini_embedding", "gini_unembedding", "mean_neuron_ipr",
+                                                             "frac_neurons_explained", "key_embedding_share")
+              if k in prog}
+    figs.append(Figure.from_mpl(line_figure(x, shares, ylabel="value in [0, 1]", title="Fourier sparsity",
+                                            ylim=(0, 1.02), phases=phases),
+                                "Gini coefficient of the Fourier norms of the embedding and of the neuron-to-logit "
+                                "map, mean activation IPR of the neurons, share of neurons explained >= 50% by one "
+                                "frequency, and share of embedding power in the key frequencies.",
+                                name="progress-sparsity"))
+    text = [f"{len(steps)} checkpoints from step {int(steps[0])} to {int(steps[-1])}. Key frequencies "
+            f"(from the {key.get('source', '?')} at step {key.get('step')}): **{key.get('freqs')}**; rule: "
+            f"{key.get('rule', '—')}."]
+    r1, t1 = bounds.get("restricted_loss_below_1"), bounds.get("test_loss_below_1")
+    if r1 is not None and t1 is not None:
+        order = "before" if r1 < t1 else ("together with" if r1 == t1 else "after")
+        text.append(f"Restricted loss fell below 1 nat at step **{r1}**, {order} test loss (step **{t1}**); "
+                    f"excluded loss peaked at step **{bounds.get('excluded_loss_peak')}**.")
+    for note in prog.get("meta", {}).get("notes", []):
+        text.append(f"Note: {note}")
+    rows = [[k.replace("_", " "), "—" if v is None else v] for k, v in bounds.items()]
+    return Section("Progress measures", text="\n\n".join(text), figures=figs,
+                   tables=[Table(["phase boundary", "step"], rows, "How each boundary is defined: "
+                                 "mechgrok.report.analyses.phase_boundaries.")],
+                   numbers={"phase_boundaries": bounds, "key_frequencies": key.get("freqs")})
+
+
+def _sweep_figure(rows: list[dict[str, Any]], score: str, n_neurons: int):
+    fig, axes = new_figure(3, width=12.0, height=3.6)
+    for ax, order in zip(axes, ("low-first", "random", "high-first")):
+        mine = [r for r in rows if r["order"] == order]
+        counts = sorted({r["n_pruned"] for r in mine})
+        for key, label in _SPLITS.items():
+            vals = np.array([[np.nan if r[key] is None else r[key] for r in mine if r["n_pruned"] == c]
+                             for c in counts], dtype=float)  # [n_counts, n_seeds]
+            if not np.isfinite(vals).any():
+                continue
+            ax.plot(counts, np.nanmean(vals, 1), label=label, linewidth=1.6)
+            if vals.shape[1] > 1:
+                ax.fill_between(counts, np.nanmin(vals, 1), np.nanmax(vals, 1), alpha=0.2)
+        ax.set_title(f"{order} by {score}" if order != "random" else "random order (mean, min-max)")
+        ax.set_xlabel(f"neurons pruned (of {n_neurons})")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize="x-small", framealpha=0.85, edgecolor="none")
+    return fig
+
+
+def _histogram(scores: dict[str, list[float]], groups: dict[str, Any]):
+    fig, axes = new_figure(len(scores), width=5.2 * len(scores), height=3.4)
+    for ax, (name, vals) in zip(axes, scores.items()):
+        ax.hist(np.asarray(vals, dtype=float), bins=40, color="tab:blue", alpha=0.8)
+        ax.axvline(groups[name]["threshold"], color="tab:red", linestyle="--", label="threshold")
+        ax.set_xlabel(f"{name} score")
+        ax.set_ylabel("neurons")
+        ax.legend(fontsize="small")
+        ax.grid(True, alpha=0.3)
+    return fig
+
+
+def _spectrum(data: dict[str, Any]):
+    fig, axes = new_figure(2, width=11.0, height=3.4)
+    dominant = np.asarray(data["neuron_frequency"]["dominant"])
+    fraction = np.asarray(data["neuron_frequency"]["fraction"])
+    power = np.asarray(data["embedding_power"], dtype=float)
+    n_freq = len(power)
+    good = dominant[(fraction >= 0.5) & (dominant > 0)]
+    axes[0].bar(np.arange(n_freq), np.bincount(good, minlength=n_freq), color="tab:green")
+    axes[0].set_xlabel("frequency k")
+    axes[0].set_ylabel("neurons (explained >= 50%)")
+    axes[0].set_title("Dominant frequency of each neuron")
+    share = power[1:] / max(power[1:].sum(), 1e-300)
+    axes[1].bar(np.arange(1, n_freq), share, color="tab:purple")
+    axes[1].set_xlabel("frequency k")
+    axes[1].set_ylabel("share of power")
+    axes[1].set_title("Embedding power per frequency")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    return fig
+
+
+@section(order=40, title="Neurons", analysis="neurons")
+def neuron_analysis(run: Run) -> Section | None:
+    data = run.read_analysis("neurons")
+    if data is None:
+        return None
+    groups, sweeps = data["groups"], data["sweeps"]
+    if not groups:
+        return Section("Neurons", text="No neuron score applies to this task (it is neither a single modular "
+                                       "operation nor corrupted).")
+    n = len(next(iter(data["scores"].values())))
+    text = [f"MLP layer {data['layer']} at step {data.get('step')}: {n} neurons."]
+    table_rows = [["(none pruned)", "—", *[_acc(data["evaluate"], k) for k in _SPLITS]]]
+    for score, g in groups.items():
+        text.append(f"**{score}**: {len(g['memorizing'])} memorizing, {len(g['generalizing'])} generalizing; "
+                    f"rule: {g['rule']}; separability η = {g['separability']:.3f} (near 1: bimodal).")
+        table_rows.append([f"memorizing by {score}", len(g["memorizing"]),
+                           *[_acc(data["pruned_memorizing"][score], k) for k in _SPLITS]])
+    figs = [Figure.from_mpl(_histogram(data["scores"], groups),
+                            "Distribution of each neuron score; the dashed line is the classification threshold.",
+                            name="neurons-histogram")]
+    for score, rows in sweeps.items():
+        figs.append(Figure.from_mpl(_sweep_figure(rows, score, n),
+                                    f"Accuracy per split while pruning neurons ordered by the {score} score: lowest "
+                                    "first, in random order (several seeds), highest first.",
+                                    name=f"neurons-prune-{score}"))
+    if "neuron_frequency" in data:
+        figs.append(Figure.from_mpl(_spectrum(data), "Key-frequency spectrum: how many neurons each frequency "
+                                    "dominates, and the embedding's power per frequency.", name="neurons-spectrum"))
+    header = ["pruned", "neurons", *_SPLITS.values()]
+    return Section("Neurons", text="\n\n".join(text), figures=figs,
+                   tables=[Table(header, table_rows, "Accuracy after pruning each score's memorizing group.")],
+                   numbers={"groups": {s: {"n_memorizing": len(g["memorizing"]), "threshold": g["threshold"],
+                                           "separability": g["separability"]} for s, g in groups.items()},
+                            "pruned_memorizing": data["pruned_memorizing"], "unpruned": data["evaluate"]})
+
+
+def _acc(ev: dict[str, Any], key: str) -> Any:
+    split = key[: -len("_acc")]
+    v = ev.get(split, {}).get("acc")
+    return "—" if v is None else f"{v:.3f}"
