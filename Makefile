@@ -28,6 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_capture.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_measures.py
 
 clean:
 	rm -rf runs .pytest_cache

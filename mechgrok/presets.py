@@ -35,7 +35,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("demo", "1-layer transformer on a + b mod 59, 30% training data (groks in ~2 min on CPU)",
            {"kind": "modular_arithmetic", "p": 59, "op": "add", "train_frac": 0.3, "corrupt_frac": 0.0, "seed": 0},
            {"kind": "transformer", "kwargs": {"n_layers": 1, "d_model": 64, "n_heads": 4, "d_mlp": 256, "seed": 0}},
-           TrainConfig(steps=5000, lr=1e-2, weight_decay=1.0, eval_every=100, checkpoint_every=500)),
+           TrainConfig(steps=5000, lr=1e-2, weight_decay=1.0, eval_every=100, checkpoint_every=200)),
     Preset("test", "tiny transformer on a + b mod 47, 40% training data (groks in seconds)",
            {"kind": "modular_arithmetic", "p": 47, "op": "add", "train_frac": 0.4, "corrupt_frac": 0.0, "seed": 0},
            {"kind": "transformer", "kwargs": {"n_layers": 1, "d_model": 32, "n_heads": 4, "d_mlp": 128, "seed": 0}},

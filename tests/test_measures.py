@@ -317,3 +317,9 @@ def test_progress_given_steps_and_freqs(runs):
     assert res["excluded_loss"][1] == pytest.approx(excluded_loss(model, task, [2, 3]), rel=1e-12)
     with pytest.raises(ValueError, match="no checkpoints at steps"):
         progress(run, steps=[5], progress=False)
+    with pytest.raises(ValueError, match="outside"):
+        progress(run, freqs=[0, 2], progress=False)
+    threads = torch.get_num_threads()
+    with pytest.raises(ValueError, match="key_source"):
+        progress(run, key_source="weights", progress=False, threads=1)
+    assert torch.get_num_threads() == threads  # restored, even after an error

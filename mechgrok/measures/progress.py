@@ -46,8 +46,8 @@ def _json_float(x: float) -> float | None:
 
 @torch.no_grad()
 def _measure(model: torch.nn.Module, task, grid: TaskGrid, freqs: Sequence[int] | None, fn, hook: str
-             ) -> tuple[dict[str, Any], Any]:
-    """All measures of one checkpoint from ONE forward pass over the grid. Returns (row, neurons)."""
+             ) -> dict[str, Any]:
+    """All measures of one checkpoint from ONE forward pass over the grid (one row of the table)."""
     logits, acts = grid_forward(model, grid, [hook])  # [p, p, d_out], {hook: [p, p, d_mlp]}
     flat = logits.reshape(grid.p * grid.p, -1)[grid.cells]  # [M, d_out], the operation's examples
     row: dict[str, Any] = {}
@@ -71,12 +71,12 @@ def _measure(model: torch.nn.Module, task, grid: TaskGrid, freqs: Sequence[int] 
     row["frac_neurons_explained"] = float((neurons.fraction >= NEURON_THRESHOLD).double().mean())
     row["key_embedding_share"] = (float(power[[k - 1 for k in freqs]].sum() / power.sum())
                                   if freqs is not None else None)
-    return row, neurons
+    return row
 
 
 def progress(run: Run | str, steps: Iterable[int] | None = None, freqs: Iterable[int] | None = None,
              progress: bool = True, *, key_source: str = "neurons", task_name: str | int | None = None,
-             layer: int = 0) -> dict[str, Any]:
+             layer: int = 0, threads: int | None = 1) -> dict[str, Any]:
     """Evaluate the progress measures on every checkpoint of ``run`` (or on ``steps``).
 
     Args:
@@ -88,6 +88,9 @@ def progress(run: Run | str, steps: Iterable[int] | None = None, freqs: Iterable
         progress: show a tqdm bar over checkpoints.
         task_name: the operation of a multi-task run to analyse (its grid); required for those.
         layer: the MLP layer whose neurons are analysed.
+        threads: torch threads while measuring (restored afterwards; ``None`` leaves them as they
+            are). 1 is fastest for these small models: on a shared, busy 2-core machine two
+            threads ran up to 8x slower.
 
     Returns:
         A JSON-friendly dict: one list per column of ``PROGRESS_COLUMNS`` (one entry per step;
@@ -103,7 +106,19 @@ def progress(run: Run | str, steps: Iterable[int] | None = None, freqs: Iterable
     2-D Fourier transform of the neurons (see benchmarks/bench_measures.py). The final checkpoint
     is evaluated once more to find the key frequencies when ``freqs`` is not given.
     """
-    run = run if isinstance(run, Run) else Run(run)
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 or None, got {threads}")
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _progress(Run(run) if not isinstance(run, Run) else run, steps, freqs, progress, key_source,
+                         task_name, layer)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _progress(run: Run, steps, freqs, show: bool, key_source: str, task_name, layer: int) -> dict[str, Any]:
     task = run.task()
     grid = task_grid(task, task_name)
     available = run.steps()
@@ -113,6 +128,8 @@ def progress(run: Run | str, steps: Iterable[int] | None = None, freqs: Iterable
     missing = [s for s in steps if s not in available]
     if missing:
         raise ValueError(f"no checkpoints at steps {missing} in {run.path}; available: {available}")
+    if key_source not in ("neurons", "embedding"):
+        raise ValueError(f"key_source must be 'neurons' or 'embedding', got {key_source!r}")
     loss_name = run.config["train"].get("loss", "cross_entropy")
     fn, hook = loss_fn(loss_name), mlp_hook(layer)
     notes: list[str] = []
@@ -120,6 +137,9 @@ def progress(run: Run | str, steps: Iterable[int] | None = None, freqs: Iterable
     key: dict[str, Any]
     if freqs is not None:
         freqs = sorted(set(int(k) for k in freqs))
+        bad = [k for k in freqs if not 1 <= k <= grid.p // 2]
+        if bad:
+            raise ValueError(f"key frequencies {bad} are outside 1 .. {grid.p // 2} (p = {grid.p})")
         key = {"freqs": freqs, "scores": None, "source": "given", "rule": "passed as freqs=", "p": grid.p, "step": None}
     else:
         final = available[-1]
@@ -127,10 +147,8 @@ def progress(run: Run | str, steps: Iterable[int] | None = None, freqs: Iterable
         if key_source == "neurons":
             _, acts = grid_forward(model, grid, [hook])
             kf: KeyFrequencies = key_frequencies_from(p=grid.p, neurons=frequency_fractions(acts[hook]))
-        elif key_source == "embedding":
-            kf = key_frequencies_from(p=grid.p, embedding_power=embedding_frequency_norms(model, task, grid.index))
         else:
-            raise ValueError(f"key_source must be 'neurons' or 'embedding', got {key_source!r}")
+            kf = key_frequencies_from(p=grid.p, embedding_power=embedding_frequency_norms(model, task, grid.index))
         freqs = list(kf.freqs)
         key = {**kf.to_dict(), "step": final}
         if not freqs:
@@ -141,8 +159,8 @@ def progress(run: Run | str, steps: Iterable[int] | None = None, freqs: Iterable
                      "gets None")
 
     cols: dict[str, list] = {c: [] for c in PROGRESS_COLUMNS}
-    for step in tqdm(steps, desc=f"progress {run.name}", unit="ckpt", disable=not progress):
-        row, _ = _measure(run.load_model(step), task, grid, freqs, fn, hook)
+    for step in tqdm(steps, desc=f"progress {run.name}", unit="ckpt", disable=not show):
+        row = _measure(run.load_model(step), task, grid, freqs, fn, hook)
         row["step"] = step
         for c in PROGRESS_COLUMNS:
             v = row[c]
