@@ -15,6 +15,7 @@ modules import ``HookedRootModule``, ``HookPoint`` and ``HookedTransformer`` fro
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import warnings
@@ -45,7 +46,7 @@ with warnings.catch_warnings():
 TL_VERSION = importlib.metadata.version("transformer-lens")
 
 __all__ = ["HookedMLP", "HookedRootModule", "HookPoint", "HookedTransformer", "transformer", "mlp",
-           "save", "load", "spec", "build", "final_logits", "training_logits", "check_compatible", "mlp_hook", "n_layers", "TL_VERSION"]
+           "save", "load", "spec", "build", "final_logits", "training_logits", "patchable", "check_compatible", "mlp_hook", "n_layers", "TL_VERSION"]
 
 _ACTS = {
     "square": lambda x: x * x,
@@ -240,6 +241,27 @@ def _plain_blocks(cfg) -> bool:
     return (cfg.positional_embedding_type == "standard" and not cfg.attn_only and not cfg.parallel_attn_mlp
             and not cfg.use_split_qkv_input and not cfg.use_attn_in and not cfg.use_hook_mlp_in
             and not cfg.use_normalization_before_and_after and cfg.original_architecture is None)
+
+
+@contextlib.contextmanager
+def patchable(model: nn.Module):
+    """Expose per-head outputs (``attn.hook_result``), per-head q/k/v inputs (``hook_q_input``, ...)
+    and the MLP input (``hook_mlp_in``) of a HookedTransformer for the duration of the block, then
+    restore its settings. The forward computes the same values (float rounding aside)."""
+    if not isinstance(model, HookedTransformer):
+        yield model
+        return
+    cfg = model.cfg
+    old = (cfg.use_attn_result, cfg.use_split_qkv_input, cfg.use_hook_mlp_in)
+    model.set_use_attn_result(True)
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+    try:
+        yield model
+    finally:
+        model.set_use_attn_result(old[0])
+        model.set_use_split_qkv_input(old[1])
+        model.set_use_hook_mlp_in(old[2])
 
 
 def check_compatible(model: nn.Module, task: Task) -> None:

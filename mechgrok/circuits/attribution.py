@@ -1,0 +1,180 @@
+"""Attribution of a metric to the components of a model's graph: exact patching, EAP, EAP-IG, ACDC.
+
+Every method estimates, for each component ``c`` (an edge, a node or a neuron),
+``score(c) = m(c ablated) − m(clean)``: how much the metric moves when ``c`` alone takes its
+corrupted value. Large ``|score|`` means important.
+
+- ``exact``: activation / edge patching, one forward per component (the oracle).
+- ``eap`` (Syed et al. 2023, "Attribution patching outperforms automated circuit discovery"):
+  ``score(u→v) = (out_u^corr − out_u^clean) · ∂m/∂x_v`` with the gradient on the clean run; one
+  forward and one backward. Exact for edges into the logits of a model without LayerNorm when
+  ``m`` is linear in the logits (logit difference).
+- ``eap-ig`` (Hanna et al. 2024, "Have faith in faithfulness"): the same with the gradient averaged
+  over ``steps`` runs whose input embedding is interpolated, ``corr + (k/steps)(clean − corr)``.
+- ``acdc`` (Conmy et al. 2023, "Towards automated circuit discovery"): greedy; receivers from the
+  logits backwards, each incoming edge removed for good when the metric gets worse by less than
+  ``tau``. Its scores are the damage measured when each edge was tried (in context, so they depend
+  on the order); the edges it kept are ``acdc_kept(scores)``.
+
+Node and neuron scores of EAP / EAP-IG use the gradient at the node's output, which equals the sum
+of its outgoing edges' scores (the residual stream is a sum).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mechgrok.circuits.graph import Graph, graph as build_graph
+from mechgrok.circuits.patching import Patcher, receiver_hook
+
+__all__ = ["attribute", "METHODS", "acdc_kept", "acdc_default_tau"]
+
+METHODS = ("exact", "eap", "eap-ig", "acdc")
+
+
+def attribute(model: nn.Module, clean: Tensor, corrupted: Tensor | None, metric: Callable[[Tensor], Tensor], *,
+              method: str = "eap-ig", level: str = "edge", corruption: str = "resample", steps: int = 5,
+              tau: float | None = None, graph: Graph | None = None, progress: bool = True) -> dict[str, float]:
+    """Score every component of ``graph(model, level)`` (see the module docstring).
+
+    Args:
+        model: a HookedTransformer or HookedMLP.
+        clean: clean inputs ``[batch, ...]``; ``metric`` is evaluated on their final-position logits.
+        corrupted: counterfactual inputs (resample ablation), or None with ``corruption="mean"|"zero"``.
+        metric: ``logits [batch, d_out] -> scalar`` (see ``mechgrok.circuits.metrics``).
+        method: ``"exact" | "eap" | "eap-ig" | "acdc"``.
+        level: ``"edge" | "node" | "neuron"``.
+        steps: interpolation steps of EAP-IG.
+        tau: ACDC's threshold (default: 1% of ``|m(clean) − m(all ablated)|``).
+
+    Returns:
+        ``{component: score}`` in graph order.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    g = graph or build_graph(model, level)
+    p = Patcher(model, g, clean, corrupted, corruption)
+    comps = g.components
+    if method == "exact":
+        scores = _exact(p, metric, progress)
+    elif method in ("eap", "eap-ig"):
+        scores = _gradient(p, metric, steps if method == "eap-ig" else None)
+    else:
+        scores = _acdc(p, metric, tau, progress)
+    return {c: float(scores[c]) for c in comps}
+
+
+def _ablate_component(p: Patcher, comp: str) -> dict:
+    """``run`` keyword arguments that ablate one component."""
+    if p.graph.level == "edge" and p.graph.kind == "transformer":
+        e = p.graph.edge_index[comp]
+        mask = torch.ones(len(p.receivers[e.receiver]))
+        mask[p.receivers[e.receiver].index(e.src)] = 0
+        return {"masks": {e.receiver: mask}}
+    if p.graph.level == "edge":  # HookedMLP: each node has one outgoing edge
+        return {"ablate_nodes": [p.graph.edge_index[comp].src]}
+    return {"ablate_nodes": [comp]}
+
+
+@torch.no_grad()
+def _exact(p: Patcher, metric, progress: bool) -> dict[str, float]:
+    base = float(metric(p.run()[0]))
+    out = {}
+    for c in tqdm(p.graph.components, disable=not progress, desc="exact patching"):
+        out[c] = float(metric(p.run(**_ablate_component(p, c))[0])) - base
+    return out
+
+
+def _gradient(p: Patcher, metric, steps: int | None) -> dict[str, float]:
+    """EAP (steps=None) or EAP-IG: gradients at receivers (edges) or at node outputs (nodes,
+    neurons), averaged over the interpolation steps, dotted with the corrupted-minus-clean deltas."""
+    g, model = p.graph, p.model
+    edge_level = g.level == "edge" and g.kind == "transformer"
+    nodes = [e.src for e in g.edges] if g.level == "edge" and not edge_level else list(g.components)
+    retain = list(p.receivers) if edge_level else sorted({f"src:{p.hook_of(n)[0]}" for n in nodes})
+    alphas = [None] if steps is None else [k / steps for k in range(1, steps + 1)]
+    grads: dict[str, Tensor] = {}
+    params = list(model.parameters())
+    req = [q.requires_grad for q in params]
+    try:
+        for q in params:
+            q.requires_grad_(True)
+        for alpha in alphas:
+            with torch.enable_grad():
+                logits, kept = p.run(interpolate=alpha, retain=retain)
+                metric(logits).backward()
+            for k, t in kept.items():
+                grads[k] = grads.get(k, 0) + t.grad.detach() / len(alphas)
+    finally:
+        for q, r in zip(params, req):
+            q.requires_grad_(r)
+            q.grad = None
+    delta = {n: p.corr_out[n] - p.clean_out[n] for n in p.sources}  # [batch, (pos,) (d)]
+    if edge_level:
+        out = {}
+        for e in g.edges:
+            _, idx = receiver_hook(model, e.receiver)
+            grad = grads[e.receiver]
+            out[e.name] = float((delta[e.src] * (grad[..., idx, :] if idx is not None else grad)).sum())
+        return out
+    node_score = {}
+    for n in set(nodes):
+        hook, idx = p.hook_of(n)
+        grad = grads[f"src:{hook}"]
+        if idx is not None:
+            grad = grad[..., idx, :] if grad.ndim == 4 else grad[..., idx]
+        node_score[n] = float((delta[n] * grad).sum())
+    if g.level == "edge":  # HookedMLP: an edge's score is its source's
+        return {e.name: node_score[e.src] for e in g.edges}
+    return node_score
+
+
+@torch.no_grad()
+def _acdc(p: Patcher, metric, tau: float | None, progress: bool) -> dict[str, float]:
+    higher = getattr(metric, "higher_is_better", True)
+    m_full = float(metric(p.run()[0]))
+    g = p.graph
+    edge_level = g.level == "edge" and g.kind == "transformer"
+    if edge_level:
+        m_empty = float(metric(p.run(masks=p.all_masks(0.0))[0]))
+    else:
+        m_empty = float(metric(p.run(ablate_nodes=list(g.components))[0]))
+    tau = acdc_default_tau(m_full, m_empty) if tau is None else float(tau)
+    masks = p.all_masks(1.0)
+    ablated: list[str] = []
+    current = m_full
+    scores: dict[str, float] = {}
+    order = list(reversed(g.components))  # receivers from the logits back; sources latest first
+    for c in tqdm(order, disable=not progress, desc="ACDC"):
+        if edge_level:
+            e = g.edge_index[c]
+            i = p.receivers[e.receiver].index(e.src)
+            trial = {r: m.clone() for r, m in masks.items()}
+            trial[e.receiver][i] = 0.0
+            new = float(metric(p.run(masks=trial)[0]))
+        else:
+            trial = ablated + [c]
+            new = float(metric(p.run(ablate_nodes=trial)[0]))
+        damage = (current - new) if higher else (new - current)
+        scores[c] = damage
+        if damage < tau:  # removing it costs little: leave it out
+            current = new
+            if edge_level:
+                masks = trial
+            else:
+                ablated = trial
+    return {c: scores[c] for c in g.components}
+
+
+def acdc_default_tau(m_full: float, m_empty: float) -> float:
+    """ACDC's default threshold here: 1% of how far the metric moves when everything is ablated."""
+    return 0.01 * abs(m_full - m_empty)
+
+
+def acdc_kept(scores: dict[str, float], tau: float) -> list[str]:
+    """The components ACDC kept: those whose damage when tried was at least ``tau``."""
+    return [c for c, s in scores.items() if s >= tau]

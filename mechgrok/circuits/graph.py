@@ -1,0 +1,178 @@
+"""The computational graph of a model, as circuit discovery sees it.
+
+Names (shared by attribution, ``Circuit`` and drawing):
+
+- nodes: ``input`` (token + positional embedding, or the one-hot input of a HookedMLP),
+  ``a{l}.h{h}`` (attention head ``h`` of layer ``l``), ``m{l}`` (the MLP of layer ``l``),
+  ``m{l}.n{i}`` (neuron ``i`` of that MLP, at the neuron level), ``logits``;
+- node inputs ("receivers"): ``a{l}.h{h}.q``, ``.k``, ``.v`` (a head reads its query, key and value
+  from the residual stream separately), ``m{l}``, ``logits``;
+- edges: ``"{src}->{receiver}"``, e.g. ``"a0.h1->a1.h0.k"``. In a transformer every component reads
+  the residual stream, so there is an edge from every earlier node to every receiver.
+
+Levels: ``"edge"`` (every edge), ``"node"`` (heads and MLPs; ``input`` and ``logits`` are always
+present), ``"neuron"`` (MLP neurons, plus the heads of a transformer). With ``positions=True`` every
+node and receiver is split per token position (``a0.h1@2``); attention edges then also connect
+positions (``a0.h1@0->a1.h0.k@2``), while an MLP or the logits read only their own position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from torch import nn
+
+from mechgrok import models
+
+__all__ = ["Graph", "Edge", "graph", "LEVELS"]
+
+LEVELS = ("edge", "node", "neuron")
+
+
+@dataclass(frozen=True)
+class Edge:
+    src: str  # node name
+    dst: str  # node name
+    receiver: str  # the input of dst it feeds: dst itself, or dst + ".q" / ".k" / ".v"
+
+    @property
+    def name(self) -> str:
+        return f"{self.src}->{self.receiver}"
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Nodes in topological order, receivers, and edges of one model at one level.
+
+    Attributes:
+        level: "edge" | "node" | "neuron".
+        nodes: every node, topologically ordered (``input`` first, ``logits`` last).
+        layer: node -> layer index (``input`` -1, ``logits`` n_layers); used for drawing.
+        edges: every edge (``src`` earlier than ``dst``), receivers in topological order.
+        components: what attribution scores and circuits select at this level: edge names, or the
+            node names of heads / MLPs / neurons.
+        n_layers, n_heads, d_mlp, positions: the model's sizes (``positions`` 0 if merged).
+    """
+
+    level: str
+    nodes: tuple[str, ...]
+    layer: dict[str, int]
+    edges: tuple[Edge, ...]
+    n_layers: int
+    n_heads: int
+    d_mlp: int
+    positions: int = 0
+    kind: str = "transformer"
+    meta: dict = field(default_factory=dict)
+
+    @cached_property
+    def components(self) -> tuple[str, ...]:
+        if self.level == "edge":
+            return tuple(e.name for e in self.edges)
+        return tuple(n for n in self.nodes if n not in ("input", "logits") and not n.startswith(("input@", "logits@")))
+
+    @cached_property
+    def edge_index(self) -> dict[str, Edge]:
+        return {e.name: e for e in self.edges}
+
+    def __len__(self) -> int:
+        return len(self.components)
+
+
+def _transformer_nodes(n_layers: int, n_heads: int) -> list[tuple[str, int]]:
+    nodes = [("input", -1)]
+    for layer in range(n_layers):
+        nodes += [(f"a{layer}.h{h}", layer) for h in range(n_heads)]
+        nodes.append((f"m{layer}", layer))
+    return nodes + [("logits", n_layers)]
+
+
+def _receivers(node: str) -> list[str]:
+    if node.startswith("a"):
+        return [f"{node}.q", f"{node}.k", f"{node}.v"]
+    return [node]
+
+
+def _is_upstream(src: str, dst: str, layer: dict[str, int]) -> bool:
+    """``src`` writes to the residual stream before ``dst`` reads it."""
+    if src == dst or src == "logits" or dst == "input":
+        return False
+    if src == "input":
+        return True
+    ls, ld = layer[src], layer[dst]
+    if dst == "logits":
+        return True
+    if dst.startswith("a"):  # heads read the stream before their layer's heads and MLP write
+        return ls < ld
+    return ls < ld or (ls == ld and src.startswith("a"))  # an MLP reads its own layer's heads
+
+
+def graph(model: nn.Module, level: str = "edge", positions: bool = False) -> Graph:
+    """The computational graph of ``model`` (a HookedTransformer or HookedMLP) at ``level``.
+
+    >>> import mechgrok as mg
+    >>> task = mg.tasks.modular_arithmetic(p=7, train_frac=0.5)
+    >>> g = graph(mg.models.transformer(task, n_layers=1, d_model=8, n_heads=2, d_mlp=16))
+    >>> len(g.edges), g.edges[0].name
+    (13, 'input->a0.h0.q')
+    """
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; choose one of {LEVELS}")
+    if isinstance(model, models.HookedMLP):
+        return _mlp_graph(model, level, positions)
+    if not isinstance(model, models.HookedTransformer):
+        raise TypeError(f"circuits need a HookedTransformer or HookedMLP, got {type(model).__name__}")
+    cfg = model.cfg
+    if cfg.attn_only:
+        raise ValueError("attention-only models are not supported yet")
+    nodes = _transformer_nodes(cfg.n_layers, cfg.n_heads)
+    layer = dict(nodes)
+    edges = [Edge(src, dst, r) for dst, _ in nodes for r in _receivers(dst)
+             for src, _ in nodes if _is_upstream(src, dst, layer)]
+    names = [n for n, _ in nodes]
+    if level == "neuron":
+        names = [n for n in names if not n.startswith("m")] + [
+            f"m{li}.n{i}" for li in range(cfg.n_layers) for i in range(cfg.d_mlp)]
+        names = sorted(names, key=lambda n: (_layer_of(n, cfg.n_layers), not n.startswith("a")))
+        layer = {n: _layer_of(n, cfg.n_layers) for n in names}
+        edges = []  # neuron-level circuits are sets of nodes
+    n_pos = int(cfg.n_ctx) if positions else 0
+    if positions:
+        names, layer, edges = _split_positions(names, layer, edges, n_pos)
+    return Graph(level, tuple(names), layer, tuple(edges), cfg.n_layers, cfg.n_heads, cfg.d_mlp, n_pos)
+
+
+def _layer_of(node: str, n_layers: int) -> int:
+    if node == "input":
+        return -1
+    if node == "logits":
+        return n_layers
+    return int(node[1:].split(".")[0])
+
+
+def _split_positions(names: list[str], layer: dict[str, int], edges: list[Edge], n_pos: int):
+    pnames = [f"{n}@{p}" for n in names for p in range(n_pos)]
+    players = {f"{n}@{p}": layer[n] for n in names for p in range(n_pos)}
+    pedges = []
+    for e in edges:
+        for pd in range(n_pos):
+            # attention keys and values read every earlier position; everything else its own
+            srcs = range(pd + 1) if e.receiver.endswith((".k", ".v")) else [pd]
+            pedges += [Edge(f"{e.src}@{ps}", f"{e.dst}@{pd}", f"{e.receiver}@{pd}") for ps in srcs]
+    return pnames, players, pedges
+
+
+def _mlp_graph(model: models.HookedMLP, level: str, positions: bool) -> Graph:
+    if positions:
+        raise ValueError("a HookedMLP has no positions")
+    width = model.blocks[0].mlp.W_in.shape[1]
+    if level == "neuron":
+        names = ["input", *[f"m0.n{i}" for i in range(width)], "logits"]
+        layer = {n: (-1 if n == "input" else 1 if n == "logits" else 0) for n in names}
+        edges = [Edge("input", n, n) for n in names[1:-1]] + [Edge(n, "logits", "logits") for n in names[1:-1]]
+        return Graph("neuron", tuple(names), layer, tuple(edges), 1, 0, width, kind="mlp")
+    names = ["input", "m0", "logits"]
+    layer = {"input": -1, "m0": 0, "logits": 1}
+    edges = (Edge("input", "m0", "m0"), Edge("m0", "logits", "logits"))
+    return Graph(level, tuple(names), layer, edges, 1, 0, width, kind="mlp")

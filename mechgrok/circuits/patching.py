@@ -1,0 +1,232 @@
+"""Activation and edge patching on transformer-lens hook points: the engine under every method.
+
+A ``Patcher`` runs the model on a clean batch while replacing chosen parts of the computation by
+their values on a corrupted batch (resample ablation), by their mean over the clean batch (mean
+ablation) or by zero (zero ablation):
+
+- **node ablation**: a node's output (a head's ``attn.hook_result`` slice, an MLP's
+  ``hook_mlp_out``, a neuron's ``mlp.hook_post`` entry, the ``input`` embedding) takes its
+  corrupted value, so every edge leaving it is ablated;
+- **edge ablation**: a receiver ``r`` (a head's q/k/v input, an MLP's input, the logits' input)
+  sees ``x_r − Σ_s (1 − mask_rs) (out_s − out_s^corr)``: the residual stream it reads, with the
+  contribution of each masked-out source ``s`` swapped for its corrupted value. Masks are floats,
+  so gradients with respect to them (or to ``x_r``) are available for EAP.
+
+All edges ablated reproduces the corrupted run's logits; none ablated the clean run's (tested).
+Models must have no positional-embedding tricks (standard learned positions) and be 1..n-layer
+HookedTransformers or HookedMLPs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from mechgrok import models
+from mechgrok.circuits.graph import Graph
+
+__all__ = ["Patcher", "CORRUPTIONS", "source_hook", "receiver_hook"]
+
+CORRUPTIONS = ("resample", "mean", "zero")
+
+
+def _parse(node: str) -> tuple[str, int, int]:
+    """``a1.h2`` -> ("a", 1, 2); ``m0`` -> ("m", 0, -1); ``m0.n5`` -> ("n", 0, 5)."""
+    base, _, rest = node.partition(".")
+    layer = int(base[1:])
+    if base[0] == "a":
+        return "a", layer, int(rest[1:])
+    if rest:
+        return "n", layer, int(rest[1:])
+    return "m", layer, -1
+
+
+def source_hook(model: nn.Module, node: str) -> tuple[str, int | None]:
+    """The hook whose output is ``node``'s output, and the index along its last head/neuron axis."""
+    mlp = isinstance(model, models.HookedMLP)
+    if node == "input":
+        return ("hook_in" if mlp else "blocks.0.hook_resid_pre"), None
+    kind, layer, idx = _parse(node)
+    if kind == "a":
+        return f"blocks.{layer}.attn.hook_result", idx
+    if kind == "n":
+        return f"blocks.{layer}.mlp.hook_post", idx
+    return ("hook_out" if mlp else f"blocks.{layer}.hook_mlp_out"), None
+
+
+def receiver_hook(model: nn.Module, receiver: str) -> tuple[str, int | None]:
+    """The hook whose output is what ``receiver`` reads, and its head index (q/k/v inputs)."""
+    if receiver == "logits":
+        return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", None
+    node, _, qkv = receiver.rpartition(".") if receiver.endswith((".q", ".k", ".v")) else (receiver, "", "")
+    kind, layer, idx = _parse(node)
+    if kind == "a":
+        return f"blocks.{layer}.hook_{qkv}_input", idx
+    return f"blocks.{layer}.hook_mlp_in", None
+
+
+def _take(act: Tensor, idx: int | None) -> Tensor:
+    return act if idx is None else act[..., idx, :] if act.ndim == 4 else act[..., idx]
+
+
+class Patcher:
+    """Clean and corrupted activations of every source node of ``graph``, and patched forwards.
+
+    Args:
+        model: HookedTransformer or HookedMLP (its patching flags are switched on while in use).
+        graph: from ``mechgrok.circuits.graph``.
+        clean: clean inputs ``[batch, ...]``.
+        corrupted: counterfactual inputs of the same shape (resample ablation), or None for
+            ``corruption="mean"`` / ``"zero"``.
+        corruption: ``"resample"``, ``"mean"`` (the clean batch's mean of each output, per
+            position) or ``"zero"``.
+    """
+
+    def __init__(self, model: nn.Module, graph: Graph, clean: Tensor, corrupted: Tensor | None = None,
+                 corruption: str = "resample"):
+        if corruption not in CORRUPTIONS:
+            raise ValueError(f"unknown corruption {corruption!r}; choose one of {CORRUPTIONS}")
+        if corruption == "resample":
+            if corrupted is None:
+                raise ValueError("resample ablation needs a corrupted batch; or use corruption='mean' or 'zero'")
+            if corrupted.shape != clean.shape:
+                raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} inputs differ in shape")
+        if graph.positions:
+            raise ValueError("patching per position is not supported yet; build the graph with positions=False")
+        self.model, self.graph, self.clean, self.corrupted, self.corruption = model, graph, clean, corrupted, corruption
+        self.sources = [n for n in graph.nodes if n != "logits"]
+        self._hooks = {n: source_hook(model, n) for n in self.sources}
+        with torch.no_grad(), models.patchable(model):
+            self.clean_out = self._record(clean)
+            if corruption == "resample":
+                self.corr_out = self._record(corrupted)
+            elif corruption == "mean":
+                self.corr_out = {n: v.mean(0, keepdim=True).expand_as(v) for n, v in self.clean_out.items()}
+            else:
+                self.corr_out = {n: torch.zeros_like(v) for n, v in self.clean_out.items()}
+        self.receivers: dict[str, list[str]] = {}
+        for e in graph.edges:
+            self.receivers.setdefault(e.receiver, []).append(e.src)
+
+    def _record(self, x: Tensor) -> dict[str, Tensor]:
+        """Every source node's output on ``x``."""
+        out: dict[str, Tensor] = {}
+        names = {h for h, _ in self._hooks.values()}
+        _, cache = self.model.run_with_cache(x, names_filter=lambda n: n in names)
+        for node, (hook, idx) in self._hooks.items():
+            out[node] = _take(cache[hook], idx).detach()
+        return out
+
+    # ------------------------------------------------------------------------------ forwards
+    def run(self, *, ablate_nodes: Iterable[str] = (), masks: Mapping[str, Tensor] | None = None,
+            interpolate: float | None = None, retain: Iterable[str] = (),
+            x: Tensor | None = None) -> tuple[Float[Tensor, "batch d_out"], dict[str, Tensor]]:
+        """One patched forward on the clean batch.
+
+        Args:
+            ablate_nodes: nodes whose output takes its corrupted value.
+            masks: receiver -> ``[n_sources]`` float mask over ``self.receivers[receiver]`` (1 keeps
+                the edge, 0 ablates it); receivers not given keep every edge.
+            interpolate: ``α``: the ``input`` node's output becomes ``corr + α (clean − corr)``
+                (EAP-IG, Hanna et al. 2024).
+            retain: receivers, or ``"src:<hook name>"`` for a source hook, whose tensors are
+                returned with ``retain_grad()`` set, for gradient-based attribution.
+            x: inputs (default: the clean batch).
+
+        Returns:
+            Final-position logits ``[batch, d_out]`` and the retained tensors.
+        """
+        ablate = set(ablate_nodes)
+        unknown = ablate - set(self.sources)
+        if unknown:
+            raise ValueError(f"unknown nodes {sorted(unknown)[:5]}")
+        masks = dict(masks or {})
+        retain = set(retain)
+        kept: dict[str, Tensor] = {}
+        current: dict[str, Tensor] = {}
+        fwd: list[tuple[str, Callable]] = []
+
+        by_hook: dict[str, list[str]] = {}
+        for node in self.sources:
+            by_hook.setdefault(self._hooks[node][0], []).append(node)
+        for hook, nodes in by_hook.items():
+            fwd.append((hook, self._source_fn(nodes, ablate, interpolate, current, retain, kept)))
+        recv_by_hook: dict[str, list[str]] = {}
+        for r in set(masks) | {r for r in retain if r in self.receivers}:
+            if r not in self.receivers:
+                raise ValueError(f"unknown receiver {r!r}")
+            recv_by_hook.setdefault(receiver_hook(self.model, r)[0], []).append(r)
+        for hook, recvs in recv_by_hook.items():
+            fwd.append((hook, self._receiver_fn(recvs, masks, current, retain, kept)))
+        with models.patchable(self.model), self.model.hooks(fwd_hooks=fwd):
+            logits = models.final_logits(self.model, self.clean if x is None else x)
+        return logits, kept
+
+    def _source_fn(self, nodes: list[str], ablate: set[str], interpolate: float | None,
+                   current: dict[str, Tensor], retain: set[str], kept: dict[str, Tensor]) -> Callable:
+        def fn(act: Tensor, hook: Any) -> Tensor:
+            for node in nodes:
+                _, idx = self._hooks[node]
+                replace = None
+                if node in ablate:
+                    replace = self.corr_out[node]
+                elif node == "input" and interpolate is not None:
+                    replace = self.corr_out[node] + interpolate * (self.clean_out[node] - self.corr_out[node])
+                if replace is not None:
+                    if idx is None:  # a fresh tensor; in a gradient pass it must join the graph
+                        act = replace.clone().requires_grad_(torch.is_grad_enabled())
+                    else:
+                        act = act.clone()
+                        if act.ndim == 4:
+                            act[..., idx, :] = replace
+                        else:
+                            act[..., idx] = replace
+            if f"src:{hook.name}" in retain and torch.is_grad_enabled():
+                if not act.requires_grad:  # e.g. a HookedMLP's one-hot input: make it a leaf
+                    act = act.detach().requires_grad_(True)
+                act.retain_grad()
+                kept[f"src:{hook.name}"] = act
+            for node in nodes:
+                current[node] = _take(act, self._hooks[node][1])
+            return act
+
+        return fn
+
+    def _receiver_fn(self, recvs: list[str], masks: Mapping[str, Tensor], current: dict[str, Tensor],
+                     retain: set[str], kept: dict[str, Tensor]) -> Callable:
+        def fn(act: Tensor, hook: Any) -> Tensor:
+            parts = {}
+            for r in recvs:
+                _, idx = receiver_hook(self.model, r)
+                x = _take(act, idx)
+                if r in masks:
+                    srcs = self.receivers[r]
+                    delta = torch.stack([current[s] - self.corr_out[s] for s in srcs])  # [n_src, b, pos, d]
+                    off = (1 - masks[r]).to(delta.dtype)
+                    x = x - torch.einsum("s,s...->...", off, delta)
+                parts[r] = (idx, x)
+            if len(parts) == 1 and next(iter(parts.values()))[0] is None:
+                (r, (_, act)), = parts.items()
+            else:
+                cols = list(act.unbind(-2)) if act.ndim == 4 else None
+                for r, (idx, x) in parts.items():
+                    cols[idx] = x
+                act = torch.stack(cols, dim=-2)
+            for r in recvs:
+                if r in retain and act.requires_grad:
+                    act.retain_grad()
+                    kept[r] = act
+            return act
+
+        return fn
+
+    def hook_of(self, node: str) -> tuple[str, int | None]:
+        """The source hook of ``node`` and its index there."""
+        return self._hooks[node]
+
+    def all_masks(self, value: float = 1.0) -> dict[str, Tensor]:
+        return {r: torch.full((len(s),), float(value)) for r, s in self.receivers.items()}
