@@ -7,7 +7,7 @@
 ['test', 'train']
 """
 
-from mechgrok import measures, models, neurons, presets, tasks
+from mechgrok import circuits, measures, models, neurons, presets, tasks
 from mechgrok.analyze import analyze
 from mechgrok.capture import ActivationCache, capture, load_cache
 from mechgrok.run import Run
@@ -16,7 +16,7 @@ from mechgrok.train import TrainConfig, evaluate, train
 __version__ = "0.1.0"
 
 __all__ = ["tasks", "models", "presets", "train", "TrainConfig", "evaluate", "Run", "capture",
-           "ActivationCache", "load_cache", "measures", "neurons", "analyze", "report", "__version__"]
+           "ActivationCache", "load_cache", "measures", "neurons", "circuits", "analyze", "report", "__version__"]
 
 
 def __getattr__(name: str):

@@ -255,13 +255,15 @@ def patchable(model: nn.Module):
     old = (cfg.use_attn_result, cfg.use_split_qkv_input, cfg.use_hook_mlp_in)
     model.set_use_attn_result(True)
     model.set_use_split_qkv_input(True)
-    model.set_use_hook_mlp_in(True)
+    if not cfg.attn_only:
+        model.set_use_hook_mlp_in(True)
     try:
         yield model
     finally:
         model.set_use_attn_result(old[0])
         model.set_use_split_qkv_input(old[1])
-        model.set_use_hook_mlp_in(old[2])
+        if not cfg.attn_only:
+            model.set_use_hook_mlp_in(old[2])
 
 
 def check_compatible(model: nn.Module, task: Task) -> None:

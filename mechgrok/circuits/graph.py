@@ -80,11 +80,12 @@ class Graph:
         return len(self.components)
 
 
-def _transformer_nodes(n_layers: int, n_heads: int) -> list[tuple[str, int]]:
+def _transformer_nodes(n_layers: int, n_heads: int, attn_only: bool = False) -> list[tuple[str, int]]:
     nodes = [("input", -1)]
     for layer in range(n_layers):
         nodes += [(f"a{layer}.h{h}", layer) for h in range(n_heads)]
-        nodes.append((f"m{layer}", layer))
+        if not attn_only:
+            nodes.append((f"m{layer}", layer))
     return nodes + [("logits", n_layers)]
 
 
@@ -124,23 +125,22 @@ def graph(model: nn.Module, level: str = "edge", positions: bool = False) -> Gra
     if not isinstance(model, models.HookedTransformer):
         raise TypeError(f"circuits need a HookedTransformer or HookedMLP, got {type(model).__name__}")
     cfg = model.cfg
-    if cfg.attn_only:
-        raise ValueError("attention-only models are not supported yet")
-    nodes = _transformer_nodes(cfg.n_layers, cfg.n_heads)
+    nodes = _transformer_nodes(cfg.n_layers, cfg.n_heads, cfg.attn_only)
     layer = dict(nodes)
     edges = [Edge(src, dst, r) for dst, _ in nodes for r in _receivers(dst)
              for src, _ in nodes if _is_upstream(src, dst, layer)]
     names = [n for n, _ in nodes]
     if level == "neuron":
         names = [n for n in names if not n.startswith("m")] + [
-            f"m{li}.n{i}" for li in range(cfg.n_layers) for i in range(cfg.d_mlp)]
+            f"m{li}.n{i}" for li in range(cfg.n_layers) for i in range(0 if cfg.attn_only else cfg.d_mlp)]
         names = sorted(names, key=lambda n: (_layer_of(n, cfg.n_layers), not n.startswith("a")))
         layer = {n: _layer_of(n, cfg.n_layers) for n in names}
         edges = []  # neuron-level circuits are sets of nodes
     n_pos = int(cfg.n_ctx) if positions else 0
     if positions:
         names, layer, edges = _split_positions(names, layer, edges, n_pos)
-    return Graph(level, tuple(names), layer, tuple(edges), cfg.n_layers, cfg.n_heads, cfg.d_mlp, n_pos)
+    return Graph(level, tuple(names), layer, tuple(edges), cfg.n_layers, cfg.n_heads, 0 if cfg.attn_only else cfg.d_mlp,
+                 n_pos)
 
 
 def _layer_of(node: str, n_layers: int) -> int:

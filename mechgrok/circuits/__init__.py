@@ -1,0 +1,24 @@
+"""Circuit discovery: the computational graph, attribution (exact patching, EAP, EAP-IG, ACDC),
+the Circuit type, faithfulness, and generalizing vs memorizing circuits.
+
+>>> import mechgrok as mg
+>>> task = mg.tasks.modular_arithmetic(p=7, train_frac=0.5, corrupt_frac=0.3, seed=0)
+>>> model = mg.models.mlp(task, width=8)
+>>> clean, corrupted, labels, _ = mg.circuits.contrast(task, "test", n=16)
+>>> circ = mg.circuits.discover(model, clean, corrupted, mg.circuits.metrics.generalization(labels),
+...                             method="eap", level="neuron", top_k=3, progress=False)
+>>> len(circ), circ.level
+(3, 'neuron')
+"""
+
+from mechgrok.circuits import metrics
+from mechgrok.circuits.attribution import METHODS, acdc_kept, attribute
+from mechgrok.circuits.circuit import Circuit, select, select_greedy
+from mechgrok.circuits.discover import (circuit_metric, contrast, discover, faithfulness, faithfulness_curve,
+                                        generalizing_vs_memorizing)
+from mechgrok.circuits.graph import LEVELS, Edge, Graph, graph
+from mechgrok.circuits.patching import CORRUPTIONS, Patcher
+
+__all__ = ["graph", "Graph", "Edge", "LEVELS", "attribute", "METHODS", "acdc_kept", "Patcher", "CORRUPTIONS",
+           "Circuit", "select", "select_greedy", "discover", "faithfulness", "faithfulness_curve", "circuit_metric",
+           "contrast", "generalizing_vs_memorizing", "metrics"]

@@ -1,0 +1,173 @@
+"""From attribution scores to circuits: discovery, faithfulness, and the grokking contrast.
+
+- ``discover``: attribute, then select by top-k, threshold, a faithfulness target (greedy), or
+  ACDC's own decisions; the circuit records its provenance and faithfulness.
+- ``faithfulness``: ``(m(C) − m(∅)) / (m(full) − m(∅))`` with every component outside ``C``
+  ablated (Conmy et al. 2023; Hanna et al. 2024).
+- ``generalizing_vs_memorizing``: the same method and corruption run twice on a corrupted-label
+  task, with the generalization metric on held-out examples and the memorization metric on
+  corrupted training examples (Doshi et al. 2023's split, found by circuit discovery).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mechgrok import models
+from mechgrok.circuits import metrics as _metrics
+from mechgrok.circuits.attribution import acdc_default_tau, acdc_kept, attribute
+from mechgrok.circuits.circuit import Circuit, faithfulness_curve as _curve, select, select_greedy
+from mechgrok.circuits.circuit import faithfulness as _faithfulness
+from mechgrok.circuits.graph import graph as build_graph
+from mechgrok.circuits.patching import Patcher
+from mechgrok.tasks import Task
+
+__all__ = ["discover", "faithfulness", "faithfulness_curve", "circuit_metric", "contrast",
+           "generalizing_vs_memorizing"]
+
+
+def _run_kwargs(p: Patcher, circuit: Circuit | None) -> dict[str, Any]:
+    """``Patcher.run`` arguments that keep exactly ``circuit`` (None: keep nothing)."""
+    g = p.graph
+    kept = set() if circuit is None else set(circuit.components)
+    if g.level == "edge" and g.kind == "transformer":
+        masks = p.all_masks(1.0)
+        for e in g.edges:
+            if e.name not in kept:
+                masks[e.receiver][p.receivers[e.receiver].index(e.src)] = 0.0
+        return {"masks": masks}
+    if g.level == "edge":  # HookedMLP: ablate the source of every dropped edge
+        return {"ablate_nodes": sorted({e.src for e in g.edges if e.name not in kept})}
+    return {"ablate_nodes": [c for c in g.components if c not in kept]}
+
+
+@torch.no_grad()
+def circuit_metric(p: Patcher, metric: Callable[[Tensor], Tensor], circuit: Circuit | None) -> float:
+    """The metric with only ``circuit`` kept (everything else ablated); None keeps nothing."""
+    return float(metric(p.run(**_run_kwargs(p, circuit))[0]))
+
+
+def _endpoints(p: Patcher, metric) -> tuple[float, float]:
+    with torch.no_grad():
+        full = float(metric(p.run()[0]))
+    return full, circuit_metric(p, metric, None)
+
+
+def faithfulness(model: nn.Module, circuit: Circuit, clean: Tensor, corrupted: Tensor | None,
+                 metric: Callable[[Tensor], Tensor], corruption: str = "resample") -> float:
+    """``(m(C) − m(∅)) / (m(full) − m(∅))``: 1 for the full model, 0 with everything ablated."""
+    p = Patcher(model, build_graph(model, circuit.level), clean, corrupted, corruption)
+    full, empty = _endpoints(p, metric)
+    return _faithfulness(circuit_metric(p, metric, circuit), empty, full)
+
+
+def faithfulness_curve(model: nn.Module, circuit: Circuit, clean: Tensor, corrupted: Tensor | None,
+                       metric: Callable[[Tensor], Tensor], corruption: str = "resample",
+                       sizes=None) -> dict[str, Any]:
+    """Faithfulness of the top-k circuits by ``circuit.scores`` over sizes k, and its area."""
+    p = Patcher(model, build_graph(model, circuit.level), clean, corrupted, corruption)
+    full, empty = _endpoints(p, metric)
+    return _curve(p.graph, dict(circuit.scores),
+                  lambda c: _faithfulness(circuit_metric(p, metric, c), empty, full), sizes)
+
+
+def _digest(*tensors: Tensor | None) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def discover(model: nn.Module, clean: Tensor, corrupted: Tensor | None, metric: Callable[[Tensor], Tensor], *,
+             method: str = "eap-ig", level: str = "edge", top_k: int | None = None, threshold: float | None = None,
+             target: float | None = None, corruption: str = "resample", steps: int = 5, tau: float | None = None,
+             progress: bool = True, provenance: dict[str, Any] | None = None) -> Circuit:
+    """Attribute and select a circuit.
+
+    Selection: ``top_k`` (largest |score|), ``threshold`` (|score| ≥ threshold), ``target`` (the
+    smallest top-k circuit whose faithfulness reaches it), or, for ``method="acdc"`` with none of
+    these, the components ACDC kept. Provenance records method, metric, corruption, level,
+    selection, steps/tau, a hash of the inputs, the model spec and the circuit's faithfulness.
+    """
+    if method != "acdc" and sum(x is not None for x in (top_k, threshold, target)) != 1:
+        raise ValueError("give exactly one of top_k=, threshold= or target= (ACDC may use none)")
+    g = build_graph(model, level)
+    p = Patcher(model, g, clean, corrupted, corruption)
+    full, empty = _endpoints(p, metric)
+    if method == "acdc" and tau is None:
+        tau = acdc_default_tau(full, empty)
+    scores = attribute(model, clean, corrupted, metric, method=method, level=level, corruption=corruption,
+                       steps=steps, tau=tau, graph=g, progress=progress)
+    spec = getattr(model, "mechgrok_spec", None)
+    prov = {"method": method, "metric": getattr(metric, "metric_name", getattr(metric, "__name__", "custom")),
+            "corruption": corruption, "level": level, "inputs_sha256": _digest(clean, corrupted),
+            "n_examples": int(clean.shape[0]), "model": spec, **(provenance or {})}
+    if method == "eap-ig":
+        prov["steps"] = steps
+    if method == "acdc":
+        prov["tau"] = tau
+
+    def faith(c: Circuit) -> float:
+        return _faithfulness(circuit_metric(p, metric, c), empty, full)
+
+    if target is not None:
+        circ = select_greedy(g, scores, faith, target=target, provenance=prov)
+    elif method == "acdc" and top_k is None and threshold is None:
+        circ = Circuit.from_graph(g, acdc_kept(scores, tau), scores, {**prov, "selection": f"acdc tau={tau:.4g}"})
+    else:
+        circ = select(g, scores, top_k=top_k, threshold=threshold, provenance=prov)
+    return circ.with_provenance(faithfulness=faith(circ), metric_full=full, metric_empty=empty)
+
+
+# ------------------------------------------------------------------------------------ grokking
+
+
+def contrast(task: Task, split: str, n: int | None = 256, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Clean inputs from ``split``, resampled counterfactual inputs, and their labels.
+
+    Returns ``(clean, corrupted, labels, true_labels)``: up to ``n`` examples of ``split`` (seeded
+    choice), and for each a random other example of the task as its counterfactual (same op for a
+    multi-task mix), so resample ablation replaces the operands.
+    """
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.nonzero(task.mask(split)).flatten()
+    if len(idx) == 0:
+        raise ValueError(f"task {task.name!r} has no {split} examples")
+    if n is not None and len(idx) > n:
+        idx = idx[torch.randperm(len(idx), generator=g)[:n]]
+    other = torch.empty_like(idx)
+    for t in range(len(task.task_names)):
+        pool = torch.nonzero(task.task_ids == t).flatten()
+        mine = task.task_ids[idx] == t
+        other[mine] = pool[torch.randint(len(pool), (int(mine.sum()),), generator=g)]
+    return task.inputs[idx], task.inputs[other], task.labels[idx], task.true_labels[idx]
+
+
+def generalizing_vs_memorizing(model: nn.Module, task: Task, *, method: str = "eap-ig", level: str = "neuron",
+                               top_k: int | None = None, target: float | None = 0.8, n: int = 256, seed: int = 0,
+                               corruption: str = "resample", progress: bool = True) -> tuple[Circuit, Circuit]:
+    """The generalizing and the memorizing circuit of a corrupted-label model.
+
+    Generalizing: generalization metric (correct logit minus mean logit) on held-out examples.
+    Memorizing: memorization metric (corrupted-label logit minus true-label logit) on corrupted
+    training examples. Same method, corruption and selection for both (default: the smallest
+    top-k circuit with faithfulness ≥ 0.8). On 1-layer models the neuron level separates them.
+    """
+    models.check_compatible(model, task)
+    if not bool(task.train_corrupted.any()):
+        raise ValueError(f"task {task.name!r} has no corrupted labels: there is no memorizing circuit to find")
+    sel = {"top_k": top_k} if top_k is not None else {"target": target}
+    x, xc, y, _ = contrast(task, "test", n, seed)
+    gen = discover(model, x, xc, _metrics.generalization(y), method=method, level=level, corruption=corruption,
+                   progress=progress, provenance={"role": "generalizing", "split": "test", "task": task.config}, **sel)
+    x, xc, y, y_true = contrast(task, "train_corrupted", n, seed)
+    mem = discover(model, x, xc, _metrics.memorization(y, y_true), method=method, level=level,
+                   corruption=corruption, progress=progress,
+                   provenance={"role": "memorizing", "split": "train_corrupted", "task": task.config}, **sel)
+    return gen, mem

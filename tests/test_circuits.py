@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+import mechgrok as mg
+from mechgrok.circuits import metrics
+from mechgrok.circuits.attribution import attribute
+from mechgrok.circuits.graph import graph
+from mechgrok.circuits.patching import Patcher
+
+
+@pytest.fixture(scope="module")
+def setup():
+    task = mg.tasks.modular_arithmetic(p=7, train_frac=0.5)
+    model = mg.models.transformer(task, n_layers=2, d_model=16, n_heads=2, d_mlp=32, seed=1)
+    g = torch.Generator().manual_seed(0)
+    clean = task.inputs[:24]
+    corrupted = task.inputs[torch.randperm(len(task.inputs), generator=g)[:24]]
+    labels = task.labels[:24]
+    metric = metrics.logit_diff(labels, (labels + 1) % 7)
+    return task, model, clean, corrupted, metric
+
+
+def test_graph_sizes(setup):
+    _, model, *_ = setup
+    g = graph(model, "edge")
+    # layer-0 heads: 2 heads x 3 inputs x 1 source; m0: 3 sources; layer-1 heads: 2 x 3 x 4; m1: 6; logits: 7
+    assert len(g.edges) == 6 + 3 + 24 + 6 + 7
+    assert len(set(g.components)) == len(g.components)
+    assert graph(model, "node").components == ("a0.h0", "a0.h1", "m0", "a1.h0", "a1.h1", "m1")
+    assert len(graph(model, "neuron").components) == 4 + 64
+    with pytest.raises(ValueError, match="unknown level"):
+        graph(model, "circuit")
+
+
+@pytest.mark.parametrize("corruption", ["resample", "mean", "zero"])
+def test_invariants(setup, corruption):
+    task, model, clean, corrupted, metric = setup
+    p = Patcher(model, graph(model), clean, corrupted if corruption == "resample" else None, corruption)
+    full, _ = p.run()
+    assert torch.allclose(full, mg.models.final_logits(model, clean), atol=1e-5)  # ablating nothing = clean
+    empty, _ = p.run(masks=p.all_masks(0.0))
+    nodes, _ = p.run(ablate_nodes=[n for n in p.sources])
+    assert torch.allclose(empty, nodes, atol=1e-5)  # every edge ablated = every node ablated
+    if corruption == "resample":
+        assert torch.allclose(empty, mg.models.final_logits(model, corrupted), atol=1e-5)
+
+
+def test_eap_equals_exact_into_logits(setup):
+    _, model, clean, corrupted, metric = setup
+    exact = attribute(model, clean, corrupted, metric, method="exact", progress=False)
+    eap = attribute(model, clean, corrupted, metric, method="eap", progress=False)
+    into_logits = [k for k in exact if k.endswith("->logits")]
+    assert len(into_logits) == 7
+    for k in into_logits:
+        assert eap[k] == pytest.approx(exact[k], rel=1e-4, abs=1e-7), k
+
+
+def test_node_scores_sum_edge_scores(setup):
+    _, model, clean, corrupted, metric = setup
+    edge = attribute(model, clean, corrupted, metric, method="eap", progress=False)
+    node = attribute(model, clean, corrupted, metric, method="eap", level="node", progress=False)
+    for n, v in node.items():
+        assert v == pytest.approx(sum(s for k, s in edge.items() if k.startswith(n + "->")), rel=1e-4, abs=1e-7)
+
+
+def test_mlp_neuron_eap_is_exact():
+    """The MLP's logits are linear in each neuron's activation, so EAP is exact there."""
+    task = mg.tasks.modular_arithmetic(p=7, train_frac=0.5)
+    model = mg.models.mlp(task, width=12, seed=0)
+    clean, corrupted = task.inputs[:20], task.inputs[20:40]
+    metric = metrics.logit_diff(task.labels[:20], (task.labels[:20] + 3) % 7)
+    exact = attribute(model, clean, corrupted, metric, method="exact", level="neuron", progress=False)
+    eap = attribute(model, clean, corrupted, metric, method="eap", level="neuron", progress=False)
+    assert list(exact) == [f"m0.n{i}" for i in range(12)]
+    for k in exact:
+        assert eap[k] == pytest.approx(exact[k], rel=1e-4, abs=1e-7)
+
+
+def test_eap_ig_tracks_exact(setup):
+    _, model, clean, corrupted, metric = setup
+    exact = attribute(model, clean, corrupted, metric, method="exact", level="neuron", progress=False)
+    ig = attribute(model, clean, corrupted, metric, method="eap-ig", level="neuron", steps=10, progress=False)
+    a, b = torch.tensor(list(exact.values())), torch.tensor(list(ig.values()))
+    rank = lambda x: x.argsort().argsort().double()  # noqa: E731
+    assert torch.corrcoef(torch.stack([rank(a), rank(b)]))[0, 1] > 0.8
+
+
+def test_bad_arguments(setup):
+    _, model, clean, corrupted, metric = setup
+    with pytest.raises(ValueError, match="unknown method"):
+        attribute(model, clean, corrupted, metric, method="magic")
+    with pytest.raises(ValueError, match="needs a corrupted batch"):
+        attribute(model, clean, None, metric)
+    with pytest.raises(ValueError, match="differ in shape"):
+        attribute(model, clean, corrupted[:5], metric)
+    with pytest.raises(ValueError, match="unknown corruption"):
+        attribute(model, clean, corrupted, metric, corruption="noise")
