@@ -17,7 +17,7 @@ from mechgrok import measures, neurons
 from mechgrok.run import Run
 from mechgrok.train import evaluate
 
-__all__ = ["analyze", "ANALYSES", "neuron_analysis"]
+__all__ = ["analyze", "ANALYSES", "neuron_analysis", "circuit_analysis"]
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,60 @@ def _neurons(run: Run, progress: bool) -> dict[str, Any]:
     return result
 
 
+def _prune_nodes(model, task, names: list[str]) -> dict[str, Any]:
+    """Accuracy per split after zeroing the neurons among ``names`` (``m{layer}.n{i}``)."""
+    by_layer: dict[int, list[int]] = {}
+    for n in names:
+        if ".n" in n:
+            layer, i = n[1:].split(".n")
+            by_layer.setdefault(int(layer), []).append(int(i))
+    pruned = model
+    for layer, idx in by_layer.items():
+        pruned = neurons.prune(pruned, idx, layer=layer)
+    return {"n_neurons": sum(len(v) for v in by_layer.values()), "evaluate": evaluate(pruned, task)}
+
+
+def circuit_analysis(model, task, out_dir: Path, *, method: str = "eap-ig", level: str = "neuron",
+                     progress: bool = True) -> dict[str, Any]:
+    """The generalizing circuit (and, with corrupted labels, the memorizing one), saved as JSON in
+    ``out_dir``, with their overlap and the accuracy after zero-ablating the neurons only one has."""
+    from mechgrok import circuits
+
+    if bool(task.train_corrupted.any()):
+        gen, mem = circuits.generalizing_vs_memorizing(model, task, method=method, level=level, progress=progress)
+    else:
+        x, xc, y, _ = circuits.contrast(task, "test")
+        gen = circuits.discover(model, x, xc, circuits.metrics.generalization(y), method=method, level=level,
+                                target=0.8, progress=progress, provenance={"role": "generalizing", "split": "test"})
+        mem = None
+    out: dict[str, Any] = {"method": method, "level": level, "evaluate": evaluate(model, task)}
+    for role, circ in (("generalizing", gen), ("memorizing", mem)):
+        if circ is None:
+            continue
+        path = circ.save(out_dir / f"{role}.json")
+        out[role] = {"file": str(path.relative_to(out_dir.parent.parent)), "size": len(circ),
+                     "n_components": len(circ.scores), "faithfulness": circ.provenance["faithfulness"],
+                     "components": list(circ.components)}
+    if mem is not None:
+        g, m = set(gen.components), set(mem.components)
+        out["overlap"] = {"shared": len(g & m), "jaccard": len(g & m) / max(1, len(g | m))}
+        out["ablate_memorizing_only"] = _prune_nodes(model, task, sorted(m - g))
+        out["ablate_generalizing_only"] = _prune_nodes(model, task, sorted(g - m))
+    return out
+
+
+def _circuits(run: Run, progress: bool) -> dict[str, Any]:
+    step = run.steps()[-1]
+    result = circuit_analysis(run.load_model(step), run.task(), run.path / "analysis" / "circuits", progress=progress)
+    result["step"] = step
+    return result
+
+
 #: name -> analysis function; the order is the order they run in.
 ANALYSES: dict[str, Callable[[Run, bool], dict[str, Any] | None]] = {
     "progress": _progress,
     "neurons": _neurons,
+    "circuits": _circuits,
 }
 
 

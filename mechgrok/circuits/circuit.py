@@ -3,8 +3,7 @@
 A circuit keeps the attribution score of *every* component of its graph, the graph's nodes and
 layers, and its provenance, so faithfulness curves can be recomputed and the circuit drawn or
 rebuilt as a ``networkx.DiGraph`` without the model; it saves as node-link JSON or GraphML.
-Selection (``select``, ``select_greedy``), the faithfulness curve and the faithfulness formula
-(Conmy et al. 2023; Hanna et al. 2024; Miller et al. 2024) are plain functions.
+Selection, the faithfulness curve and the faithfulness formula are plain functions.
 
 >>> import mechgrok as mg
 >>> from mechgrok.circuits.graph import graph
@@ -36,7 +35,6 @@ __all__ = ["Circuit", "select", "select_greedy", "faithfulness_curve", "faithful
 SUFFIXES = (".json", ".graphml")
 FORMAT = "mechgrok.circuit/1"  # written into every file, checked on load
 _HEAD = re.compile(r"^a\d+\.h\d+(@\d+)?$")
-_RECEIVER = re.compile(r"^(?P<node>.+)\.(?P<qkv>[qkv])(?P<pos>@\d+)?$")
 _SIGN_COLOUR = {True: "tab:blue", False: "tab:red"}  # score >= 0, score < 0
 _QKV_STYLE = {"q": "-", "k": "--", "v": ":"}
 
@@ -67,8 +65,7 @@ class Circuit:
         graph_nodes / graph_layer: the graph's nodes in topological order / node -> layer.
         provenance: method, metric, corruption, level, selection rule ("top_k=20", "greedy", ...),
             dataset hash, checkpoint step, model spec, faithfulness: JSON values, frozen.
-    Build one with ``select``, ``select_greedy`` or ``Circuit.from_graph``.
-    """
+    Build one with ``select``, ``select_greedy`` or ``Circuit.from_graph``."""
 
     level: str
     components: tuple[str, ...]
@@ -89,10 +86,9 @@ class Circuit:
         put("scores", types.MappingProxyType({str(k): float(v) for k, v in dict(self.scores).items()}))
         if bad := [c for c, v in self.scores.items() if not math.isfinite(v)]:
             raise ValueError(f"scores must be finite; {len(bad)} are not, e.g. {bad[:5]}")
-        if len(set(self.components)) != len(self.components):
-            raise ValueError("components must not repeat")
-        if missing := [c for c in self.components if c not in self.scores]:
-            raise ValueError(f"every selected component needs a score; missing {missing[:5]}")
+        missing = [c for c in self.components if c not in self.scores]
+        if missing or len(set(self.components)) < len(self.components):
+            raise ValueError(f"components must not repeat and each needs a score (missing: {missing[:5]})")
         nodes, parts = set(self.graph_nodes), {}
         for name in self.scores:
             if self.level == "edge":
@@ -106,7 +102,7 @@ class Circuit:
     def from_graph(cls, graph: Graph, components: Iterable[str], scores: Mapping[str, float],
                    provenance: Mapping[str, Any] | None = None) -> Circuit:
         """A circuit of ``graph`` selecting ``components`` (stored in graph order)."""
-        scores, chosen = _check_scores(graph, scores), set(components)
+        scores, chosen = _ranked(graph, scores)[0], set(components)
         if unknown := sorted(chosen - set(scores)):
             raise ValueError(f"{len(unknown)} components are not in the graph, e.g. {unknown[:5]}")
         prov = {"level": graph.level, **(provenance or {})}
@@ -123,18 +119,14 @@ class Circuit:
         return hash((self.level, self.components, self.graph_nodes))
 
     def __repr__(self) -> str:
-        p = self.provenance
         return (f"Circuit(level={self.level!r}, {len(self)}/{len(self.scores)} components, "
-                f"method={p.get('method', '?')!r}, selection={p.get('selection', '?')!r})")
+                f"method={self.provenance.get('method', '?')!r}, selection={self.provenance.get('selection', '?')!r})")
 
     @property
     def nodes(self) -> tuple[str, ...]:
         """The graph nodes the circuit touches, in graph order; ``input`` and ``logits`` always."""
-        used = {n for c in self.components for n in self._parts[c][:2]} if self.level == "edge" else set(self)
+        used = {n for c in self.components for n in self._parts[c][:2]} if self.level == "edge" else {*self.components}
         return tuple(n for n in self.graph_nodes if n in used or _base(n) in ("input", "logits"))
-
-    def __iter__(self):
-        return iter(self.components)
 
     @property
     def edges(self) -> tuple[tuple[str, str], ...]:
@@ -164,13 +156,10 @@ class Circuit:
         selected nodes). Edge level: edges carry ``score`` and ``receiver``, parallel q / k / v edges
         merged (scores summed, receivers comma-joined); node / neuron levels: ``edges``, unscored.
         The graph attributes hold all fields, for ``Circuit.from_networkx``."""
-        g = nx.DiGraph(format=FORMAT, level=self.level, components=list(self.components),
-                       scores=dict(self.scores), graph_nodes=list(self.graph_nodes),
-                       graph_layer=dict(self.graph_layer), provenance=_thaw(self.provenance))
+        g = nx.DiGraph(format=FORMAT, **{f.name: _thaw(getattr(self, f.name)) for f in dataclasses.fields(self)})
         for n in self.nodes:
             g.add_node(n, layer=self.graph_layer[n], **({"score": self.scores[n]} if n in self else {}))
-        if self.level != "edge":
-            g.add_edges_from(self.edges)
+        g.add_edges_from(self.edges if self.level != "edge" else ())  # structural edges, unscored
         for c in self.components if self.level == "edge" else ():
             src, dst, receiver = self._parts[c]
             if g.has_edge(src, dst):
@@ -183,19 +172,17 @@ class Circuit:
     @classmethod
     def from_networkx(cls, g: nx.Graph) -> Circuit:
         """Rebuild a circuit from the graph attributes written by ``to_networkx`` (or GraphML)."""
-        a = {k: json.loads(v) if isinstance(v, str) and k not in ("format", "level") else v
-             for k, v in g.graph.items()}
+        a = {k: json.loads(v) if isinstance(v, str) and k not in ("format", "level") else v for k, v in g.graph.items()}
         if a.get("format") != FORMAT:
             raise ValueError(f"not a mechgrok circuit (format {a.get('format')!r}, expected {FORMAT!r})")
-        return cls(a["level"], a["components"], a["scores"], a["graph_nodes"], a["graph_layer"], a["provenance"])
+        return cls(**{f.name: a[f.name] for f in dataclasses.fields(cls)})
 
     def save(self, path: str | Path) -> Path:
         """Write the circuit atomically as ``.json`` (networkx node-link) or ``.graphml``."""
         path = _check_suffix(path)
         g = self.to_networkx()
         if path.suffix.lower() == ".json":
-            text = json.dumps(nx.node_link_data(g, edges="edges"), indent=1, allow_nan=False)
-            atomic_write_text(path, text + "\n")
+            atomic_write_text(path, json.dumps(nx.node_link_data(g, edges="edges"), indent=1, allow_nan=False))
         else:  # GraphML holds scalars only: the structured graph attributes become JSON strings
             g.graph = {k: v if isinstance(v, str) else json.dumps(v, allow_nan=False) for k, v in g.graph.items()}
             with atomic_path(path) as tmp:
@@ -217,8 +204,7 @@ class Circuit:
         except OSError:
             raise
         except Exception as e:  # JSON / XML syntax, missing keys, wrong types, NetworkXError, ...
-            raise ValueError(f"{path} is not a valid circuit file ({type(e).__name__}: {e}); "
-                             "rewrite it with Circuit.save") from e
+            raise ValueError(f"{path} is not a valid circuit file ({type(e).__name__}: {e}); rewrite it") from e
         return circuit
 
     def draw(self, ax=None):
@@ -227,29 +213,25 @@ class Circuit:
         and opacity follow |score|, colour its sign (blue +, red -), line style the q / k / v input;
         node / neuron levels: node colour follows the score. Returns the Figure (no pyplot)."""
         from matplotlib.colors import to_rgb
-        from matplotlib.lines import Line2D
+        from matplotlib.lines import Line2D  # (imported here: matplotlib is slow to import)
 
         from mechgrok.report.figures import new_figure
 
         layers = sorted(set(self.graph_layer.values()))
-        rows, hidden = {lv: [] for lv in layers}, dict.fromkeys(layers, 0)
-        for n in self.graph_nodes:
-            if self.level == "neuron" and ".n" in n and n not in self:
-                hidden[self.graph_layer[n]] += 1
-            else:
-                rows[self.graph_layer[n]].append(n)
+        drawn = [n for n in self.graph_nodes if self.level != "neuron" or ".n" not in n or n in self]  # not all neurons
+        rows = {lv: [n for n in drawn if self.graph_layer[n] == lv] for lv in layers}
+        hidden = {lv: sum(self.graph_layer[n] == lv for n in self.graph_nodes) - len(rows[lv]) for lv in layers}
         width = max(len(rows[lv]) + (hidden[lv] > 0) for lv in layers)
         if ax is None:
             ax = new_figure(width=min(2.8 + 0.9 * width, 40), height=1.0 + 1.0 * len(layers))[1][0]
-            ax.get_figure(root=True).subplots_adjust(left=0.1, right=0.84, bottom=0.03, top=0.9)
+            ax.get_figure(root=True).subplots_adjust(left=0.1, right=0.8, bottom=0.03, top=0.9)
         xy = {}
         for y, lv in enumerate(layers):
             slots = len(rows[lv]) + (hidden[lv] > 0)
             xy.update({n: (i - (slots - 1) / 2, y) for i, n in enumerate(rows[lv])})
             if hidden[lv]:
-                ax.text((slots - 1) / 2, y, f"+{hidden[lv]}\nneurons", ha="center", va="center", fontsize=7,
-                        color="0.5", style="italic")
-        top = max((abs(self.scores[c]) for c in self), default=0.0) or 1.0
+                ax.text((slots - 1) / 2, y, f"+{hidden[lv]}\nneurons", ha="center", va="center", size=7, c="0.5")
+        top = max((abs(self.scores[c]) for c in self.components), default=0.0) or 1.0
         touched = set(self.nodes)
         for n, (x, y) in xy.items():
             face, ink = ("white", "black") if n in touched else ("0.95", "0.65")
@@ -258,8 +240,14 @@ class Circuit:
                 face = tuple(1 - a * (1 - c) for c in to_rgb(_SIGN_COLOUR[self.scores[n] >= 0]))
             ax.text(x, y, n if "@" in n else _base(n), ha="center", va="center", fontsize=8, color=ink, zorder=3,
                     bbox=dict(boxstyle="round,pad=0.3", fc=face, ec=ink, lw=0.8))
-        for u, v, style in self._edge_styles(top):
-            rad = style.pop("rad") + (0.25 if xy[u][1] == xy[v][1] else 0.0)  # arc over a row's nodes
+        edges = ([(*self._parts[c], self.scores[c]) for c in sorted(self.components, key=lambda c: abs(self.scores[c]))]
+                 if self.level == "edge" else [(u, v, v, None) for u, v in self.edges])  # strongest drawn last
+        for u, v, receiver, s in edges:
+            qkv = _base(receiver)[-1] if _base(receiver) != _base(v) else ""  # "q", "k", "v" or ""
+            rad = 0.12 + 0.1 * "qkv".find(qkv or "q") + (0.25 if xy[u][1] == xy[v][1] else 0)  # arc over a row
+            style = (dict(color="0.6", lw=0.7, alpha=0.6) if s is None else dict(
+                color=_SIGN_COLOUR[s >= 0], lw=0.5 + 3 * abs(s) / top, alpha=0.35 + 0.65 * abs(s) / top,
+                linestyle=_QKV_STYLE.get(qkv, "-")))
             ax.annotate("", xy=xy[v], xytext=xy[u], zorder=2, arrowprops=dict(
                 arrowstyle="-|>", shrinkA=9, shrinkB=9, mutation_scale=8, connectionstyle=f"arc3,rad={rad}", **style))
         ax.set(xlim=(-width / 2 - 0.1, width / 2 + 0.1), ylim=(-0.5, len(layers) - 0.5), xticks=[])
@@ -270,29 +258,17 @@ class Circuit:
         handles += [Line2D([], [], color="0.3", ls=ls, label=f"into {r}") for r, ls in _QKV_STYLE.items()
                     if self.level == "edge" and any(map(_HEAD.match, self.graph_nodes))]
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
-        f = self.provenance.get("faithfulness")
-        ax.set_title(f"{self.provenance.get('method', 'circuit')} · {self.level} level · "
-                     f"{len(self)}/{len(self.scores)} components"
+        method, f = self.provenance.get("method", "circuit"), self.provenance.get("faithfulness")
+        ax.set_title(f"{method} · {self.level} level · {len(self)}/{len(self.scores)} components"
                      + (f" · faithfulness {f:.2f}" if isinstance(f, (int, float)) else ""), fontsize=9)
         return ax.get_figure(root=True)
-
-    def _edge_styles(self, top: float) -> list[tuple[str, str, dict]]:
-        if self.level != "edge":
-            return [(u, v, dict(color="0.6", lw=0.7, alpha=0.6, rad=0.1)) for u, v in self.edges]
-        out = []
-        for c in sorted(self, key=lambda c: abs(self.scores[c])):  # the strongest drawn last, on top
-            (src, dst, receiver), s = self._parts[c], self.scores[c]
-            qkv = _base(receiver)[-1] if _base(receiver) != _base(dst) else "-"  # "q", "k", "v" or "-"
-            out.append((src, dst, dict(color=_SIGN_COLOUR[s >= 0], lw=0.5 + 3 * abs(s) / top, alpha=0.35 + 0.65 * abs(s) / top,
-                                       linestyle=_QKV_STYLE.get(qkv, "-"), rad=0.12 + 0.1 * max("qkv".find(qkv), 0))))
-        return out
 
 
 def _parse_edge(name: str, nodes: set[str]) -> tuple[str, str, str]:
     """``"a0.h1->a1.h0.k@2"`` -> ``("a0.h1", "a1.h0@2", "a1.h0.k@2")``: (src, dst, receiver)."""
     src, sep, receiver = name.partition("->")
-    m = _RECEIVER.match(receiver)
-    dst = receiver if receiver in nodes else m["node"] + (m["pos"] or "") if m else ""
+    base, at, pos = receiver.partition("@")
+    dst = receiver if receiver in nodes else base[:-2] + at + pos if base[-2:] in (".q", ".k", ".v") else ""
     if not sep or src not in nodes or dst not in nodes:
         raise ValueError(f"{name!r} is not an edge of the graph (expected 'src->receiver', e.g. 'a0.h1->a1.h0.k')")
     return src, dst, receiver
@@ -306,8 +282,9 @@ def _check_suffix(path: str | Path) -> Path:
     return path
 
 
-def _check_scores(graph: Graph, scores: Mapping[str, float]) -> dict[str, float]:
-    """``scores`` as floats in graph order, checked to cover exactly ``graph.components``."""
+def _ranked(graph: Graph, scores: Mapping[str, float], absolute: bool = True) -> tuple[dict[str, float], list[str]]:
+    """``scores`` as floats in graph order, checked to cover exactly ``graph.components``, and the
+    components ranked by |score| (or score), ties in graph order (``sorted`` is stable)."""
     if not isinstance(scores, Mapping):
         raise TypeError(f"scores must be a mapping component -> float, got {type(scores).__name__}")
     known = set(graph.components)
@@ -317,14 +294,8 @@ def _check_scores(graph: Graph, scores: Mapping[str, float]) -> dict[str, float]
     if missing := [c for c in graph.components if c not in scores]:
         raise ValueError(f"scores must cover every component of the graph (a circuit keeps them all to recompute "
                          f"curves); {len(missing)} missing, e.g. {missing[:5]}")
-    return {c: float(scores[c]) for c in graph.components}  # finiteness: checked by Circuit
-
-
-def _ranked(graph: Graph, scores: Mapping[str, float], absolute: bool = True) -> tuple[dict[str, float], list[str]]:
-    """Checked scores, and the components ranked by |score| (or score), ties in graph order."""
-    scores = _check_scores(graph, scores)
-    key = (lambda c: -abs(scores[c])) if absolute else (lambda c: -scores[c])
-    return scores, sorted(graph.components, key=key)  # sorted is stable: ties keep graph order
+    scores = {c: float(scores[c]) for c in graph.components}  # finiteness: checked by Circuit
+    return scores, sorted(graph.components, key=lambda c: -abs(scores[c]) if absolute else -scores[c])
 
 
 def select(graph: Graph, scores: Mapping[str, float], *, top_k: int | None = None, threshold: float | None = None,
@@ -345,11 +316,11 @@ def select(graph: Graph, scores: Mapping[str, float], *, top_k: int | None = Non
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 0 <= top_k <= len(ranked):
             raise ValueError(f"top_k must be an integer in [0, {len(ranked)}] (the graph's size), got {top_k!r}")
         chosen, rule = ranked[:top_k], f"top_k={int(top_k)}"
+    elif not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
     else:
-        if not math.isfinite(threshold):
-            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
-        value = (lambda c: abs(scores[c])) if absolute else (lambda c: scores[c])
-        chosen, rule = [c for c in ranked if value(c) >= threshold], f"threshold={threshold:g}"
+        chosen = [c for c in ranked if (abs(scores[c]) if absolute else scores[c]) >= threshold]
+        rule = f"threshold={threshold:g}"
     return Circuit.from_graph(graph, chosen, scores, {**(provenance or {}), "selection": rule, "absolute": absolute})
 
 
@@ -367,27 +338,24 @@ def select_greedy(graph: Graph, scores: Mapping[str, float], evaluate: Callable[
     """
     scores, ranked = _ranked(graph, scores)
     n, seen = len(ranked), {}
-    base = {**(provenance or {}), "selection": "greedy", "target": target, "absolute": True}
+    prov = {**(provenance or {}), "selection": "greedy", "target": target, "absolute": True}
 
     def value(k: int) -> float:  # evaluate the top-k circuit once
         if k not in seen:
-            seen[k] = float(evaluate(Circuit.from_graph(graph, ranked[:k], scores, {**base, "selection": f"top_k={k}"})))
+            seen[k] = float(evaluate(Circuit.from_graph(graph, ranked[:k], scores, prov | {"selection": f"top_k={k}"})))
         return seen[k]
 
-    lo, hi, k = -1, None, min(1, n)  # lo: largest k below target (-1: none yet); hi: smallest k meeting it
-    while hi is None:
-        if value(k) >= target:
-            hi = k
-        elif k == n:
+    lo, hi = -1, min(1, n)  # lo: largest k known below the target (-1: none); hi: the k tried next
+    while value(hi) < target:  # doubling
+        if hi == n:
             raise ValueError(f"even all {n} components reach only {seen[n]:.4g} < target {target}; "
                              "lower the target, or check the metric and the corruption")
-        else:
-            lo, k = k, min(2 * k, n)
-    while hi - lo > 1:
+        lo, hi = hi, min(2 * hi, n)
+    while hi - lo > 1:  # bisection: value(lo) < target <= value(hi)
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if value(mid) >= target else (mid, hi)
-    trace = [[k, v] for k, v in sorted(seen.items())]
-    return Circuit.from_graph(graph, ranked[:hi], scores, {**base, "greedy_value": seen[hi], "greedy_trace": trace})
+    trace = {"greedy_value": seen[hi], "greedy_trace": [[k, v] for k, v in sorted(seen.items())]}
+    return Circuit.from_graph(graph, ranked[:hi], scores, {**prov, **trace})
 
 
 def faithfulness_curve(graph: Graph, scores: Mapping[str, float], evaluate: Callable[[Circuit], float],
@@ -406,19 +374,18 @@ def faithfulness_curve(graph: Graph, scores: Mapping[str, float], evaluate: Call
     sizes = sorted({int(k) for k in (np.round(np.linspace(0, n, 21)) if sizes is None else sizes)})
     if not sizes or sizes[0] < 0 or sizes[-1] > n:
         raise ValueError(f"sizes must be a non-empty set of integers in [0, {n}], got {sizes}")
-    values = [float(evaluate(Circuit.from_graph(graph, ranked[:k], scores, {"selection": f"top_k={k}"}))) for k in sizes]
+    faith = [float(evaluate(Circuit.from_graph(graph, ranked[:k], scores, {"selection": f"top_k={k}"}))) for k in sizes]
     fraction = [k / n if n else 0.0 for k in sizes]
-    area = float(np.trapezoid(values, fraction)) if len(sizes) > 1 else float("nan")
-    return {"sizes": sizes, "fraction": fraction, "faithfulness": values, "area": area}
+    area = float(np.trapezoid(faith, fraction)) if len(sizes) > 1 else float("nan")
+    return {"sizes": sizes, "fraction": fraction, "faithfulness": faith, "area": area}
 
 
 def faithfulness(metric_circuit: float, metric_empty: float, metric_full: float) -> float:
-    """(m(C) - m(empty)) / (m(full) - m(empty)): 0 for the corrupted model, 1 for the clean one.
+    """Faithfulness F(C) = (m(C) - m(empty)) / (m(full) - m(empty)) of a circuit C under a metric m.
 
-    As in Conmy et al. 2023 and Hanna et al. 2024 (``empty``: every component corrupted; ``full``:
-    the clean model). Values outside [0, 1] are possible and meaningful (a circuit can beat the
-    full model, or do worse than none).
-
+    As in Conmy et al. 2023 ("Towards automated circuit discovery") and Hanna et al. 2024 ("Have
+    faith in faithfulness"): ``empty`` has every component corrupted (F = 0), ``full`` is the clean
+    model (F = 1); values outside [0, 1] happen and mean something (C beats the full model).
     >>> faithfulness(0.8, 0.0, 1.0)
     0.8
     """

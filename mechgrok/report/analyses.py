@@ -15,7 +15,7 @@ from mechgrok.report.sections import (GENERALIZED_ACC, MEMORIZED_ACC, Figure, Se
                                       section)
 from mechgrok.run import Run
 
-__all__ = ["progress_measures", "neuron_analysis", "phase_boundaries"]
+__all__ = ["progress_measures", "neuron_analysis", "circuit_section", "phase_boundaries"]
 
 _SPLITS = {"train_clean_acc": "clean train", "train_corrupted_acc": "corrupted (vs corrupted label)",
            "train_corrupted_true_acc": "corrupted (vs true label)", "test_acc": "test"}
@@ -195,3 +195,40 @@ def _acc(ev: dict[str, Any], key: str) -> Any:
     split = key[: -len("_acc")]
     v = ev.get(split, {}).get("acc")
     return "—" if v is None else f"{v:.3f}"
+
+
+@section(order=50, title="Circuits", analysis="circuits")
+def circuit_section(run: Run) -> Section | None:
+    data = run.read_analysis("circuits")
+    if data is None:
+        return None
+    from mechgrok.circuits import Circuit
+
+    text = [f"Circuits found with **{data['method']}** at the **{data['level']}** level (resample ablation: each "
+            "example's operands replaced by another example's; selection: the smallest top-|score| circuit with "
+            f"faithfulness ≥ 0.8) at step {data.get('step')}."]
+    figs, rows = [], []
+    for role, metric in (("generalizing", "correct logit − mean logit on held-out examples"),
+                         ("memorizing", "corrupted-label logit − true-label logit on corrupted training examples")):
+        if role not in data:
+            continue
+        info = data[role]
+        circ = Circuit.load(run.path / info["file"])
+        text.append(f"**{role.capitalize()} circuit** ({metric}): {info['size']} of {info['n_components']} "
+                    f"components, faithfulness {info['faithfulness']:.3f}.")
+        figs.append(Figure.from_mpl(circ.draw(), f"The {role} circuit.", name=f"circuit-{role}"))
+    if "overlap" in data:
+        text.append(f"They share {data['overlap']['shared']} components (Jaccard {data['overlap']['jaccard']:.3f}).")
+        for key, label in (("ablate_memorizing_only", "memorizing-only neurons"),
+                           ("ablate_generalizing_only", "generalizing-only neurons")):
+            ab = data[key]
+            rows.append([f"{label} zeroed", ab["n_neurons"], *[_acc(ab["evaluate"], k) for k in _SPLITS]])
+        rows.insert(0, ["(none)", 0, *[_acc(data["evaluate"], k) for k in _SPLITS]])
+    tables = [Table(["ablated", "neurons", *_SPLITS.values()], rows,
+                    "Accuracy per split after zero-ablating the neurons that only one circuit contains.")] if rows else []
+    numbers = {role: {"size": data[role]["size"], "faithfulness": data[role]["faithfulness"]}
+               for role in ("generalizing", "memorizing") if role in data}
+    if "overlap" in data:
+        numbers["overlap"] = data["overlap"]
+        numbers["ablate_memorizing_only"] = data["ablate_memorizing_only"]
+    return Section("Circuits", text="\n\n".join(text), figures=figs, tables=tables, numbers=numbers)
