@@ -53,6 +53,10 @@ def _base(node: str) -> str:  # "a0.h1@2" -> "a0.h1"
     return node.split("@")[0]
 
 
+#: At the neuron level, the number of selected neurons drawn per layer (the strongest by |score|).
+MAX_DRAWN = 24
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class Circuit:
     """An immutable selection of the components of a ``Graph`` (names as in ``graph.py``).
@@ -105,7 +109,7 @@ class Circuit:
         scores, chosen = _ranked(graph, scores)[0], set(components)
         if unknown := sorted(chosen - set(scores)):
             raise ValueError(f"{len(unknown)} components are not in the graph, e.g. {unknown[:5]}")
-        prov = {"level": graph.level, **(provenance or {})}
+        prov = {**(provenance or {}), "level": graph.level}
         return cls(graph.level, tuple(c for c in scores if c in chosen), scores, graph.nodes, graph.layer, prov)
 
     def __len__(self) -> int:
@@ -117,6 +121,9 @@ class Circuit:
 
     def __hash__(self) -> int:
         return hash((self.level, self.components, self.graph_nodes))
+
+    def __deepcopy__(self, memo: dict) -> Circuit:
+        return self  # immutable (and read-only mappings cannot be deep-copied)
 
     def __repr__(self) -> str:
         return (f"Circuit(level={self.level!r}, {len(self)}/{len(self.scores)} components, "
@@ -194,10 +201,8 @@ class Circuit:
         """Read a circuit written by ``save``; a damaged file raises ``ValueError`` naming it."""
         path = _check_suffix(path)
         try:
-            if path.suffix.lower() == ".json":
-                g = nx.node_link_graph(json.loads(path.read_text("utf-8")), edges="edges")
-            else:
-                g = nx.read_graphml(path)
+            g = (nx.node_link_graph(json.loads(path.read_text("utf-8")), edges="edges")
+                 if path.suffix.lower() == ".json" else nx.read_graphml(path))
             circuit = cls.from_networkx(g)
             if set(g.nodes) != set(circuit.nodes):
                 raise ValueError("its nodes do not match its components")
@@ -218,9 +223,15 @@ class Circuit:
         from mechgrok.report.figures import new_figure
 
         layers = sorted(set(self.graph_layer.values()))
-        drawn = [n for n in self.graph_nodes if self.level != "neuron" or ".n" not in n or n in self]  # not all neurons
+        shown = set()  # at the neuron level: the strongest selected neurons of each layer, at most MAX_DRAWN
+        for lv in layers:
+            mine = [n for n in self.components if ".n" in n and self.graph_layer[n] == lv]
+            shown |= set(sorted(mine, key=lambda n: -abs(self.scores[n]))[:MAX_DRAWN])
+        drawn = [n for n in self.graph_nodes if self.level != "neuron" or ".n" not in n or n in shown]
         rows = {lv: [n for n in drawn if self.graph_layer[n] == lv] for lv in layers}
         hidden = {lv: sum(self.graph_layer[n] == lv for n in self.graph_nodes) - len(rows[lv]) for lv in layers}
+        hidden_in = {lv: sum(self.graph_layer[n] == lv for n in self.components if n not in shown and ".n" in n)
+                     for lv in layers}
         width = max(len(rows[lv]) + (hidden[lv] > 0) for lv in layers)
         if ax is None:
             ax = new_figure(width=min(2.8 + 0.9 * width, 40), height=1.0 + 1.0 * len(layers))[1][0]
@@ -230,7 +241,8 @@ class Circuit:
             slots = len(rows[lv]) + (hidden[lv] > 0)
             xy.update({n: (i - (slots - 1) / 2, y) for i, n in enumerate(rows[lv])})
             if hidden[lv]:
-                ax.text((slots - 1) / 2, y, f"+{hidden[lv]}\nneurons", ha="center", va="center", size=7, c="0.5")
+                extra = f"\n({hidden_in[lv]} in circuit)" if hidden_in[lv] else ""
+                ax.text((slots - 1) / 2, y, f"+{hidden[lv]}\nneurons{extra}", ha="center", va="center", size=7, c="0.5")
         top = max((abs(self.scores[c]) for c in self.components), default=0.0) or 1.0
         touched = set(self.nodes)
         for n, (x, y) in xy.items():
@@ -241,7 +253,7 @@ class Circuit:
             ax.text(x, y, n if "@" in n else _base(n), ha="center", va="center", fontsize=8, color=ink, zorder=3,
                     bbox=dict(boxstyle="round,pad=0.3", fc=face, ec=ink, lw=0.8))
         edges = ([(*self._parts[c], self.scores[c]) for c in sorted(self.components, key=lambda c: abs(self.scores[c]))]
-                 if self.level == "edge" else [(u, v, v, None) for u, v in self.edges])  # strongest drawn last
+                 if self.level == "edge" else [(u, v, v, None) for u, v in self.edges if u in xy and v in xy])
         for u, v, receiver, s in edges:
             qkv = _base(receiver)[-1] if _base(receiver) != _base(v) else ""  # "q", "k", "v" or ""
             rad = 0.12 + 0.1 * "qkv".find(qkv or "q") + (0.25 if xy[u][1] == xy[v][1] else 0)  # arc over a row
