@@ -1,6 +1,7 @@
 # make demo   set up .venv if needed, train the demo model, write runs/demo/report.html
 # make test   set up .venv if needed, run the whole test suite
 # make bench  set up .venv if needed, run the benchmarks (results in benchmarks/results/)
+# make circuits  retrain the shipped presets and rewrite circuits/
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +11,7 @@ export WANDB_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench circuits clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_capture.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_measures.py
+
+circuits: $(STAMP)
+	$(PY) circuits/regenerate.py
 
 clean:
 	rm -rf runs .pytest_cache
