@@ -151,3 +151,14 @@ def test_generalizing_vs_memorizing_on_doshi_mlp(tmp_path):
     corrupted_drop = before["train_corrupted"]["acc"] - after["train_corrupted"]["acc"]
     test_drop = before["test"]["acc"] - after["test"]["acc"]
     assert corrupted_drop > 0.3 and corrupted_drop > 2 * max(test_drop, 0.01)
+
+
+def test_start_layer_matches_full_run(setup):
+    _, model, clean, corrupted, metric = setup
+    p = Patcher(model, graph(model), clean, corrupted)
+    masks = p.all_masks(1.0)
+    masks["a1.h0.k"][0] = 0.0  # an edge into layer 1
+    masks["logits"][2] = 0.0
+    full, _ = p.run(masks=masks)
+    late, _ = p.run(masks=masks, start_layer=1)
+    assert torch.allclose(full, late, atol=1e-5)

@@ -96,13 +96,16 @@ def _gradient(p: Patcher, metric, steps: int | None) -> dict[str, float]:
     edge_level = g.level == "edge" and g.kind == "transformer"
     nodes = [e.src for e in g.edges] if g.level == "edge" and not edge_level else list(g.components)
     retain = list(p.receivers) if edge_level else sorted({f"src:{p.hook_of(n)[0]}" for n in nodes})
+    # The input embedding becomes the graph's only grad leaf: the weights are frozen meanwhile,
+    # so backward computes activation gradients only (no weight gradients nobody reads).
+    retain.append(f"src:{p.hook_of('input')[0]}")
     alphas = [None] if steps is None else [k / steps for k in range(1, steps + 1)]
     grads: dict[str, Tensor] = {}
     params = list(model.parameters())
     req = [q.requires_grad for q in params]
     try:
         for q in params:
-            q.requires_grad_(True)
+            q.requires_grad_(False)
         for alpha in alphas:
             with torch.enable_grad():
                 logits, kept = p.run(interpolate=alpha, retain=retain)
@@ -149,16 +152,21 @@ def _acdc(p: Patcher, metric, tau: float | None, progress: bool) -> dict[str, fl
     current = m_full
     scores: dict[str, float] = {}
     order = list(reversed(g.components))  # receivers from the logits back; sources latest first
+    transformer = g.kind == "transformer"
     for c in tqdm(order, disable=not progress, desc="ACDC"):
+        # Everything before the layer being decided is still intact, so start the run there; the
+        # logits' receiver sits at the end of the last block, which must run.
+        node = g.edge_index[c].dst if edge_level else c
+        start = min(g.layer[node], g.n_layers - 1) if transformer else 0
         if edge_level:
             e = g.edge_index[c]
             i = p.receivers[e.receiver].index(e.src)
             trial = {r: m.clone() for r, m in masks.items()}
             trial[e.receiver][i] = 0.0
-            new = float(metric(p.run(masks=trial)[0]))
+            new = float(metric(p.run(masks=trial, start_layer=start)[0]))
         else:
             trial = ablated + [c]
-            new = float(metric(p.run(ablate_nodes=trial)[0]))
+            new = float(metric(p.run(ablate_nodes=trial, start_layer=start)[0]))
         damage = (current - new) if higher else (new - current)
         scores[c] = damage
         if damage < tau:  # removing it costs little: leave it out

@@ -101,7 +101,7 @@ class Patcher:
         self.sources = [n for n in graph.nodes if n != "logits"]
         self._hooks = {n: source_hook(model, n) for n in self.sources}
         with torch.no_grad(), models.patchable(model):
-            self.clean_out = self._record(clean)
+            self.clean_out = self._record(clean, keep_resid=True)
             if corruption == "resample":
                 self.corr_out = self._record(corrupted)
             elif corruption == "mean":
@@ -112,19 +112,26 @@ class Patcher:
         for e in graph.edges:
             self.receivers.setdefault(e.receiver, []).append(e.src)
 
-    def _record(self, x: Tensor) -> dict[str, Tensor]:
-        """Every source node's output on ``x``."""
+    def _record(self, x: Tensor, keep_resid: bool = False) -> dict[str, Tensor]:
+        """Every source node's output on ``x`` (and, with ``keep_resid``, each layer's input
+        residual stream in ``self.clean_resid``, for runs that start at a later layer)."""
         out: dict[str, Tensor] = {}
         names = {h for h, _ in self._hooks.values()}
+        transformer = isinstance(self.model, models.HookedTransformer)
+        if keep_resid and transformer:
+            names |= {f"blocks.{layer}.hook_resid_pre" for layer in range(self.model.cfg.n_layers)}
         _, cache = self.model.run_with_cache(x, names_filter=lambda n: n in names)
         for node, (hook, idx) in self._hooks.items():
             out[node] = _take(cache[hook], idx).detach()
+        if keep_resid and transformer:
+            self.clean_resid = [cache[f"blocks.{layer}.hook_resid_pre"].detach()
+                                for layer in range(self.model.cfg.n_layers)]
         return out
 
     # ------------------------------------------------------------------------------ forwards
     def run(self, *, ablate_nodes: Iterable[str] = (), masks: Mapping[str, Tensor] | None = None,
             interpolate: float | None = None, retain: Iterable[str] = (),
-            x: Tensor | None = None) -> tuple[Float[Tensor, "batch d_out"], dict[str, Tensor]]:
+            x: Tensor | None = None, start_layer: int = 0) -> tuple[Float[Tensor, "batch d_out"], dict[str, Tensor]]:
         """One patched forward on the clean batch.
 
         Args:
@@ -136,6 +143,9 @@ class Patcher:
             retain: receivers, or ``"src:<hook name>"`` for a source hook, whose tensors are
                 returned with ``retain_grad()`` set, for gradient-based attribution.
             x: inputs (default: the clean batch).
+            start_layer: run from this layer's clean input residual stream (transformers, clean
+                inputs only). Valid when nothing before the layer is patched: sources before it
+                keep their clean outputs. ACDC uses it, as auto-circuit does.
 
         Returns:
             Final-position logits ``[batch, d_out]`` and the retained tensors.
@@ -144,7 +154,8 @@ class Patcher:
         unknown = ablate - set(self.sources)
         if unknown:
             raise ValueError(f"unknown nodes {sorted(unknown)[:5]}")
-        masks = dict(masks or {})
+        # receivers whose mask keeps every edge change nothing: leave their hooks out
+        masks = {r: m for r, m in (masks or {}).items() if bool((m != 1).any())}
         retain = set(retain)
         kept: dict[str, Tensor] = {}
         current: dict[str, Tensor] = {}
@@ -160,8 +171,18 @@ class Patcher:
             if r not in self.receivers:
                 raise ValueError(f"unknown receiver {r!r}")
             recv_by_hook.setdefault(receiver_hook(self.model, r)[0], []).append(r)
+        deltas: dict[str, Tensor] = {}  # out_s − out_s^corr, computed once per source per forward
         for hook, recvs in recv_by_hook.items():
-            fwd.append((hook, self._receiver_fn(recvs, masks, current, retain, kept)))
+            fwd.append((hook, self._receiver_fn(recvs, masks, current, deltas, retain, kept)))
+        if start_layer:
+            if x is not None or interpolate is not None or not isinstance(self.model, models.HookedTransformer):
+                raise ValueError("start_layer needs a transformer on the clean batch without interpolation")
+            for node in self.sources:
+                if self.graph.layer[node] < start_layer:
+                    current[node] = self.clean_out[node]
+            with models.patchable(self.model), self.model.hooks(fwd_hooks=fwd):
+                logits = self.model(self.clean_resid[start_layer], start_at_layer=start_layer)[:, -1]
+            return logits, kept
         with models.patchable(self.model), self.model.hooks(fwd_hooks=fwd):
             logits = models.final_logits(self.model, self.clean if x is None else x)
         return logits, kept
@@ -197,17 +218,25 @@ class Patcher:
         return fn
 
     def _receiver_fn(self, recvs: list[str], masks: Mapping[str, Tensor], current: dict[str, Tensor],
-                     retain: set[str], kept: dict[str, Tensor]) -> Callable:
+                     deltas: dict[str, Tensor], retain: set[str], kept: dict[str, Tensor]) -> Callable:
         def fn(act: Tensor, hook: Any) -> Tensor:
+            if not any(r in masks for r in recvs):  # only retaining: the activation stays as it is
+                for r in recvs:
+                    if act.requires_grad:
+                        act.retain_grad()
+                        kept[r] = act
+                return act
             parts = {}
             for r in recvs:
                 _, idx = receiver_hook(self.model, r)
                 x = _take(act, idx)
                 if r in masks:
                     srcs = self.receivers[r]
-                    delta = torch.stack([current[s] - self.corr_out[s] for s in srcs])  # [n_src, b, pos, d]
-                    off = (1 - masks[r]).to(delta.dtype)
-                    x = x - torch.einsum("s,s...->...", off, delta)
+                    for s in srcs:
+                        if s not in deltas:
+                            deltas[s] = current[s] - self.corr_out[s]
+                    off = (1 - masks[r]).to(act.dtype)
+                    x = x - torch.einsum("s,s...->...", off, torch.stack([deltas[s] for s in srcs]))
                 parts[r] = (idx, x)
             if len(parts) == 1 and next(iter(parts.values()))[0] is None:
                 (r, (_, act)), = parts.items()
