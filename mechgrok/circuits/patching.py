@@ -101,12 +101,17 @@ class Patcher:
         self.sources = [n for n in graph.nodes if n != "logits"]
         self._hooks = {n: source_hook(model, n) for n in self.sources}
         with torch.no_grad(), models.patchable(model):
-            self.clean_out = self._record(clean, keep_resid=True)
-            if corruption == "resample":
-                self.corr_out = self._record(corrupted)
-            elif corruption == "mean":
-                self.corr_out = {n: v.mean(0, keepdim=True).expand_as(v) for n, v in self.clean_out.items()}
+            if corruption == "resample":  # one forward over both batches
+                both = self._record(torch.cat([clean, corrupted]), keep_resid=True)
+                n = clean.shape[0]
+                self.clean_out = {k: v[:n] for k, v in both.items()}
+                self.corr_out = {k: v[n:] for k, v in both.items()}
+                self.clean_resid = [r[:n] for r in getattr(self, "clean_resid", [])]
             else:
+                self.clean_out = self._record(clean, keep_resid=True)
+            if corruption == "mean":
+                self.corr_out = {n: v.mean(0, keepdim=True).expand_as(v) for n, v in self.clean_out.items()}
+            elif corruption == "zero":
                 self.corr_out = {n: torch.zeros_like(v) for n, v in self.clean_out.items()}
         self.receivers: dict[str, list[str]] = {}
         for e in graph.edges:
