@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mechgrok import measures, neurons
+from mechgrok._threads import torch_threads
 from mechgrok.run import Run
 from mechgrok.train import evaluate
 
@@ -121,8 +122,11 @@ ANALYSES: dict[str, Callable[[Run, bool], dict[str, Any] | None]] = {
 }
 
 
-def analyze(run: Run | str | Path, only: Sequence[str] | None = None, progress: bool = True) -> dict[str, Path]:
+def analyze(run: Run | str | Path, only: Sequence[str] | None = None, progress: bool = True,
+            threads: int | None = 1) -> dict[str, Path]:
     """Run the analyses (all, or those named in ``only``) and write ``analysis/NAME.json``.
+
+    ``threads``: torch threads while analysing (restored afterwards; ``None`` leaves them).
 
     Returns:
         name -> path of the written file, for the analyses that applied.
@@ -135,10 +139,10 @@ def analyze(run: Run | str | Path, only: Sequence[str] | None = None, progress: 
     if not run.steps():
         raise ValueError(f"{run.path} has no checkpoints to analyse; train it first")
     written = {}
-    for name in names:
-        log.info("analysis %r on %s", name, run.path)
-        result = ANALYSES[name](run, progress)
-        if result is None:
-            continue
-        written[name] = run.write_analysis(name, result)
+    with torch_threads(threads):
+        for name in names:
+            log.info("analysis %r on %s", name, run.path)
+            result = ANALYSES[name](run, progress)
+            if result is not None:
+                written[name] = run.write_analysis(name, result)
     return written

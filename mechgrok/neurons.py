@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mechgrok import models
+from mechgrok._threads import torch_threads
 from mechgrok.measures import grid_forward, neuron_ipr, task_grid
 from mechgrok.measures.fourier import ipr as _ipr
 from mechgrok.tasks import Task
@@ -224,7 +225,7 @@ def _masked_metrics(model: nn.Module, task: Task, layer: int, keep: Tensor, loss
 
 def prune_sweep(model: nn.Module, task: Task, order: str | Tensor = "ipr", *, counts: Sequence[int] | None = None,
                 orders: Sequence[str] = SWEEP_ORDERS, seeds: Sequence[int] = (0, 1, 2), layer: int = 0,
-                loss: str = "cross_entropy", progress: bool = True) -> list[dict[str, Any]]:
+                loss: str = "cross_entropy", progress: bool = True, threads: int | None = 1) -> list[dict[str, Any]]:
     """Accuracy per split as more and more neurons are pruned.
 
     Args:
@@ -233,6 +234,7 @@ def prune_sweep(model: nn.Module, task: Task, order: str | Tensor = "ipr", *, co
         orders: ``"low-first"`` (ascending score: for IPR, the least periodic first), ``"random"``
             (one ordering per seed), ``"high-first"``.
         seeds: seeds of the random orderings.
+        threads: torch threads during the sweep (restored afterwards; None leaves them).
 
     Returns:
         One row per (order, seed, count): ``{"order", "seed", "n_pruned", "frac_pruned", "score",
@@ -257,16 +259,15 @@ def prune_sweep(model: nn.Module, task: Task, order: str | Tensor = "ipr", *, co
         else:
             perms.append((o, None, torch.argsort(s, descending=(o == "high-first"), stable=True)))
     rows = []
-    bar = tqdm(total=len(perms) * len(counts), disable=not progress, desc="prune sweep")
-    for o, seed, perm in perms:
-        for k in counts:
-            keep = torch.ones(n, dtype=torch.bool)
-            keep[perm[:k]] = False
-            metrics = _masked_metrics(model, task, layer, keep, loss)
-            row = {"order": o, "seed": seed, "n_pruned": k, "frac_pruned": k / n, "score": name}
-            for split, m in metrics.items():
-                row[f"{split}_acc"], row[f"{split}_loss"] = m["acc"], m["loss"]
-            rows.append(row)
-            bar.update(1)
-    bar.close()
+    with torch_threads(threads), tqdm(total=len(perms) * len(counts), disable=not progress, desc="prune sweep") as bar:
+        for o, seed, perm in perms:
+            for k in counts:
+                keep = torch.ones(n, dtype=torch.bool)
+                keep[perm[:k]] = False
+                metrics = _masked_metrics(model, task, layer, keep, loss)
+                row = {"order": o, "seed": seed, "n_pruned": k, "frac_pruned": k / n, "score": name}
+                for split, m in metrics.items():
+                    row[f"{split}_acc"], row[f"{split}_loss"] = m["acc"], m["loss"]
+                rows.append(row)
+                bar.update(1)
     return rows

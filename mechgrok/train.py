@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from mechgrok import models
 from mechgrok._io import atomic_path, atomic_write_text, read_safetensors
+from mechgrok._threads import torch_threads
 from mechgrok.losses import loss_fn, softmax_collapse
 from mechgrok.run import RUN_FORMAT, Run, checkpoint_name
 from mechgrok.tasks import Task
@@ -301,47 +302,44 @@ def train(model: nn.Module, task: Task, config: TrainConfig | None = None, out: 
     x, y = task.inputs[task.train], task.labels[task.train]  # [n_train, n_ctx], [n_train]
     fn = loss_fn(cfg.loss)
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    old_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    hooks = _dropout_hooks(model, cfg.dropout, g) if cfg.dropout else []
-    t0 = time.perf_counter() - elapsed0
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {out.name}", unit="step")
-    model.train()
-    try:
-        with open(history_file, "a") as hist:
-            for step in range(start, end + 1):
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    for h in hooks:
-                        h.remove()
-                    row = _history_row(step, model, task, cfg, _lr_at(step, cfg), time.perf_counter() - t0)
-                    hooks = _dropout_hooks(model, cfg.dropout, g) if cfg.dropout else []
-                    hist.write(json.dumps(row) + "\n")
-                    hist.flush()
-                    bar.set_postfix(train=f"{row['train_acc']:.3f}", test=f"{row['test_acc'] or 0:.3f}")
-                if step == 0 or (step != start and (step % cfg.checkpoint_every == 0 or step == end)):
-                    _save_checkpoint(out / "checkpoints" / checkpoint_name(step), model, opt, g)
-                if step == end:
-                    break
-                lr = _lr_at(step, cfg)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                if cfg.batch_size is None or cfg.batch_size >= len(y):
-                    xb, yb = x, y
-                else:
-                    idx = torch.randperm(len(y), generator=g)[: cfg.batch_size]
-                    xb, yb = x[idx], y[idx]
-                loss = fn(models.training_logits(model, xb), yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.optimizer == "adamw_orthograd":
-                    _orthogonalize_grads(params)
-                opt.step()
-                bar.update(1)
-    finally:
-        for h in hooks:
-            h.remove()
-        bar.close()
-        model.eval()
-        torch.set_num_threads(old_threads)
+    with torch_threads(cfg.threads):
+        hooks = _dropout_hooks(model, cfg.dropout, g) if cfg.dropout else []
+        t0 = time.perf_counter() - elapsed0
+        bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {out.name}", unit="step")
+        model.train()
+        try:
+            with open(history_file, "a") as hist:
+                for step in range(start, end + 1):
+                    if step % cfg.eval_every == 0 or step == cfg.steps:
+                        for h in hooks:
+                            h.remove()
+                        row = _history_row(step, model, task, cfg, _lr_at(step, cfg), time.perf_counter() - t0)
+                        hooks = _dropout_hooks(model, cfg.dropout, g) if cfg.dropout else []
+                        hist.write(json.dumps(row) + "\n")
+                        hist.flush()
+                        bar.set_postfix(train=f"{row['train_acc']:.3f}", test=f"{row['test_acc'] or 0:.3f}")
+                    if step == 0 or (step != start and (step % cfg.checkpoint_every == 0 or step == end)):
+                        _save_checkpoint(out / "checkpoints" / checkpoint_name(step), model, opt, g)
+                    if step == end:
+                        break
+                    lr = _lr_at(step, cfg)
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                    if cfg.batch_size is None or cfg.batch_size >= len(y):
+                        xb, yb = x, y
+                    else:
+                        idx = torch.randperm(len(y), generator=g)[: cfg.batch_size]
+                        xb, yb = x[idx], y[idx]
+                    loss = fn(models.training_logits(model, xb), yb)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.optimizer == "adamw_orthograd":
+                        _orthogonalize_grads(params)
+                    opt.step()
+                    bar.update(1)
+        finally:
+            for h in hooks:
+                h.remove()
+            bar.close()
+            model.eval()
     return Run(out)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mechgrok._threads import torch_threads
 from mechgrok.circuits.graph import Graph, graph as build_graph
 from mechgrok.circuits.patching import Patcher, receiver_hook
 
@@ -38,7 +39,8 @@ METHODS = ("exact", "eap", "eap-ig", "acdc")
 
 def attribute(model: nn.Module, clean: Tensor, corrupted: Tensor | None, metric: Callable[[Tensor], Tensor], *,
               method: str = "eap-ig", level: str = "edge", corruption: str = "resample", steps: int = 5,
-              tau: float | None = None, graph: Graph | None = None, progress: bool = True) -> dict[str, float]:
+              tau: float | None = None, graph: Graph | None = None, progress: bool = True,
+              threads: int | None = 1) -> dict[str, float]:
     """Score every component of ``graph(model, level)`` (see the module docstring).
 
     Args:
@@ -50,6 +52,7 @@ def attribute(model: nn.Module, clean: Tensor, corrupted: Tensor | None, metric:
         level: ``"edge" | "node" | "neuron"``.
         steps: interpolation steps of EAP-IG.
         tau: ACDC's threshold (default: 1% of ``|m(clean) − m(all ablated)|``).
+        threads: torch threads meanwhile (restored afterwards; None leaves them).
 
     Returns:
         ``{component: score}`` in graph order.
@@ -57,15 +60,15 @@ def attribute(model: nn.Module, clean: Tensor, corrupted: Tensor | None, metric:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     g = graph or build_graph(model, level)
-    p = Patcher(model, g, clean, corrupted, corruption)
-    comps = g.components
-    if method == "exact":
-        scores = _exact(p, metric, progress)
-    elif method in ("eap", "eap-ig"):
-        scores = _gradient(p, metric, steps if method == "eap-ig" else None)
-    else:
-        scores = _acdc(p, metric, tau, progress)
-    return {c: float(scores[c]) for c in comps}
+    with torch_threads(threads):
+        p = Patcher(model, g, clean, corrupted, corruption)
+        if method == "exact":
+            scores = _exact(p, metric, progress)
+        elif method in ("eap", "eap-ig"):
+            scores = _gradient(p, metric, steps if method == "eap-ig" else None)
+        else:
+            scores = _acdc(p, metric, tau, progress)
+    return {c: float(scores[c]) for c in g.components}
 
 
 def _ablate_component(p: Patcher, comp: str) -> dict:

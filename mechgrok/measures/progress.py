@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mechgrok._threads import torch_threads
 from mechgrok.losses import loss_fn, softmax_collapse
 from mechgrok.measures.grid import TaskGrid, grid_forward, task_grid
 from mechgrok.measures.keyfreq import (
@@ -106,16 +107,9 @@ def progress(run: Run | str, steps: Iterable[int] | None = None, freqs: Iterable
     2-D Fourier transform of the neurons (see benchmarks/bench_measures.py). The final checkpoint
     is evaluated once more to find the key frequencies when ``freqs`` is not given.
     """
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1 or None, got {threads}")
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _progress(Run(run) if not isinstance(run, Run) else run, steps, freqs, progress, key_source,
                          task_name, layer)
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def _progress(run: Run, steps, freqs, show: bool, key_source: str, task_name, layer: int) -> dict[str, Any]:
