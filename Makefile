@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_capture.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_measures.py
+	$(PY) benchmarks/bench_circuits.py  # auto-circuit side: see benchmarks/README_autocircuit.md
 
 circuits: $(STAMP)
 	$(PY) circuits/regenerate.py
