@@ -128,17 +128,24 @@ def discover(model: nn.Module, clean: Tensor, corrupted: Tensor | None, metric: 
 # ------------------------------------------------------------------------------------ grokking
 
 
-def contrast(task: Task, split: str, n: int | None = 256, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def contrast(task: Task, split: str, n: int | None = 256, seed: int = 0,
+             task_name: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Clean inputs from ``split``, resampled counterfactual inputs, and their labels.
 
     Returns ``(clean, corrupted, labels, true_labels)``: up to ``n`` examples of ``split`` (seeded
-    choice), and for each a random other example of the task as its counterfactual (same op for a
-    multi-task mix), so resample ablation replaces the operands.
+    choice; only those of sub-task ``task_name`` of a multi-task mix when given), and for each a
+    random other example of the same sub-task as its counterfactual, so resample ablation
+    replaces the operands and keeps the op.
     """
     g = torch.Generator().manual_seed(seed)
-    idx = torch.nonzero(task.mask(split)).flatten()
+    mask = task.mask(split)
+    if task_name is not None:
+        if task_name not in task.task_names:
+            raise ValueError(f"unknown task {task_name!r}; this task has {task.task_names}")
+        mask = mask & (task.task_ids == task.task_names.index(task_name))
+    idx = torch.nonzero(mask).flatten()
     if len(idx) == 0:
-        raise ValueError(f"task {task.name!r} has no {split} examples")
+        raise ValueError(f"task {task.name!r} has no {split} examples" + (f" of {task_name!r}" if task_name else ""))
     if n is not None and len(idx) > n:
         idx = idx[torch.randperm(len(idx), generator=g)[:n]]
     other = torch.empty_like(idx)

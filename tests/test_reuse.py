@@ -1,0 +1,38 @@
+import pytest
+
+import mechgrok as mg
+from mechgrok.circuits.graph import graph
+
+
+@pytest.fixture(scope="module")
+def multi():
+    task = mg.tasks.multi_task([("add", 7), ("sub", 7)], train_frac=0.5, seed=0)
+    model = mg.models.transformer(task, n_layers=1, d_model=16, n_heads=2, d_mlp=32, seed=0)
+    return task, model
+
+
+def test_contrast_per_task(multi):
+    task, _ = multi
+    clean, corrupted, labels, _ = mg.circuits.contrast(task, "test", n=10, task_name="sub")
+    assert (clean[:, 1] == 7 + 1).all() and (corrupted[:, 1] == 7 + 1).all()
+    with pytest.raises(ValueError, match="unknown task 'mul'"):
+        mg.circuits.contrast(task, "test", task_name="mul")
+
+
+def test_cross_faithfulness_endpoints(multi):
+    task, model = multi
+    g = graph(model, "node")
+    scores = {c: 1.0 for c in g.components}
+    full = mg.circuits.select(g, scores, top_k=len(g.components))
+    empty = mg.circuits.select(g, scores, top_k=0)
+    one = mg.circuits.select(g, {c: float(i) for i, c in enumerate(g.components)}, top_k=1)
+    res = mg.circuits.cross_faithfulness(model, {"add": full, "sub": empty}, task, n=20, n_random=3)
+    assert res["names"] == ["add", "sub"]
+    assert res["faithfulness"][0] == pytest.approx([1.0, 1.0], abs=1e-5)  # the full circuit on both tasks
+    assert res["faithfulness"][1] == pytest.approx([0.0, 0.0], abs=1e-5)  # the empty one
+    assert res["random_mean"][0] == pytest.approx([1.0, 1.0], abs=1e-5)  # random circuits of full size = full
+    res2 = mg.circuits.cross_faithfulness(model, {"add": one, "sub": one}, task, n=20, n_random=3)
+    assert res2["faithfulness"][0][1] == pytest.approx(res2["faithfulness"][1][1])
+    with pytest.raises(ValueError, match="share one level"):
+        mg.circuits.cross_faithfulness(model, {"add": full, "sub": mg.circuits.select(graph(model, "edge"),
+                                       {c: 1.0 for c in graph(model, "edge").components}, top_k=2)}, task)
