@@ -108,10 +108,13 @@ class TrainConfig:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, loss: str = "cross_entropy") -> dict[str, dict[str, float]]:
+def evaluate(model: nn.Module, task: Task, loss: str = "cross_entropy", by_task: bool = False) -> dict:
     """Accuracy and loss per split: ``{"train": {"acc", "loss"}, "test": ..., "train_clean": ...,
     "train_corrupted": ... (against the corrupted label), "train_corrupted_true": ... (against the
-    true label)}``. Empty splits give NaN. One forward pass over all examples."""
+    true label)}``. Empty splits give NaN. One forward pass over all examples.
+
+    ``by_task=True`` (multi-task data) returns ``{sub-task name: that dict}`` instead.
+    """
     models.check_compatible(model, task)
     was_training = model.training
     model.eval()
@@ -119,15 +122,21 @@ def evaluate(model: nn.Module, task: Task, loss: str = "cross_entropy") -> dict[
         logits = models.final_logits(model, task.inputs)  # [N, d_out]
     finally:
         model.train(was_training)
+    if by_task:
+        return {name: metrics_from_logits(logits, task, loss, task_id=i) for i, name in enumerate(task.task_names)}
     return metrics_from_logits(logits, task, loss)
 
 
-def metrics_from_logits(logits: Tensor, task: Task, loss: str = "cross_entropy") -> dict[str, dict[str, float]]:
-    """``evaluate``'s per-split accuracy and loss from final-position logits ``[N, d_out]``."""
+def metrics_from_logits(logits: Tensor, task: Task, loss: str = "cross_entropy",
+                        task_id: int | None = None) -> dict[str, dict[str, float]]:
+    """``evaluate``'s per-split accuracy and loss from final-position logits ``[N, d_out]``
+    (only the examples of sub-task ``task_id`` when given)."""
     fn = loss_fn(loss)
     out = {}
     for split in EVAL_SPLITS:
         mask = task.mask("train_corrupted" if split == "train_corrupted_true" else split)
+        if task_id is not None:
+            mask = mask & (task.task_ids == task_id)
         labels = (task.true_labels if split in ("test", "train_corrupted_true") else task.labels)[mask]
         if not bool(mask.any()):
             out[split] = {"acc": float("nan"), "loss": float("nan")}
@@ -150,6 +159,12 @@ def _history_row(step: int, model: nn.Module, task: Task, cfg: TrainConfig, lr: 
         for k, v in m.items():
             row[f"{split}_{k}"] = None if math.isnan(v) else v
     row.update(weight_norm=wnorm, softmax_collapse=collapse, lr=lr, elapsed_s=round(elapsed, 3))
+    if len(task.task_names) > 1:  # per sub-task accuracies: "add/test_acc", ...
+        for i, name in enumerate(task.task_names):
+            sub = metrics_from_logits(logits, task, cfg.loss, task_id=i)
+            for split in ("train", "test"):
+                v = sub[split]["acc"]
+                row[f"{name}/{split}_acc"] = None if math.isnan(v) else v
     return row
 
 

@@ -36,3 +36,16 @@ def test_cross_faithfulness_endpoints(multi):
     with pytest.raises(ValueError, match="share one level"):
         mg.circuits.cross_faithfulness(model, {"add": full, "sub": mg.circuits.select(graph(model, "edge"),
                                        {c: 1.0 for c in graph(model, "edge").components}, top_k=2)}, task)
+
+
+def test_evaluate_by_task_and_history(multi, tmp_path):
+    task, model = multi
+    per = mg.evaluate(model, task, by_task=True)
+    assert set(per) == {"add", "sub"}
+    overall = mg.evaluate(model, task)
+    n_add, n_sub = (int((task.test & (task.task_ids == i)).sum()) for i in (0, 1))
+    mixed = (per["add"]["test"]["acc"] * n_add + per["sub"]["test"]["acc"] * n_sub) / (n_add + n_sub)
+    assert mixed == pytest.approx(overall["test"]["acc"])
+    run = mg.train(mg.models.transformer(task, d_model=16, n_heads=2, d_mlp=32), task,
+                   mg.TrainConfig(steps=4, eval_every=2), out=tmp_path / "r", progress=False)
+    assert {"add/test_acc", "sub/train_acc"} <= set(run.history()[-1])
