@@ -49,3 +49,35 @@ def test_evaluate_by_task_and_history(multi, tmp_path):
     run = mg.train(mg.models.transformer(task, d_model=16, n_heads=2, d_mlp=32), task,
                    mg.TrainConfig(steps=4, eval_every=2), out=tmp_path / "r", progress=False)
     assert {"add/test_acc", "sub/train_acc"} <= set(run.history()[-1])
+
+
+def test_overlap_over_training_bookkeeping(tmp_path):
+    task = mg.tasks.modular_arithmetic(p=11, train_frac=0.5, seed=0)
+    model = mg.models.transformer(task, d_model=16, n_heads=2, d_mlp=32, seed=0)
+    run = mg.train(model, task, mg.TrainConfig(steps=60, lr=1e-2, eval_every=10, checkpoint_every=20),
+                   out=tmp_path / "r", progress=False)
+    res = mg.circuits.overlap_over_training(run, top_k=8, n=32, progress=False)
+    assert res["steps"] == run.steps() and len(res["components"]) == len(res["steps"])
+    assert res["jaccard_final"][-1] == 1.0 and all(len(c) == 8 for c in res["components"])
+    if res["memorization_step"] is not None:
+        i = res["steps"].index(res["memorization_step"])
+        assert res["jaccard_memorization"][i] == 1.0
+    assert 0 < res["random_jaccard"] < 1
+
+
+def test_disjoint_halves_overlap_above_baseline():
+    """The same task's circuit found from two disjoint halves of its held-out data overlaps far
+    above random circuits of the same size (shipped test-preset model, neuron level)."""
+    from pathlib import Path
+
+    model = mg.models.load(Path(__file__).resolve().parents[1] / "circuits" / "test" / "model")
+    task = mg.presets.build("test")[0]
+    clean, corrupted, labels, _ = mg.circuits.contrast(task, "test", n=400, seed=0)
+    circs = []
+    for half in (slice(0, 200), slice(200, 400)):
+        metric = mg.circuits.metrics.generalization(labels[half])
+        circs.append(mg.circuits.discover(model, clean[half], corrupted[half], metric, method="eap-ig",
+                                          level="neuron", top_k=20, progress=False))
+    res = mg.circuits.overlap(circs[0], circs[1], baseline=1000, seed=0)
+    assert res["jaccard"]["value"] > res["jaccard"]["p95"] and res["jaccard"]["p_value"] < 0.01
+    assert res["spearman"]["value"] > 0.5

@@ -22,7 +22,7 @@ from mechgrok.circuits.graph import graph as build_graph
 from mechgrok.circuits.patching import Patcher
 from mechgrok.tasks import Task
 
-__all__ = ["cross_faithfulness"]
+__all__ = ["cross_faithfulness", "overlap_over_training"]
 
 
 def cross_faithfulness(model: nn.Module, circuits: dict[str, Circuit], task: Task, *, n: int = 256, seed: int = 0,
@@ -76,3 +76,49 @@ def cross_faithfulness(model: nn.Module, circuits: dict[str, Circuit], task: Tas
             "random_mean": [[R_mean[a][b] for b in names] for a in names],
             "random_std": [[R_std[a][b] for b in names] for a in names],
             "sizes": {a: len(circuits[a]) for a in names}, "n_random": n_random, "split": split}
+
+
+def overlap_over_training(run, task: str | None = None, *, method: str = "eap-ig", level: str = "neuron",
+                          top_k: int | None = None, steps=None, n: int = 256, seed: int = 0,
+                          progress: bool = True, threads: int | None = 1) -> dict[str, Any]:
+    """The circuit of one (sub-)task on every checkpoint, and how it overlaps the final circuit and
+    the memorization-phase circuit (the first checkpoint at or after training accuracy 100%).
+
+    Every circuit is the top-``top_k`` components by |score| (default: a fifth of the graph), so
+    sizes are equal and overlaps comparable across checkpoints. Resample ablation, generalization
+    metric on the sub-task's held-out examples.
+
+    Returns:
+        ``{"steps", "components" (per step), "faithfulness", "jaccard_final", "jaccard_memorization",
+        "memorization_step", "random_jaccard" (expected Jaccard of two random top-k sets)}``.
+    """
+    from mechgrok.circuits.discover import discover
+    from mechgrok.circuits.overlap import expected_jaccard, jaccard
+    from mechgrok.report.sections import MEMORIZED_ACC, first_step
+
+    data = run.task()
+    available = run.steps()
+    steps = available if steps is None else sorted(set(int(s) for s in steps) & set(available))
+    if not steps:
+        raise ValueError(f"no checkpoints to analyse in {run.path}")
+    mem_seen = first_step(run.history(), "train_acc", MEMORIZED_ACC)
+    mem_step = next((s for s in available if mem_seen is not None and s >= mem_seen), None)
+    if mem_step is not None and mem_step not in steps:
+        steps = sorted({*steps, mem_step})
+    x, xc, y, _ = contrast(data, "test", n, seed, task_name=task)
+    metric = _metrics.generalization(y)
+    comps, faith = {}, {}
+    with torch_threads(threads):
+        for s in steps:
+            model = run.load_model(s)
+            k = top_k or max(1, len(build_graph(model, level).components) // 5)
+            c = discover(model, x, xc, metric, method=method, level=level, top_k=k, progress=False)
+            comps[s], faith[s] = list(c.components), c.provenance["faithfulness"]
+    final = set(comps[steps[-1]])
+    n_comp = len(build_graph(run.load_model(steps[-1]), level).components)
+    return {"steps": steps, "components": [comps[s] for s in steps], "faithfulness": [faith[s] for s in steps],
+            "jaccard_final": [jaccard(set(comps[s]), final) for s in steps],
+            "jaccard_memorization": ([jaccard(set(comps[s]), set(comps[mem_step])) for s in steps]
+                                     if mem_step is not None else None),
+            "memorization_step": mem_step, "top_k": k, "method": method, "level": level, "task": task,
+            "random_jaccard": expected_jaccard(k, k, n_comp)}
