@@ -18,13 +18,14 @@ from mechgrok._threads import torch_threads
 from mechgrok.run import Run
 from mechgrok.train import evaluate
 
-__all__ = ["analyze", "ANALYSES", "neuron_analysis", "circuit_analysis"]
+__all__ = ["analyze", "ANALYSES", "neuron_analysis", "circuit_analysis", "overlap_analysis"]
 
 log = logging.getLogger(__name__)
 
 
 def _progress(run: Run, progress: bool) -> dict[str, Any]:
-    return measures.progress(run, progress=progress)
+    names = run.task().task_names  # a multi-task run: the measures of its first operation
+    return measures.progress(run, progress=progress, task_name=names[0] if len(names) > 1 else None)
 
 
 def neuron_analysis(model, task, *, layer: int = 0, seeds: Sequence[int] = (0, 1, 2),
@@ -114,11 +115,49 @@ def _circuits(run: Run, progress: bool) -> dict[str, Any]:
     return result
 
 
+def overlap_analysis(run: Run, *, method: str = "eap-ig", level: str = "neuron", target: float = 0.8,
+                     n_training_steps: int = 8, progress: bool = True) -> dict[str, Any] | None:
+    """Per sub-task circuits of a multi-task run, their pairwise overlap with random baselines,
+    cross-task faithfulness, and the first sub-task's circuit over training (issue: circuit reuse).
+    None for single-task runs."""
+    from mechgrok import circuits
+
+    task = run.task()
+    if len(task.task_names) < 2:
+        log.info("overlap: %s has a single task, nothing to compare", run.path)
+        return None
+    step = run.steps()[-1]
+    model = run.load_model(step)
+    circs, out_dir = {}, run.path / "analysis" / "overlap"
+    for name in task.task_names:
+        x, xc, y, _ = circuits.contrast(task, "test", task_name=name)
+        circs[name] = circuits.discover(model, x, xc, circuits.metrics.generalization(y), method=method, level=level,
+                                        target=target, progress=progress,
+                                        provenance={"task": name, "split": "test", "step": step})
+        circs[name].save(out_dir / f"{name}.json")
+    names = list(circs)
+    pairs = {f"{a}|{b}": circuits.overlap(circs[a], circs[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+    vs_k = {f"{a}|{b}": circuits.overlap_vs_k(circs[a], circs[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+    steps = run.steps()
+    pick = sorted({steps[round(i * (len(steps) - 1) / max(1, n_training_steps - 1))] for i in range(n_training_steps)})
+    return {"step": step, "method": method, "level": level, "target": target, "names": names,
+            "sizes": {k: len(c) for k, c in circs.items()},
+            "faithfulness": {k: c.provenance["faithfulness"] for k, c in circs.items()},
+            "matrix": circuits.overlap_matrix(circs), "pairs": pairs, "overlap_vs_k": vs_k,
+            "cross_faithfulness": circuits.cross_faithfulness(model, circs, task),
+            "over_training": circuits.overlap_over_training(run, names[0], level=level, steps=pick, progress=progress)}
+
+
+def _overlap(run: Run, progress: bool) -> dict[str, Any] | None:
+    return overlap_analysis(run, progress=progress)
+
+
 #: name -> analysis function; the order is the order they run in.
 ANALYSES: dict[str, Callable[[Run, bool], dict[str, Any] | None]] = {
     "progress": _progress,
     "neurons": _neurons,
     "circuits": _circuits,
+    "overlap": _overlap,
 }
 
 

@@ -81,3 +81,23 @@ def test_disjoint_halves_overlap_above_baseline():
     res = mg.circuits.overlap(circs[0], circs[1], baseline=1000, seed=0)
     assert res["jaccard"]["value"] > res["jaccard"]["p95"] and res["jaccard"]["p_value"] < 0.01
     assert res["spearman"]["value"] > 0.5
+
+
+def test_overlap_analysis_and_report(tmp_path):
+    task = mg.tasks.multi_task([("add", 7), ("sub", 7)], train_frac=0.6, seed=0)
+    model = mg.models.transformer(task, n_layers=1, d_model=16, n_heads=2, d_mlp=32, seed=0)
+    run = mg.train(model, task, mg.TrainConfig(steps=60, lr=1e-2, eval_every=20, checkpoint_every=20),
+                   out=tmp_path / "multi", progress=False)
+    written = mg.analyze(run, only=["overlap", "circuits", "progress"], progress=False)
+    assert set(written) == {"overlap", "circuits", "progress"}
+    import json
+
+    data = json.loads(written["overlap"].read_text())
+    assert data["names"] == ["add", "sub"] and set(data["pairs"]) == {"add|sub"}
+    assert len(data["cross_faithfulness"]["faithfulness"]) == 2
+    html = mg.report.build(run).read_text()
+    assert ">Circuit overlap across tasks</h2>" in html and 'class="error"' not in html
+    single = mg.tasks.modular_arithmetic(p=7, train_frac=0.5)
+    r2 = mg.train(mg.models.transformer(single, d_model=16, n_heads=2, d_mlp=32), single,
+                  mg.TrainConfig(steps=4, eval_every=2), out=tmp_path / "single", progress=False)
+    assert "overlap" not in mg.analyze(r2, only=["overlap"], progress=False)

@@ -15,7 +15,7 @@ from mechgrok.report.sections import (GENERALIZED_ACC, MEMORIZED_ACC, Figure, Se
                                       section)
 from mechgrok.run import Run
 
-__all__ = ["progress_measures", "neuron_analysis", "circuit_section", "phase_boundaries"]
+__all__ = ["progress_measures", "neuron_analysis", "circuit_section", "overlap_section", "phase_boundaries"]
 
 _SPLITS = {"train_clean_acc": "clean train", "train_corrupted_acc": "corrupted (vs corrupted label)",
            "train_corrupted_true_acc": "corrupted (vs true label)", "test_acc": "test"}
@@ -232,3 +232,57 @@ def circuit_section(run: Run) -> Section | None:
         numbers["overlap"] = data["overlap"]
         numbers["ablate_memorizing_only"] = data["ablate_memorizing_only"]
     return Section("Circuits", text="\n\n".join(text), figures=figs, tables=tables, numbers=numbers)
+
+
+@section(order=60, title="Circuit overlap across tasks", analysis="overlap")
+def overlap_section(run: Run) -> Section | None:
+    data = run.read_analysis("overlap")
+    if data is None:
+        return None
+    from mechgrok.circuits import overlap_heatmap, overlap_vs_k_figure
+    from mechgrok.report.figures import line_figure
+
+    names = data["names"]
+    text = [f"One circuit per operation ({data['method']}, {data['level']} level, smallest top-|score| circuit with "
+            f"faithfulness ≥ {data['target']}, generalization metric on each operation's held-out examples, resample "
+            "ablation within the operation). Baselines: random circuits of the same sizes from the same graph "
+            "(1,000 draws; p-value = share of draws at least as large, +1 smoothing). A uniform random circuit "
+            "is a weak null."]
+    text.append("Sizes: " + ", ".join(f"{k} {v} (F = {data['faithfulness'][k]:.2f})" for k, v in data["sizes"].items())
+                + ".")
+    rows = []
+    for pair, res in data["pairs"].items():
+        a, b = pair.split("|")
+        for stat in ("jaccard", "overlap_coefficient", "weighted_jaccard", "spearman"):
+            s = res[stat]
+            rows.append([f"{a} vs {b}", stat.replace("_", " "), _fmt(s["value"]), _fmt(s["baseline_mean"]),
+                         _fmt(s["p95"]), _fmt(s["p_value"])])
+    cf = data["cross_faithfulness"]
+    cf_rows = [[f"C_{a}", *[f"{cf['faithfulness'][i][j]:.2f} (random {cf['random_mean'][i][j]:.2f} ± "
+                            f"{cf['random_std'][i][j]:.2f})" for j in range(len(names))]]
+               for i, a in enumerate(cf["names"])]
+    ot = data["over_training"]
+    steps = np.array(ot["steps"], dtype=float)
+    series = {"Jaccard with the final circuit": ot["jaccard_final"], "faithfulness": ot["faithfulness"]}
+    if ot.get("jaccard_memorization") is not None:
+        series[f"Jaccard with the memorization-phase circuit (step {ot['memorization_step']})"] = ot["jaccard_memorization"]
+    series["random Jaccard"] = [ot["random_jaccard"]] * len(steps)
+    figs = [Figure.from_mpl(overlap_heatmap(data["matrix"], title="Jaccard of the operations' circuits"),
+                            "Pairwise Jaccard of the circuits, with the random baseline mean and p-value.",
+                            name="overlap-heatmap"),
+            Figure.from_mpl(overlap_vs_k_figure({k.replace("|", " vs "): v for k, v in data["overlap_vs_k"].items()}),
+                            "Jaccard of the top-k components of two circuits against k/n; dashed: random k-subsets.",
+                            name="overlap-vs-k"),
+            Figure.from_mpl(line_figure(steps + 1, series, ylabel="value", ylim=(0, 1.05),
+                                        title=f"The {ot['task']} circuit over training (top {ot['top_k']})"),
+                            "How the circuit of the first operation changes over training.", name="overlap-training")]
+    tables = [Table(["pair", "statistic", "value", "random mean", "random 95th pct", "p-value"], rows),
+              Table(["circuit", *[f"on {b}" for b in names]], cf_rows,
+                    "Cross-task faithfulness F_B(C_A): each operation's circuit evaluated on each operation's data.")]
+    return Section("Circuit overlap across tasks", text="\n\n".join(text), figures=figs, tables=tables,
+                   numbers={"sizes": data["sizes"], "matrix": data["matrix"]["matrix"],
+                            "cross_faithfulness": cf["faithfulness"]})
+
+
+def _fmt(v: Any) -> str:
+    return "—" if v is None else f"{v:.3g}"

@@ -187,4 +187,9 @@ def from_config(config: dict[str, Any]) -> Task:
     if kind == "multi_task":
         kw["specs"] = [tuple(s) for s in kw["specs"]]
         return multi_task(**kw)
-    raise ValueError(f"unknown task kind {kind!r}; expected 'modular_arithmetic' or 'multi_task'")
+    if kind == "knowledge":
+        from mechgrok.tasks.knowledge import knowledge  # noqa: PLC0415 (kept local: dispatch only)
+
+        kw["kind"] = kw.pop("knowledge_kind")
+        return knowledge(**kw)
+    raise ValueError(f"unknown task kind {kind!r}; expected 'modular_arithmetic', 'multi_task' or 'knowledge'")
