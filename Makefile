@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_measures.py
 	$(PY) benchmarks/bench_circuits.py  # auto-circuit side: see benchmarks/README_autocircuit.md
+	$(PY) benchmarks/bench_overlap.py
 
 circuits: $(STAMP)
 	$(PY) circuits/regenerate.py

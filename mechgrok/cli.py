@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a preset into a run folder (resumes a killed run)")
-    t.add_argument("--preset", default="demo", help="demo | test | doshi-mlp | nanda (default: demo)")
+    t.add_argument("--preset", default="demo", help="demo | test | doshi-mlp | multi | nanda (default: demo)")
     t.add_argument("--out", help="run folder (default: runs/PRESET)")
     t.add_argument("--steps", type=int, help="override the number of training steps")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="run the analyses of a run (analysis/*.json) and rebuild its report")
     a.add_argument("run", help="run folder")
     a.add_argument("--only", action="append", metavar="NAME", help="run only this analysis (repeatable): "
-                   "progress, neurons, circuits")
+                   "progress, neurons, circuits, overlap")
     a.add_argument("--no-report", action="store_true", help="do not rebuild the report")
     a.add_argument("--no-progress", action="store_true", help="no progress bars")
     a.set_defaults(func=_analyze)
