@@ -6,6 +6,7 @@
   full batch, train fraction 0.5, no weight decay) with 35% of training labels corrupted.
 - ``multi``: add, sub and mul mod 59 in one 1-layer transformer (op token), for circuit overlap;
   not yet tuned to grok (see docs/reproductions.md).
+- ``composition``: Wang et al. 2024's two-hop composition task, scaled down for CPU.
 - ``nanda``: the full-size setup of Nanda et al. 2023 (p=113, d_model 128, d_mlp 512, lr 1e-3,
   40k full-batch steps), for patient or GPU users.
 """
@@ -52,6 +53,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
             "corrupt_frac": 0.0, "seed": 0},
            {"kind": "transformer", "kwargs": {"n_layers": 1, "d_model": 64, "n_heads": 4, "d_mlp": 256, "seed": 0}},
            TrainConfig(steps=4000, lr=3e-3, weight_decay=1.0, eval_every=250, checkpoint_every=500)),
+    Preset("composition", "2-layer transformer on Wang et al. 2024's two-hop composition (50 entities, 16 relations, "
+           "inferred/atomic ratio 7.2): ID two-hop ~0.76, OOD at chance after 5,000 steps (~3 min)",
+           {"kind": "knowledge", "knowledge_kind": "composition", "n_entities": 50, "n_relations": 16,
+            "inferred_ratio": 7.2, "ood_frac": 0.2, "seed": 0},
+           {"kind": "transformer", "kwargs": {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_mlp": 256, "seed": 0}},
+           TrainConfig(steps=5000, lr=3e-3, weight_decay=1.0, batch_size=512, eval_every=250, checkpoint_every=500)),
     Preset("nanda", "Nanda et al. 2023 full-size run: p=113, d_model 128, d_mlp 512, 40k full-batch steps",
            {"kind": "modular_arithmetic", "p": 113, "op": "add", "train_frac": 0.3, "corrupt_frac": 0.0, "seed": 0},
            {"kind": "transformer", "kwargs": {"n_layers": 1, "d_model": 128, "n_heads": 4, "d_mlp": 512, "seed": 0}},

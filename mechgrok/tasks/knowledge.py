@@ -60,6 +60,8 @@ True
 
 from __future__ import annotations
 
+import math
+
 import torch
 from jaxtyping import Bool
 from torch import Tensor
@@ -174,7 +176,7 @@ def knowledge(kind: str = "composition", n_entities: int = 100, n_relations: int
         is_id, is_ood = ~ood[h] & ~ood[bridge], ood[h] & ood[bridge]
         n_train = int(round(inferred_ratio * n_atomic))
         pool = is_id.nonzero().squeeze(1)
-        fits = (len(pool) - 1) / n_atomic
+        fits = math.floor(100 * (len(pool) - 1) / n_atomic) / 100  # largest ratio that fits
         train_idx = _pick_train(pool, n_train, "two-hop queries", f"use inferred_ratio <= {fits:.2f}, "
                                 "raise n_relations or lower ood_frac", g)
         names = ("atomic", "two_hop", "two_hop_ood")
@@ -190,7 +192,7 @@ def knowledge(kind: str = "composition", n_entities: int = 100, n_relations: int
         n_train = 2 * int(round(inferred_ratio * n_atomic / 2))
         # choose unordered pairs (e1 < e2), then add their mirror images (e2, a, e1)
         pool = (is_id & (e1 < e2)).nonzero().squeeze(1)
-        fits = 2 * (len(pool) - 1) / n_atomic
+        fits = math.floor(100 * 2 * (len(pool) - 1) / n_atomic) / 100
         half = _pick_train(pool, n_train // 2, "comparison pairs", f"use inferred_ratio <= {fits:.2f}, "
                            "raise n_entities or lower ood_frac", g)
         # index of the mirror query: same attribute, entities swapped
