@@ -23,8 +23,12 @@ __all__ = ["analyze", "ANALYSES", "neuron_analysis", "circuit_analysis", "overla
 log = logging.getLogger(__name__)
 
 
-def _progress(run: Run, progress: bool) -> dict[str, Any]:
-    names = run.task().task_names  # a multi-task run: the measures of its first operation
+def _progress(run: Run, progress: bool) -> dict[str, Any] | None:
+    task = run.task()
+    if task.config.get("kind") not in ("modular_arithmetic", "multi_task"):
+        log.info("progress: the Fourier measures need modular arithmetic; %s is %r", run.path, task.config.get("kind"))
+        return None
+    names = task.task_names  # a multi-task run: the measures of its first operation
     return measures.progress(run, progress=progress, task_name=names[0] if len(names) > 1 else None)
 
 
@@ -130,10 +134,11 @@ def overlap_analysis(run: Run, *, method: str = "eap-ig", level: str = "neuron",
     model = run.load_model(step)
     circs, out_dir = {}, run.path / "analysis" / "overlap"
     for name in task.task_names:
-        x, xc, y, _ = circuits.contrast(task, "test", task_name=name)
+        split = circuits.reuse.split_for(task, name)
+        x, xc, y, _ = circuits.contrast(task, split, task_name=name)
         circs[name] = circuits.discover(model, x, xc, circuits.metrics.generalization(y), method=method, level=level,
                                         target=target, progress=progress,
-                                        provenance={"task": name, "split": "test", "step": step})
+                                        provenance={"task": name, "split": split, "step": step})
         circs[name].save(out_dir / f"{name}.json")
     names = list(circs)
     pairs = {f"{a}|{b}": circuits.overlap(circs[a], circs[b]) for i, a in enumerate(names) for b in names[i + 1:]}

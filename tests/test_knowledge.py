@@ -145,3 +145,17 @@ def test_tiny_model_builds_and_evaluates_per_subtask(cfg):
     name = t.task_names[2]
     assert 0 <= out[name]["test"]["acc"] <= 1 and out[name]["train"]["acc"] != out[name]["train"]["acc"]  # NaN
     assert 0 <= out["atomic"]["train"]["acc"] <= 1
+
+
+def test_analyze_a_knowledge_run(tmp_path):
+    """Every analysis either applies to a knowledge task or steps aside; the report builds."""
+    import mechgrok as mg
+
+    task = mg.tasks.knowledge("composition", n_entities=20, n_relations=4, inferred_ratio=2.0, ood_frac=0.2, seed=0)
+    model = mg.models.transformer(task, n_layers=1, d_model=16, n_heads=2, d_mlp=32)
+    run = mg.train(model, task, mg.TrainConfig(steps=20, eval_every=10, checkpoint_every=10), out=tmp_path / "k",
+                   progress=False)
+    written = mg.analyze(run, progress=False)
+    assert "progress" not in written and {"circuits", "overlap"} <= set(written)
+    html = mg.report.build(run).read_text()
+    assert 'class="error"' not in html

@@ -22,7 +22,14 @@ from mechgrok.circuits.graph import graph as build_graph
 from mechgrok.circuits.patching import Patcher
 from mechgrok.tasks import Task
 
-__all__ = ["cross_faithfulness", "overlap_over_training"]
+__all__ = ["cross_faithfulness", "overlap_over_training", "split_for"]
+
+
+def split_for(task: Task, name: str, split: str = "test") -> str:
+    """``split``, or "train" when sub-task ``name`` has no ``split`` examples (e.g. the atomic facts
+    of a knowledge task, which are all training data)."""
+    i = task.task_names.index(name)
+    return split if bool((task.mask(split) & (task.task_ids == i)).any()) else "train"
 
 
 def cross_faithfulness(model: nn.Module, circuits: dict[str, Circuit], task: Task, *, n: int = 256, seed: int = 0,
@@ -32,8 +39,9 @@ def cross_faithfulness(model: nn.Module, circuits: dict[str, Circuit], task: Tas
 
     Args:
         circuits: sub-task name -> its circuit (all at one level, of this model).
-        task: the multi-task data; sub-task B is evaluated on its ``split`` examples with the
-            generalization metric (correct logit minus mean logit) and resample ablation.
+        task: the multi-task data; sub-task B is evaluated on its ``split`` examples (its training
+            examples when it has none) with the generalization metric (correct logit minus mean
+            logit) and resample ablation.
         n_random: random circuits per (size, task): uniformly drawn components of the graph, as
             many as ``C_A`` has.
 
@@ -53,7 +61,7 @@ def cross_faithfulness(model: nn.Module, circuits: dict[str, Circuit], task: Tas
     R_std = {a: {} for a in names}
     with torch_threads(threads):
         for b in names:
-            x, xc, y, _ = contrast(task, split, n, seed, task_name=b)
+            x, xc, y, _ = contrast(task, split_for(task, b, split), n, seed, task_name=b)
             metric = _metrics.generalization(y)
             p = Patcher(model, g, x, xc, corruption)
             with torch.no_grad():
@@ -105,7 +113,7 @@ def overlap_over_training(run, task: str | None = None, *, method: str = "eap-ig
     mem_step = next((s for s in available if mem_seen is not None and s >= mem_seen), None)
     if mem_step is not None and mem_step not in steps:
         steps = sorted({*steps, mem_step})
-    x, xc, y, _ = contrast(data, "test", n, seed, task_name=task)
+    x, xc, y, _ = contrast(data, split_for(data, task) if task is not None else "test", n, seed, task_name=task)
     metric = _metrics.generalization(y)
     comps, faith = {}, {}
     with torch_threads(threads):
