@@ -41,14 +41,7 @@ def regenerate(preset: str, out: Path, from_weights: Path | None = None, progres
             mg.train(model, task, cfg, out=Path(tmp) / preset, progress=progress)
         mg.models.save(model, folder / "model")
     written = {}
-    if bool(task.train_corrupted.any()):
-        gen, mem = mg.circuits.generalizing_vs_memorizing(model, task, progress=progress)
-    else:
-        x, xc, y, _ = mg.circuits.contrast(task, "test")
-        gen = mg.circuits.discover(model, x, xc, mg.circuits.metrics.generalization(y), method="eap-ig",
-                                   level="neuron", target=0.8, progress=progress,
-                                   provenance={"role": "generalizing", "split": "test", "task": task.config})
-        mem = None
+    gen, mem = mg.circuits.task_circuits(model, task, progress=progress)
     for role, circ in (("generalizing", gen), ("memorizing", mem)):
         if circ is not None:
             circ = circ.with_provenance(preset=preset)

@@ -89,13 +89,7 @@ def circuit_analysis(model, task, out_dir: Path, *, method: str = "eap-ig", leve
     ``out_dir``, with their overlap and the accuracy after zero-ablating the neurons only one has."""
     from mechgrok import circuits
 
-    if bool(task.train_corrupted.any()):
-        gen, mem = circuits.generalizing_vs_memorizing(model, task, method=method, level=level, progress=progress)
-    else:
-        x, xc, y, _ = circuits.contrast(task, "test")
-        gen = circuits.discover(model, x, xc, circuits.metrics.generalization(y), method=method, level=level,
-                                target=0.8, progress=progress, provenance={"role": "generalizing", "split": "test"})
-        mem = None
+    gen, mem = circuits.task_circuits(model, task, method=method, level=level, progress=progress)
     out: dict[str, Any] = {"method": method, "level": level, "evaluate": evaluate(model, task)}
     for role, circ in (("generalizing", gen), ("memorizing", mem)):
         if circ is None:

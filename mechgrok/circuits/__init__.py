@@ -15,7 +15,7 @@ from mechgrok.circuits import metrics
 from mechgrok.circuits.attribution import METHODS, acdc_kept, attribute
 from mechgrok.circuits.circuit import Circuit, select, select_greedy
 from mechgrok.circuits.discover import (circuit_metric, contrast, discover, faithfulness, faithfulness_curve,
-                                        generalizing_vs_memorizing)
+                                        generalizing_vs_memorizing, task_circuits)
 from mechgrok.circuits.graph import LEVELS, Edge, Graph, graph
 from mechgrok.circuits.overlap import (overlap, overlap_heatmap, overlap_matrix, overlap_vs_k, overlap_vs_k_figure,
                                        project)
@@ -24,6 +24,6 @@ from mechgrok.circuits.reuse import cross_faithfulness, overlap_over_training
 
 __all__ = ["graph", "Graph", "Edge", "LEVELS", "attribute", "METHODS", "acdc_kept", "Patcher", "CORRUPTIONS",
            "Circuit", "select", "select_greedy", "discover", "faithfulness", "faithfulness_curve", "circuit_metric",
-           "contrast", "generalizing_vs_memorizing", "metrics", "overlap", "overlap_matrix", "overlap_heatmap",
+           "contrast", "generalizing_vs_memorizing", "task_circuits", "metrics", "overlap", "overlap_matrix", "overlap_heatmap",
            "overlap_vs_k", "overlap_vs_k_figure", "project", "cross_faithfulness",
            "overlap_over_training"]

@@ -28,7 +28,7 @@ from mechgrok.circuits.patching import Patcher
 from mechgrok.tasks import Task
 
 __all__ = ["discover", "faithfulness", "faithfulness_curve", "circuit_metric", "contrast",
-           "generalizing_vs_memorizing"]
+           "generalizing_vs_memorizing", "task_circuits"]
 
 
 def _run_kwargs(p: Patcher, circuit: Circuit | None) -> dict[str, Any]:
@@ -156,6 +156,25 @@ def contrast(task: Task, split: str, n: int | None = 256, seed: int = 0,
     return task.inputs[idx], task.inputs[other], task.labels[idx], task.true_labels[idx]
 
 
+def task_circuits(model: nn.Module, task: Task, *, method: str = "eap-ig", level: str = "neuron",
+                  top_k: int | None = None, target: float | None = 0.8, n: int = 256, seed: int = 0,
+                  corruption: str = "resample", progress: bool = True) -> tuple[Circuit, Circuit | None]:
+    """The generalizing circuit of ``task``, and its memorizing circuit when it has corrupted labels
+    (else None). See ``generalizing_vs_memorizing`` for the metrics and the selection."""
+    models.check_compatible(model, task)
+    sel = {"top_k": top_k} if top_k is not None else {"target": target}
+    common = dict(method=method, level=level, corruption=corruption, progress=progress, **sel)
+    x, xc, y, _ = contrast(task, "test", n, seed)
+    gen = discover(model, x, xc, _metrics.generalization(y), **common,
+                   provenance={"role": "generalizing", "split": "test", "task": task.config})
+    if not bool(task.train_corrupted.any()):
+        return gen, None
+    x, xc, y, y_true = contrast(task, "train_corrupted", n, seed)
+    mem = discover(model, x, xc, _metrics.memorization(y, y_true), **common,
+                   provenance={"role": "memorizing", "split": "train_corrupted", "task": task.config})
+    return gen, mem
+
+
 def generalizing_vs_memorizing(model: nn.Module, task: Task, *, method: str = "eap-ig", level: str = "neuron",
                                top_k: int | None = None, target: float | None = 0.8, n: int = 256, seed: int = 0,
                                corruption: str = "resample", progress: bool = True) -> tuple[Circuit, Circuit]:
@@ -166,15 +185,8 @@ def generalizing_vs_memorizing(model: nn.Module, task: Task, *, method: str = "e
     training examples. Same method, corruption and selection for both (default: the smallest
     top-k circuit with faithfulness ≥ 0.8). On 1-layer models the neuron level separates them.
     """
-    models.check_compatible(model, task)
     if not bool(task.train_corrupted.any()):
-        raise ValueError(f"task {task.name!r} has no corrupted labels: there is no memorizing circuit to find")
-    sel = {"top_k": top_k} if top_k is not None else {"target": target}
-    x, xc, y, _ = contrast(task, "test", n, seed)
-    gen = discover(model, x, xc, _metrics.generalization(y), method=method, level=level, corruption=corruption,
-                   progress=progress, provenance={"role": "generalizing", "split": "test", "task": task.config}, **sel)
-    x, xc, y, y_true = contrast(task, "train_corrupted", n, seed)
-    mem = discover(model, x, xc, _metrics.memorization(y, y_true), method=method, level=level,
-                   corruption=corruption, progress=progress,
-                   provenance={"role": "memorizing", "split": "train_corrupted", "task": task.config}, **sel)
-    return gen, mem
+        raise ValueError(f"task {task.name!r} has no corrupted labels: there is no memorizing circuit to find "
+                         "(use task_circuits for the generalizing circuit alone)")
+    return task_circuits(model, task, method=method, level=level, top_k=top_k, target=target, n=n, seed=seed,
+                         corruption=corruption, progress=progress)
