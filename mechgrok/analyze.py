@@ -141,6 +141,7 @@ def overlap_analysis(run: Run, *, method: str = "eap-ig", level: str = "neuron",
     pick = sorted({steps[round(i * (len(steps) - 1) / max(1, n_training_steps - 1))] for i in range(n_training_steps)})
     return {"step": step, "method": method, "level": level, "target": target, "names": names,
             "sizes": {k: len(c) for k, c in circs.items()},
+            "files": {k: str((out_dir / f"{k}.json").relative_to(run.path)) for k in circs},
             "faithfulness": {k: c.provenance["faithfulness"] for k, c in circs.items()},
             "matrix": circuits.overlap_matrix(circs), "pairs": pairs, "overlap_vs_k": vs_k,
             "cross_faithfulness": circuits.cross_faithfulness(model, circs, task),

@@ -204,3 +204,51 @@ def test_overlap_matrix_and_heatmap(graphs):
         ov.overlap_matrix(circs, "cosine")
     for matrix in (m, c, ov.overlap_matrix(circs, "spearman", baseline=20)):
         assert fig_to_png(ov.overlap_heatmap(matrix)).startswith(PNG)
+
+
+@pytest.mark.parametrize("level", ["edge", "node", "neuron"])
+def test_draw_shared_marks_the_shared_components(graphs, level):
+    g = graphs[level]
+    k = max(2, len(g) // 3)
+    circs = {"add": circuit(g, 0, k), "sub": circuit(g, 1, k), "mul": circuit(g, 2, k)}
+    fig = ov.draw_shared(circs, style="graph", title="three tasks")
+    assert len(fig.axes) == 3 and fig_to_png(fig).startswith(PNG)
+    for ax, (name, c) in zip(fig.axes, circs.items()):
+        others = set().union(*(set(o.components) for n, o in circs.items() if n != name))
+        shared = len(set(c.components) & others)
+        assert ax.get_title() == f"{name}: {len(c)} components, {shared} shared"
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert (f"shared ({shared})" in legend) == (shared > 0)
+    if level != "edge":  # node boxes outlined heavily: exactly the drawn components that are shared
+        boxes = [t for t in fig.axes[0].texts if t.get_bbox_patch() is not None]
+        outlined = {t.get_text() for t in boxes if t.get_bbox_patch().get_linewidth() > 2}
+        shared = set(circs["add"].components) & (set(circs["sub"].components) | set(circs["mul"].components))
+        assert outlined and outlined == shared & {t.get_text() for t in boxes}
+
+
+def test_draw_shared_grid(graphs):
+    g = graphs["neuron"]
+    circs = {"add": circuit(g, 0, 12), "sub": circuit(g, 1, 12), "mul": circuit(g, 2, 5)}
+    fig = ov.draw_shared(circs)  # auto: a neuron-level circuit is drawn as a grid
+    assert fig_to_png(fig).startswith(PNG)
+    ax = fig.axes[0]
+    cells = np.ma.filled(ax.images[0].get_array().astype(float), np.nan)
+    union = set().union(*(set(c.components) for c in circs.values()))
+    assert cells.shape == (3, len(union))
+    assert [int(n) for n in np.isfinite(cells).sum(axis=1)] == [len(c) for c in circs.values()]
+    held = np.isfinite(cells).sum(axis=0)
+    assert list(held) == sorted(held, reverse=True)  # columns grouped: held by the most circuits first
+    labels = [t.get_text() for t in ax.texts]
+    for k in set(held.tolist()):
+        name = f"in all {k}" if k == 3 else f"in {k}" if k > 1 else "in one"
+        assert f"{name}\n({int((held == k).sum())})" in labels
+    assert np.nanmax(np.abs(cells)) == 1.0  # each circuit's strongest member at full colour
+
+
+def test_draw_shared_validates(graphs):
+    with pytest.raises(ValueError, match="at least two"):
+        ov.draw_shared({"add": circuit(graphs["edge"], 0, 3)})
+    with pytest.raises(ValueError, match="different graphs"):
+        ov.draw_shared({"a": circuit(graphs["edge"], 0, 3), "b": circuit(graphs["other"], 0, 3)})
+    with pytest.raises(ValueError, match="unknown style"):
+        ov.draw_shared({"a": circuit(graphs["edge"], 0, 3), "b": circuit(graphs["edge"], 1, 3)}, style="venn")

@@ -95,8 +95,10 @@ def test_overlap_analysis_and_report(tmp_path):
     data = json.loads(written["overlap"].read_text())
     assert data["names"] == ["add", "sub"] and set(data["pairs"]) == {"add|sub"}
     assert len(data["cross_faithfulness"]["faithfulness"]) == 2
+    assert all(mg.circuits.Circuit.load(run.path / f).provenance["task"] == name for name, f in data["files"].items())
     html = mg.report.build(run).read_text()
     assert ">Circuit overlap across tasks</h2>" in html and 'class="error"' not in html
+    assert (run.path / "report_files" / "overlap-circuits.png").exists()
     single = mg.tasks.modular_arithmetic(p=7, train_frac=0.5)
     r2 = mg.train(mg.models.transformer(single, d_model=16, n_heads=2, d_mlp=32), single,
                   mg.TrainConfig(steps=4, eval_every=2), out=tmp_path / "single", progress=False)

@@ -37,6 +37,7 @@ FORMAT = "mechgrok.circuit/1"  # written into every file, checked on load
 _HEAD = re.compile(r"^a\d+\.h\d+(@\d+)?$")
 _SIGN_COLOUR = {True: "tab:blue", False: "tab:red"}  # score >= 0, score < 0
 _QKV_STYLE = {"q": "-", "k": "--", "v": ":"}
+_HIGHLIGHT = "tab:orange"  # outline / halo of highlighted components
 
 
 def _freeze(v: Any) -> Any:  # dict -> read-only mapping, list -> tuple, recursively
@@ -212,11 +213,15 @@ class Circuit:
             raise ValueError(f"{path} is not a valid circuit file ({type(e).__name__}: {e}); rewrite it") from e
         return circuit
 
-    def draw(self, ax=None):
+    def draw(self, ax=None, *, highlight: Iterable[str] = (), highlight_label: str = "highlighted"):
         """A layered drawing (``input`` at the bottom, a row of heads then MLP per layer, ``logits`` on
         top; at the neuron level only the selected neurons and a count of the rest). Edge level: width
         and opacity follow |score|, colour its sign (blue +, red -), line style the q / k / v input;
-        node / neuron levels: node colour follows the score. Returns the Figure (no pyplot)."""
+        node / neuron levels: node colour follows the score.
+
+        ``highlight``: components (of this circuit) drawn with a heavy orange outline (nodes) or an
+        orange halo (edges), e.g. those another circuit shares (``mechgrok.circuits.draw_shared``);
+        ``highlight_label`` names them in the legend. Returns the Figure (no pyplot)."""
         from matplotlib.colors import to_rgb
         from matplotlib.lines import Line2D  # (imported here: matplotlib is slow to import)
 
@@ -232,6 +237,9 @@ class Circuit:
         hidden = {lv: sum(self.graph_layer[n] == lv for n in self.graph_nodes) - len(rows[lv]) for lv in layers}
         hidden_in = {lv: sum(self.graph_layer[n] == lv for n in self.components if n not in shown and ".n" in n)
                      for lv in layers}
+        marked = set(highlight) & set(self.components)
+        hidden_marked = {lv: sum(self.graph_layer[n] == lv for n in marked if n not in shown and ".n" in n)
+                         for lv in layers}
         width = max(len(rows[lv]) + (hidden[lv] > 0) for lv in layers)
         if ax is None:
             ax = new_figure(width=min(2.8 + 0.9 * width, 40), height=1.0 + 1.0 * len(layers))[1][0]
@@ -242,6 +250,7 @@ class Circuit:
             xy.update({n: (i - (slots - 1) / 2, y) for i, n in enumerate(rows[lv])})
             if hidden[lv]:
                 extra = f"\n({hidden_in[lv]} in circuit)" if hidden_in[lv] else ""
+                extra += f"\n({hidden_marked[lv]} {highlight_label})" if hidden_marked[lv] else ""
                 ax.text((slots - 1) / 2, y, f"+{hidden[lv]}\nneurons{extra}", ha="center", va="center", size=7, c="0.5")
         top = max((abs(self.scores[c]) for c in self.components), default=0.0) or 1.0
         touched = set(self.nodes)
@@ -250,16 +259,22 @@ class Circuit:
             if self.level != "edge" and n in self:
                 a = 0.15 + 0.6 * abs(self.scores[n]) / top  # tint of the sign colour
                 face = tuple(1 - a * (1 - c) for c in to_rgb(_SIGN_COLOUR[self.scores[n] >= 0]))
+            edge, lw = (_HIGHLIGHT, 2.4) if n in marked else (ink, 0.8)
             ax.text(x, y, n if "@" in n else _base(n), ha="center", va="center", fontsize=8, color=ink, zorder=3,
-                    bbox=dict(boxstyle="round,pad=0.3", fc=face, ec=ink, lw=0.8))
-        edges = ([(*self._parts[c], self.scores[c]) for c in sorted(self.components, key=lambda c: abs(self.scores[c]))]
-                 if self.level == "edge" else [(u, v, v, None) for u, v in self.edges if u in xy and v in xy])
-        for u, v, receiver, s in edges:
+                    bbox=dict(boxstyle="round,pad=0.3", fc=face, ec=edge, lw=lw))
+        edges = ([(*self._parts[c], self.scores[c], c in marked)
+                  for c in sorted(self.components, key=lambda c: abs(self.scores[c]))]
+                 if self.level == "edge" else [(u, v, v, None, False) for u, v in self.edges if u in xy and v in xy])
+        for u, v, receiver, s, halo in edges:
             qkv = _base(receiver)[-1] if _base(receiver) != _base(v) else ""  # "q", "k", "v" or ""
             rad = 0.12 + 0.1 * "qkv".find(qkv or "q") + (0.25 if xy[u][1] == xy[v][1] else 0)  # arc over a row
             style = (dict(color="0.6", lw=0.7, alpha=0.6) if s is None else dict(
                 color=_SIGN_COLOUR[s >= 0], lw=0.5 + 3 * abs(s) / top, alpha=0.35 + 0.65 * abs(s) / top,
                 linestyle=_QKV_STYLE.get(qkv, "-")))
+            if halo:
+                ax.annotate("", xy=xy[v], xytext=xy[u], zorder=1, arrowprops=dict(
+                    arrowstyle="-", shrinkA=9, shrinkB=9, connectionstyle=f"arc3,rad={rad}", color=_HIGHLIGHT,
+                    lw=style["lw"] + 4, alpha=0.45))
             ax.annotate("", xy=xy[v], xytext=xy[u], zorder=2, arrowprops=dict(
                 arrowstyle="-|>", shrinkA=9, shrinkB=9, mutation_scale=8, connectionstyle=f"arc3,rad={rad}", **style))
         ax.set(xlim=(-width / 2 - 0.1, width / 2 + 0.1), ylim=(-0.5, len(layers) - 0.5), xticks=[])
@@ -269,6 +284,8 @@ class Circuit:
         handles = [Line2D([], [], color=_SIGN_COLOUR[s], lw=2, label=f"score {'>' if s else '<'} 0") for s in (1, 0)]
         handles += [Line2D([], [], color="0.3", ls=ls, label=f"into {r}") for r, ls in _QKV_STYLE.items()
                     if self.level == "edge" and any(map(_HEAD.match, self.graph_nodes))]
+        if marked:
+            handles.append(Line2D([], [], color=_HIGHLIGHT, lw=3, label=f"{highlight_label} ({len(marked)})"))
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
         method, f = self.provenance.get("method", "circuit"), self.provenance.get("faithfulness")
         ax.set_title(f"{method} · {self.level} level · {len(self)}/{len(self.scores)} components"

@@ -239,7 +239,7 @@ def overlap_section(run: Run) -> Section | None:
     data = run.read_analysis("overlap")
     if data is None:
         return None
-    from mechgrok.circuits import overlap_heatmap, overlap_vs_k_figure
+    from mechgrok.circuits import Circuit, draw_shared, overlap_heatmap, overlap_vs_k_figure
     from mechgrok.report.figures import line_figure
 
     names = data["names"]
@@ -276,6 +276,10 @@ def overlap_section(run: Run) -> Section | None:
             Figure.from_mpl(line_figure(steps + 1, series, ylabel="value", ylim=(0, 1.05),
                                         title=f"The {ot['task']} circuit over training (top {ot['top_k']})"),
                             "How the circuit of the first operation changes over training.", name="overlap-training")]
+    if "files" in data:  # analyses written before the circuits were listed have no side-by-side figure
+        circs = {name: Circuit.load(run.path / f) for name, f in data["files"].items()}
+        figs.insert(1, Figure.from_mpl(draw_shared(circs), "The circuits side by side; components that another "
+                                       "operation's circuit also holds are outlined in orange.", name="overlap-circuits"))
     tables = [Table(["pair", "statistic", "value", "random mean", "random 95th pct", "p-value"], rows),
               Table(["circuit", *[f"on {b}" for b in names]], cf_rows,
                     "Cross-task faithfulness F_B(C_A): each operation's circuit evaluated on each operation's data.")]
