@@ -16,13 +16,14 @@ from mechgrok.train import TrainConfig, evaluate, train
 __version__ = "0.1.0"
 
 __all__ = ["tasks", "models", "presets", "train", "TrainConfig", "evaluate", "Run", "capture",
-           "ActivationCache", "load_cache", "measures", "neurons", "circuits", "analyze", "report", "__version__"]
+           "ActivationCache", "load_cache", "measures", "neurons", "circuits", "analyze", "report", "sae", "__version__"]
 
 
 def __getattr__(name: str):
-    # The report pulls in matplotlib; load it on first use to keep `import mechgrok` light.
-    if name == "report":
+    # The report pulls in matplotlib and sae pulls in sae-lens; load them on first use to keep
+    # `import mechgrok` light.
+    if name in ("report", "sae"):
         import importlib
 
-        return importlib.import_module("mechgrok.report")
+        return importlib.import_module(f"mechgrok.{name}")
     raise AttributeError(f"module 'mechgrok' has no attribute {name!r}")

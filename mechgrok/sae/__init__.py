@@ -1,0 +1,17 @@
+"""Sparse autoencoder features: train SAEs with sae-lens on captured activations, evaluate them,
+label memorizing and generalizing features, and intervene on them.
+
+>>> import mechgrok as mg                                                  # doctest: +SKIP
+>>> sae = mg.sae.train(model, task, hook="blocks.0.mlp.hook_post", architecture="topk", d_sae=512, k=16)
+>>> mg.sae.evaluate(model, sae, task)["by_split"]["test"]["explained_variance"]
+>>> feats = mg.sae.features(model, sae, task)
+>>> mg.evaluate(mg.sae.ablate(model, sae, feats.memorizing), task)
+"""
+
+from mechgrok.sae.evaluate import evaluate, reconstruction
+from mechgrok.sae.features import LABELS, FeatureStats, features
+from mechgrok.sae.intervene import ablate, ablation_study, edit, mean_ablate, splice
+from mechgrok.sae.train import ARCHITECTURES, activations, load, site, train
+
+__all__ = ["train", "load", "activations", "site", "ARCHITECTURES", "evaluate", "reconstruction", "features",
+           "FeatureStats", "LABELS", "splice", "ablate", "mean_ablate", "edit", "ablation_study"]
