@@ -18,7 +18,7 @@ from mechgrok._threads import torch_threads
 from mechgrok.run import Run
 from mechgrok.train import evaluate
 
-__all__ = ["analyze", "ANALYSES", "neuron_analysis", "circuit_analysis", "overlap_analysis"]
+__all__ = ["analyze", "ANALYSES", "neuron_analysis", "circuit_analysis", "overlap_analysis", "sae_analysis"]
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +152,55 @@ def _overlap(run: Run, progress: bool) -> dict[str, Any] | None:
     return overlap_analysis(run, progress=progress)
 
 
+def sae_analysis(run: Run, *, hook: str | None = None, architecture: str = "topk", d_sae: int | None = None,
+                 k: int | None = None, steps: int = 3000, n_random: int = 5, n_training_steps: int = 3,
+                 training_sae_steps: int = 1000, progress: bool = True) -> dict[str, Any]:
+    """An SAE on the last checkpoint's MLP neurons (``blocks.{L-1}.mlp.hook_post``, answer position)
+    by default: evaluation, feature labels, ablations against random features, and SAEs on
+    ``n_training_steps`` earlier checkpoints (``training_sae_steps`` steps each).
+
+    Defaults: ``d_sae = 2 × d_mlp``, ``k = max(4, d_mlp // 16)``. The SAE is saved in sae-lens's format
+    in ``run/analysis/sae/final`` (replaced on a rerun).
+    """
+    from mechgrok import models, sae as saes
+
+    task, step = run.task(), run.steps()[-1]
+    model = run.load_model(step)
+    hook = hook or models.mlp_hook(models.n_layers(model) - 1)
+    d_in = int(saes.activations(model, task, hook).shape[1])
+    d_sae, k = d_sae or 2 * d_in, k or max(4, d_in // 16)
+    loss = run.config["train"].get("loss", "cross_entropy")
+    settings = dict(architecture=architecture, d_sae=d_sae, k=k)
+    folder = run.path / "analysis" / "sae" / "final"
+    sae = saes.train(model, task, hook, steps=steps, out=folder, overwrite=True, progress=progress, **settings)
+    ev = saes.evaluate(model, sae, task, loss=loss)
+    stats = saes.features(model, sae, task)
+    groups = {name: stats.indices(name) for name in ("memorizing", "generalizing")}
+    study = saes.ablation_study(model, sae, task, groups, alive=stats.alive, n_random=n_random, loss=loss)
+    earlier = [s for s in saes.pick_steps(run.steps(), n_training_steps + 1) if s != step]
+    over = saes.over_training(run, hook, earlier, loss=loss, progress=progress, steps=training_sae_steps, **settings)
+    top = stats.table(k=8)
+    spectra = ({str(r["feature"]): stats.spectra[r["feature"]].tolist() for r in top}
+               if stats.spectra is not None else None)
+    return {"step": step, "hook": hook, "settings": settings | {"steps": steps, "seed": 0},
+            "folder": str(folder.relative_to(run.path)), "evaluate": {k_: v for k_, v in ev.items() if k_ != "fire_rate"},
+            "counts": stats.counts(), "rule": stats.rule, "features": stats.table(k=50), "spectra": spectra,
+            "generalizing_freqs": [int(stats.dominant_freq[f]) for f in groups["generalizing"]]
+            if stats.dominant_freq is not None else None,
+            "ablation": study, "over_training": {"sae_steps": training_sae_steps, **over}}
+
+
+def _sae(run: Run, progress: bool) -> dict[str, Any] | None:
+    return sae_analysis(run, progress=progress)
+
+
 #: name -> analysis function; the order is the order they run in.
 ANALYSES: dict[str, Callable[[Run, bool], dict[str, Any] | None]] = {
     "progress": _progress,
     "neurons": _neurons,
     "circuits": _circuits,
     "overlap": _overlap,
+    "sae": _sae,
 }
 
 

@@ -232,4 +232,27 @@ def test_grid_and_answer_features_are_found():
     relu_cos_share = (1 / 8) / (1 / 8 + sum((2 / (math.pi * (n * n - 1))) ** 2 / 2 for n in range(2, 40, 2)))
     assert abs(float(stats.freq_fraction[1]) - relu_cos_share) < 0.03  # fundamental of relu(cos)
     assert stats.labels == ["generalizing", "generalizing"]
+    assert stats.spectra.shape == (2, p // 2 + 1) and int(stats.spectra[1].argmax()) == k
+    assert float(stats.spectra[1].sum()) <= 1 + 1e-5 and float(stats.spectra[0, 2 * k]) > 1 - 1e-5
     assert stats.counts()["dead"] == 0
+
+
+def test_analysis_over_training_and_report(tmp_path):
+    task = mg.tasks.modular_arithmetic(p=11, train_frac=0.5, corrupt_frac=0.2, seed=0)
+    model = mg.models.transformer(task, n_layers=1, d_model=16, n_heads=2, d_mlp=32, seed=0)
+    run = mg.train(model, task, mg.TrainConfig(steps=40, eval_every=20, checkpoint_every=20), out=tmp_path / "r",
+                   progress=False)
+    from mechgrok.analyze import sae_analysis
+
+    data = sae_analysis(run, steps=60, training_sae_steps=30, n_random=2, n_training_steps=2, progress=False)
+    assert data["hook"] == HOOK and data["settings"]["d_sae"] == 64 and data["settings"]["k"] == 4
+    assert data["over_training"]["steps"] == [0, 20] and len(data["over_training"]["l0"]) == 2
+    assert sum(data["counts"][k] for k in mg.sae.LABELS) == 64
+    assert (run.path / "analysis" / "sae" / "final" / "cfg.json").is_file()
+    assert (run.path / "analysis" / "sae" / "step_000020" / "cfg.json").is_file()
+    run.write_analysis("sae", data)
+    html = mg.report.build(run).read_text()
+    assert ">SAE features</h2>" in html and 'class="error"' not in html
+    assert mg.sae.pick_steps([0, 10, 20, 30, 40], 3) == [0, 20, 40]
+    with pytest.raises(ValueError, match="no checkpoints at steps"):
+        mg.sae.over_training(run, HOOK, [7], steps=10, progress=False)

@@ -11,7 +11,9 @@ label memorizing and generalizing features, and intervene on them.
 from mechgrok.sae.evaluate import evaluate, reconstruction
 from mechgrok.sae.features import LABELS, FeatureStats, features
 from mechgrok.sae.intervene import ablate, ablation_study, edit, mean_ablate, splice
+from mechgrok.sae.over_training import over_training, pick_steps
 from mechgrok.sae.train import ARCHITECTURES, activations, load, site, train
 
 __all__ = ["train", "load", "activations", "site", "ARCHITECTURES", "evaluate", "reconstruction", "features",
-           "FeatureStats", "LABELS", "splice", "ablate", "mean_ablate", "edit", "ablation_study"]
+           "FeatureStats", "LABELS", "splice", "ablate", "mean_ablate", "edit", "ablation_study",
+           "over_training", "pick_steps"]

@@ -70,6 +70,7 @@ class FeatureStats:
     answer_share: Tensor  # η² of the activation by true answer
     dominant_freq: Int[Tensor, " d_sae"] | None  # None without a frequency structure
     freq_fraction: Tensor | None
+    spectra: Float[Tensor, "d_sae n_freq"] | None  # share of non-constant variance per frequency (same view)
     labels: list[str]
     rule: dict[str, Any] = field(default_factory=dict)
 
@@ -159,8 +160,8 @@ def _answer_means(acts: Tensor, answers: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _frequencies(model: nn.Module, sae, task: Task, hook: str, position: int | None, answer_means: Tensor):
-    """(dominant frequency, share) per feature from the better of the grid and the answer views; None
-    when the task is not a single modular operation."""
+    """(dominant frequency, share, spectra) per feature from the better of the grid and the answer
+    views; None when the task is not a single modular operation."""
     if len(task.task_names) != 1 or "op" not in (task.config or {}):  # not a single modular operation
         return None
     try:
@@ -172,11 +173,14 @@ def _frequencies(model: nn.Module, sae, task: Task, hook: str, position: int | N
     with torch.no_grad():
         on_grid = frequency_fractions(sae.encode(x).double().reshape(grid.p, grid.p, -1))  # over [p, p, d_sae]
     if answer_means.shape[0] != grid.p:
-        return on_grid.dominant, on_grid.fraction.float()
-    power = frequency_power(answer_means.T)[:, 1:]  # [d_sae, n_freq - 1], constant left out
-    share, k = (power / power.sum(1, keepdim=True).clamp_min(1e-300)).max(1)
+        return on_grid.dominant, on_grid.fraction.float(), on_grid.fractions.float()
+    power = frequency_power(answer_means.T)  # [d_sae, n_freq]
+    power[:, 0] = 0  # the constant is not a frequency
+    spectra = power / power.sum(1, keepdim=True).clamp_min(1e-300)
+    share, k = spectra.max(1)
     use_grid = on_grid.fraction >= share
-    return torch.where(use_grid, on_grid.dominant, k + 1), torch.where(use_grid, on_grid.fraction, share).float()
+    return (torch.where(use_grid, on_grid.dominant, k), torch.where(use_grid, on_grid.fraction, share).float(),
+            torch.where(use_grid[:, None], on_grid.fractions, spectra).float())
 
 
 @torch.no_grad()
@@ -209,4 +213,5 @@ def features(model: nn.Module, sae, task: Task, *, threshold: float = 0.5) -> Fe
             "base_rate": base, "threshold": threshold}
     return FeatureStats(acts=acts, fire_rate=fire, mean_act=mean, corrupted_share=share, corrupted_push=push,
                         base_rate=base, answer_share=eta, dominant_freq=None if freqs is None else freqs[0],
-                        freq_fraction=None if freqs is None else freqs[1], labels=labels, rule=rule)
+                        freq_fraction=None if freqs is None else freqs[1],
+                        spectra=None if freqs is None else freqs[2], labels=labels, rule=rule)

@@ -102,7 +102,8 @@ def ablation_study(model: nn.Module, sae, task: Task, groups: Mapping[str, Seque
     Returns:
         ``{"none": evaluate(model), "spliced": evaluate(splice(model, sae)), "groups": {name:
         {"n": size, "ablated": evaluate(...), "random": {"acc_mean": {split: ...}, "acc_std": ...,
-        "draws": [accuracies per draw]}}}}``.
+        "draws": [accuracies per draw]}}}}``; splits without
+        examples are left out of the random means.
     """
     pool = _indices(range(sae.cfg.d_sae) if alive is None else alive, sae.cfg.d_sae)
     out: dict[str, Any] = {"none": evaluate_model(model, task, loss), "spliced": evaluate_model(splice(model, sae), task, loss),
@@ -114,11 +115,11 @@ def ablation_study(model: nn.Module, sae, task: Task, groups: Mapping[str, Seque
             g = torch.Generator().manual_seed(seed + r)
             pick = pool[torch.randperm(len(pool), generator=g)[: min(len(idx), len(pool))]]
             draws.append(_accuracies(evaluate_model(ablate(model, sae, pick), task, loss)))
-        splits = list(draws[0]) if draws else []
+        splits = [s for s in (draws[0] if draws else {}) if all(np.isfinite(d[s]) for d in draws)]
         out["groups"][name] = {
             "n": int(idx.numel()), "features": idx.tolist(),
             "ablated": evaluate_model(ablate(model, sae, idx), task, loss),
-            "random": {"acc_mean": {s: float(np.nanmean([d[s] for d in draws])) for s in splits},
-                       "acc_std": {s: float(np.nanstd([d[s] for d in draws])) for s in splits},
+            "random": {"acc_mean": {s: float(np.mean([d[s] for d in draws])) for s in splits},
+                       "acc_std": {s: float(np.std([d[s] for d in draws])) for s in splits},
                        "draws": draws}}
     return out

@@ -91,18 +91,21 @@ def _batches(x: Tensor, batch_size: int, generator: torch.Generator) -> Iterator
 
 @contextmanager
 def _quiet_progress(show: bool):
-    """Silence the tqdm bar sae-lens's trainer builds inside ``fit()`` unless ``show``."""
+    """Silence the tqdm bars sae-lens's trainer builds inside ``fit()`` (training, norm estimate)
+    unless ``show``."""
     from functools import partial
 
-    from sae_lens.training import sae_trainer
+    from sae_lens.training import activation_scaler, sae_trainer
 
-    bar = sae_trainer.tqdm
+    bars = {m: m.tqdm for m in (sae_trainer, activation_scaler)}
     if not show:
-        sae_trainer.tqdm = partial(bar, disable=True)
+        for m, bar in bars.items():
+            m.tqdm = partial(bar, disable=True)
     try:
         yield
     finally:
-        sae_trainer.tqdm = bar
+        for m, bar in bars.items():
+            m.tqdm = bar
 
 
 def _check(architecture: str, d_in: int, d_sae: int, k: float, steps: int, batch_size: int, n: int,
@@ -121,7 +124,7 @@ def _check(architecture: str, d_in: int, d_sae: int, k: float, steps: int, batch
 def train(model: nn.Module | None = None, task: Task | None = None, hook: str | None = None, *,
           acts: Tensor | str | Path | None = None, position: int | None = -1, split: str = "all",
           architecture: str = "topk", d_sae: int = 512, k: float = 16, l1: float = 5.0, l0: float = 1e-3,
-          steps: int = 3000, batch_size: int = 256, lr: float = 3e-3, warmup: int = 100, seed: int = 0,
+          steps: int = 3000, batch_size: int | None = None, lr: float = 3e-3, warmup: int = 100, seed: int = 0,
           out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
           log_every: int = 100, **sae_options: Any):
     """Train an SAE on the activations at ``hook`` and return it as saved and reloaded by sae-lens.
@@ -137,7 +140,7 @@ def train(model: nn.Module | None = None, task: Task | None = None, hook: str | 
             (standard). ``l0``: L0 coefficient (jumprelu). ``**sae_options``: any other field of the
             sae-lens training config (e.g. ``aux_loss_coefficient``, ``jumprelu_bandwidth``).
         steps, batch_size, lr, warmup: Adam steps (sae-lens clips gradients at norm 1), rows per
-            step, learning rate (constant after a linear warm-up). Activations are scaled to unit
+            step (default min(256, number of activations)), learning rate (constant after a linear warm-up). Activations are scaled to unit
             mean squared norm while training (sae-lens' ``expected_average_only_in``); the scale is
             folded into the saved weights, so the SAE reads raw activations.
         seed: seeds the SAE's initialisation and the batch order (the global RNG is left alone).
@@ -158,6 +161,7 @@ def train(model: nn.Module | None = None, task: Task | None = None, hook: str | 
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     x, position = _source(model, task, hook, acts, position, split)
+    batch_size = min(256, len(x)) if batch_size is None else batch_size
     _check(architecture, x.shape[1], d_sae, k, steps, batch_size, x.shape[0], lr)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="mechgrok-sae-"))
     if out.exists() and any(out.iterdir()) and not overwrite:
