@@ -153,14 +153,19 @@ def _overlap(run: Run, progress: bool) -> dict[str, Any] | None:
 
 
 def sae_analysis(run: Run, *, hook: str | None = None, architecture: str = "topk", d_sae: int | None = None,
-                 k: int | None = None, steps: int = 3000, n_random: int = 5, n_training_steps: int = 3,
-                 training_sae_steps: int = 1000, progress: bool = True) -> dict[str, Any]:
+                 k: int | None = None, split: str | None = None, steps: int | None = None, n_random: int = 5,
+                 n_training_steps: int = 3, training_sae_steps: int | None = None,
+                 progress: bool = True) -> dict[str, Any]:
     """An SAE on the last checkpoint's MLP neurons (``blocks.{L-1}.mlp.hook_post``, answer position)
     by default: evaluation, feature labels, ablations against random features, and SAEs on
     ``n_training_steps`` earlier checkpoints (``training_sae_steps`` steps each).
 
-    Defaults: ``d_sae = 2 × d_mlp``, ``k = max(4, d_mlp // 16)``. The SAE is saved in sae-lens's format
-    in ``run/analysis/sae/final`` (replaced on a rerun).
+    Defaults: ``d_sae = 2 × d_mlp``, ``k = max(4, d_mlp // 16)``, about 200 passes over the
+    activations in batches of 256 (``steps`` between 300 and 3,000; a third of that for the earlier
+    checkpoints' SAEs); trained on the training examples when the task has corrupted labels
+    (memorization lives there: on the whole table 80% of the data would carry none, and the SAE
+    captured less of it — docs/reproductions.md), on every example otherwise. The SAE is saved in sae-lens's format in ``run/analysis/sae/final``
+    (replaced on a rerun).
     """
     from mechgrok import models, sae as saes
 
@@ -170,7 +175,11 @@ def sae_analysis(run: Run, *, hook: str | None = None, architecture: str = "topk
     d_in = int(saes.activations(model, task, hook).shape[1])
     d_sae, k = d_sae or 2 * d_in, k or max(4, d_in // 16)
     loss = run.config["train"].get("loss", "cross_entropy")
-    settings = dict(architecture=architecture, d_sae=d_sae, k=k)
+    split = split or ("train" if bool(task.train_corrupted.any()) else "all")
+    n_rows = int(task.mask(split).sum())
+    steps = steps or min(3000, max(300, 200 * n_rows // min(256, n_rows)))
+    training_sae_steps = training_sae_steps or max(100, steps // 3)
+    settings = dict(architecture=architecture, d_sae=d_sae, k=k, split=split)
     folder = run.path / "analysis" / "sae" / "final"
     sae = saes.train(model, task, hook, steps=steps, out=folder, overwrite=True, progress=progress, **settings)
     ev = saes.evaluate(model, sae, task, loss=loss)

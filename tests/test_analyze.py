@@ -20,14 +20,14 @@ def corrupted_run(tmp_path_factory):
 
 def test_analyze_writes_json_and_report(corrupted_run):
     written = analyze(corrupted_run, progress=False)
-    assert set(written) == {"progress", "neurons", "circuits"}
+    assert set(written) == {"progress", "neurons", "circuits", "sae"}
     prog = json.loads(written["progress"].read_text())
     assert prog["step"] == corrupted_run.steps()
     neurons = json.loads(written["neurons"].read_text())
     assert set(neurons["groups"]) == {"ipr", "memorization"} and len(neurons["scores"]["ipr"]) == 32
     assert {r["order"] for r in neurons["sweeps"]["ipr"]} == {"low-first", "random", "high-first"}
     html = mg.report.build(corrupted_run).read_text()
-    for title in ("Progress measures", "Neurons", "Circuits", "Training"):
+    for title in ("Progress measures", "Neurons", "Circuits", "SAE features", "Training"):
         assert f">{title}</h2>" in html
     numbers = json.loads((corrupted_run.path / "report.json").read_text())
     assert numbers["sections"]["neurons"]["error"] is None and numbers["sections"]["progress-measures"]["error"] is None
@@ -44,5 +44,5 @@ def test_nested_run_sections(corrupted_run, tmp_path):
 
 def test_cli_analyze_only_and_errors(corrupted_run, capsys):
     assert main(["-q", "analyze", str(corrupted_run.path), "--only", "neurons", "--no-progress", "--no-report"]) == 0
-    assert main(["analyze", str(corrupted_run.path), "--only", "sae"]) == 2
-    assert "unknown analyses ['sae']" in capsys.readouterr().err
+    assert main(["analyze", str(corrupted_run.path), "--only", "sea"]) == 2
+    assert "unknown analyses ['sea']" in capsys.readouterr().err

@@ -75,7 +75,9 @@ def sae_section(run: Run) -> Section | None:
             + (f", k = {st['k']}" if st["architecture"] in ("topk", "batchtopk") else "")
             + f", {st['steps']} steps, seed {st['seed']}) on `{data['hook']}`"
             + (f" at position {ev['position']}" if ev.get("position") is not None else "")
-            + f" of the step-{data['step']} checkpoint, trained on the activations of every example of the task "
+            + f" of the step-{data['step']} checkpoint, trained on the activations of "
+            + ("every example of the task" if st.get("split", "all") == "all" else f"the {st['split']} examples")
+            + " "
             f"and evaluated as saved and reloaded (`{data['folder']}`, loadable with `sae_lens.SAE.load_from_disk`).",
             f"Explained variance {_f(by['test']['explained_variance'])} on held-out examples "
             f"({_f(by['all']['explained_variance'])} on all), L0 {_f(by['all']['l0'], 1)}, "

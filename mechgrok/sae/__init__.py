@@ -1,11 +1,15 @@
 """Sparse autoencoder features: train SAEs with sae-lens on captured activations, evaluate them,
 label memorizing and generalizing features, and intervene on them.
 
->>> import mechgrok as mg                                                  # doctest: +SKIP
->>> sae = mg.sae.train(model, task, hook="blocks.0.mlp.hook_post", architecture="topk", d_sae=512, k=16)
->>> mg.sae.evaluate(model, sae, task)["by_split"]["test"]["explained_variance"]
->>> feats = mg.sae.features(model, sae, task)
->>> mg.evaluate(mg.sae.ablate(model, sae, feats.memorizing), task)
+Typical use (``model``, ``task`` from ``mg.presets.build`` or a run)::
+
+    sae = mg.sae.train(model, task, hook="blocks.0.mlp.hook_post", architecture="topk", d_sae=512, k=16)
+    mg.sae.evaluate(model, sae, task)["by_split"]["test"]["explained_variance"]
+    feats = mg.sae.features(model, sae, task)
+    mg.evaluate(mg.sae.ablate(model, sae, feats.memorizing), task)
+
+References: Bricken et al. 2023 (Towards monosemanticity), Gao et al. 2024 (Scaling and evaluating
+sparse autoencoders: TopK), Bussmann et al. 2024 (BatchTopK), Rajamanoharan et al. 2024 (JumpReLU).
 """
 
 from mechgrok.sae.evaluate import evaluate, reconstruction
