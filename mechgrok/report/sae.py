@@ -35,7 +35,8 @@ def _spectra_figure(spectra: dict[str, list[float]], labels: dict[int, str]):
     fig, axes = new_figure(n, width=min(2.0 * n + 0.6, 16), height=2.2)
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.2, top=0.8, wspace=0.35)
     for ax, (f, shares) in zip(axes, spectra.items()):
-        ax.bar(np.arange(len(shares)), shares, color="tab:green" if labels.get(int(f)) == "generalizing" else "0.5")
+        colour = {"generalizing": "tab:green", "memorizing": "tab:red"}.get(labels.get(int(f), ""), "0.5")
+        ax.bar(np.arange(len(shares)), shares, color=colour)
         ax.set_title(f"feature {f}\n({labels.get(int(f), '?')})", fontsize=8)
         ax.set_ylim(0, 1)
         ax.tick_params(labelsize=7)
@@ -45,8 +46,8 @@ def _spectra_figure(spectra: dict[str, list[float]], labels: dict[int, str]):
 
 def _ablation_figure(ablation: dict[str, Any], splits: list[str]):
     groups = [g for g, r in ablation["groups"].items() if r["n"]]
-    fig, (ax,) = new_figure(width=6.4, height=3.2)
-    fig.subplots_adjust(bottom=0.16)
+    fig, (ax,) = new_figure(width=8.4, height=3.2)
+    fig.subplots_adjust(bottom=0.16, right=0.72)
     width = 0.8 / max(1, 2 * len(groups) + 1)
     x = np.arange(len(splits))
     ax.bar(x, [ablation["none"][s]["acc"] for s in splits], width, color="0.3", label="model")
@@ -59,7 +60,7 @@ def _ablation_figure(ablation: dict[str, Any], splits: list[str]):
                label=f"{r['n']} random ablated")
     ax.set_xticks(x + width * len(groups), [_SPLITS[s] for s in splits], fontsize=7, rotation=10)
     ax.set(ylabel="accuracy", ylim=(0, 1.05))
-    ax.legend(fontsize=7, framealpha=0.85, edgecolor="none", loc="upper right")
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
