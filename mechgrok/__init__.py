@@ -11,12 +11,14 @@ from mechgrok import circuits, measures, models, neurons, presets, tasks
 from mechgrok.analyze import analyze
 from mechgrok.capture import ActivationCache, capture, load_cache
 from mechgrok.run import Run
+from mechgrok.sweeps import gather, sweep, sweep_figure
 from mechgrok.train import TrainConfig, evaluate, train
 
 __version__ = "0.1.0"
 
 __all__ = ["tasks", "models", "presets", "train", "TrainConfig", "evaluate", "Run", "capture",
-           "ActivationCache", "load_cache", "measures", "neurons", "circuits", "analyze", "report", "sae", "__version__"]
+           "ActivationCache", "load_cache", "measures", "neurons", "circuits", "analyze", "report", "sae", "sweep", "sweep_figure", "gather",
+           "__version__"]
 
 
 def __getattr__(name: str):

@@ -4,6 +4,8 @@
     mechgrok analyze runs/demo [--only neurons]
     mechgrok report runs/demo
     mechgrok demo [--out runs/demo]      # also trains runs/demo/doshi-mlp
+    mechgrok sweep --preset doshi-mlp --grid weight_decay=0,1,3,10 --grid corrupt_frac=0.2,0.35 \
+        --out runs/sweep [--workers 2] [--backend ray --address auto] [--x weight_decay --y corrupt_frac]
 """
 
 from __future__ import annotations
@@ -82,6 +84,32 @@ def _demo(args: argparse.Namespace) -> Path:
     return path
 
 
+def _parse_grid(pairs: list[str]) -> dict:
+    grid = {}
+    for pair in pairs:
+        if "=" not in pair or not pair.split("=", 1)[1]:
+            raise ValueError(f"--grid expects KEY=V1,V2,..., got {pair!r}")
+        key, values = pair.split("=", 1)
+        grid[key] = [_parse_sets([f"{key}={v}"])[key] for v in values.split(",")]  # numbers parsed as JSON
+    return grid
+
+
+def _sweep(args: argparse.Namespace) -> Path:
+    from mechgrok import sweeps
+
+    grid = _parse_grid(args.grid)
+    out = Path(args.out)
+    table = sweeps.sweep(args.preset, grid, out=out, backend=args.backend, workers=args.workers,
+                        address=args.address, progress=not args.no_progress)
+    log.info("%s", table[[*grid, "phase", "test_acc"]].to_string(index=False))
+    if args.x and args.y:
+        from mechgrok._io import atomic_write_bytes
+        from mechgrok.report.figures import fig_to_png
+
+        atomic_write_bytes(out / "phase_diagram.png", fig_to_png(sweeps.sweep_figure(table, args.x, args.y)))
+    return out / "results.csv"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mechgrok", description=__doc__.split("\n")[0])
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -108,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-report", action="store_true", help="do not rebuild the report")
     a.add_argument("--no-progress", action="store_true", help="no progress bars")
     a.set_defaults(func=_analyze)
+
+    w = sub.add_parser("sweep", help="train a preset over a grid of settings (resumable); results.csv + phases")
+    w.add_argument("--preset", default="doshi-mlp", help="preset to vary (default: doshi-mlp)")
+    w.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                   help="a setting and its values, e.g. --grid weight_decay=0,1,3 (repeatable)")
+    w.add_argument("--out", required=True, help="sweep folder (one run folder per point)")
+    w.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
+    w.add_argument("--backend", default="local", choices=["local", "ray"], help="local processes or a Ray cluster")
+    w.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    w.add_argument("--x", help="setting on the phase diagram's x axis (writes OUT/phase_diagram.png with --y)")
+    w.add_argument("--y", help="setting on the phase diagram's y axis")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
+    w.set_defaults(func=_sweep)
 
     d = sub.add_parser("demo", help="train (or resume) the demo runs, analyse them, write their reports")
     d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
