@@ -11,11 +11,14 @@ export WANDB_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test bench circuits clean
+.PHONY: install demo test bench circuits clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --progress-bar off -e '.[dev]'
+	# kronfluence (tests/benchmarks only) without its dependencies: its torchvision requirement breaks
+	# imports here; what it really imports is in the dev extra of pyproject.toml
+	$(PY) -m pip install --quiet --progress-bar off --no-deps 'kronfluence==1.0.1'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,8 +26,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mechgrok demo --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The real-browser test needs Chromium: install Debian's package where we can (root with apt-get);
+# elsewhere tests/test_browser.py skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || \
+	     (apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends chromium >/dev/null 2>&1)) ; } || \
+	  echo "chromium could not be installed; tests/test_browser.py will skip"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_capture.py
@@ -32,6 +44,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_measures.py
 	$(PY) benchmarks/bench_circuits.py  # auto-circuit side: see benchmarks/README_autocircuit.md
 	$(PY) benchmarks/bench_overlap.py
+	$(PY) benchmarks/bench_sae.py
+	$(PY) benchmarks/bench_influence.py
 
 circuits: $(STAMP)
 	$(PY) circuits/regenerate.py

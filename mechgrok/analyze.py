@@ -18,7 +18,8 @@ from mechgrok._threads import torch_threads
 from mechgrok.run import Run
 from mechgrok.train import evaluate
 
-__all__ = ["analyze", "ANALYSES", "neuron_analysis", "circuit_analysis", "overlap_analysis", "sae_analysis"]
+__all__ = ["analyze", "ANALYSES", "neuron_analysis", "circuit_analysis", "overlap_analysis", "sae_analysis",
+           "influence_analysis"]
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,98 @@ def _sae(run: Run, progress: bool) -> dict[str, Any] | None:
     return sae_analysis(run, progress=progress)
 
 
+def _auroc(pos: Any, neg: Any) -> float | None:
+    """P(a random positive scores above a random negative), ties counted half (Mann-Whitney)."""
+    import numpy as np
+
+    pos, neg = np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)
+    if not len(pos) or not len(neg):
+        return None
+    allv = np.concatenate([pos, neg])
+    order = allv.argsort(kind="stable")
+    ranks = np.empty(len(allv))
+    ranks[order] = np.arange(1, len(allv) + 1)
+    for v in np.unique(allv):  # average ranks over ties
+        tie = allv == v
+        ranks[tie] = ranks[tie].mean()
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def influence_analysis(run: Run, *, n_queries: int = 64, k: int = 20, fisher: str = "true", damping: float = 0.1,
+                       damping_mode: str = "relative", seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Which training examples the model's predictions rest on (EK-FAC influence, Grosse et al. 2023),
+    at the checkpoint where the model first fits its training set (memorization) and at the last one.
+
+    Queries: up to ``n_queries`` corrupted training examples (labelled with their corrupted label:
+    what the model memorized) and as many held-out examples (true label), drawn with ``seed``.
+    For each query group: the composition of the top-``k`` most influential training examples
+    (corrupted share against the base rate, sharing the query's label, sharing its true answer);
+    for every training example: its self-influence, and how well that separates corrupted from
+    clean examples (AUROC). The last checkpoint's factors are saved in
+    ``run/analysis/influence/factors`` (replaced on a rerun).
+    """
+    import torch
+
+    from mechgrok.influence import EKFAC, top_influences
+
+    task, steps, history = run.task(), run.steps(), run.history()
+    loss = run.config["train"].get("loss", "cross_entropy")
+    fit_step = next((h["step"] for h in history if h.get("train_acc") is not None and h["train_acc"] >= 0.99), None)
+    early = next((s for s in steps if fit_step is not None and s >= fit_step), None)
+    chosen = sorted({s for s in (early, steps[-1]) if s is not None})
+    g = torch.Generator().manual_seed(seed)
+
+    def sample(mask: torch.Tensor) -> torch.Tensor:
+        idx = mask.nonzero().flatten()
+        return idx[torch.randperm(len(idx), generator=g)[:n_queries]].sort().values
+
+    queries = {"corrupted train": sample(task.train_corrupted), "test": sample(task.test)}
+    queries = {name: q for name, q in queries.items() if len(q)}
+    train_idx = task.train.nonzero().flatten()
+    corrupted = task.train_corrupted[train_idx]
+    base = {"frac_corrupted": float(corrupted.double().mean()),
+            "frac_same_answer": 1.0 / max(1, int(task.labels.max()) + 1)}
+    out: dict[str, Any] = {"settings": {"fisher": fisher, "damping": damping, "damping_mode": damping_mode,
+                                        "loss": loss, "k": k, "n_queries": n_queries, "seed": seed},
+                           "fit_step": fit_step, "steps": {}, "base_rates": base}
+    for step in chosen:
+        model = run.load_model(step)
+        ek = EKFAC(model, task, fisher=fisher, damping=damping, damping_mode=damping_mode, loss=loss, seed=seed,
+                   progress=progress).fit(train_idx)
+        row: dict[str, Any] = {"groups": {}, "accuracy": {s: m["acc"] for s, m in evaluate(model, task, loss).items()}}
+        for name, q in queries.items():
+            labels = "labels" if name == "corrupted train" else "true_labels"
+            S = ek.scores(q, train_idx, query_labels=labels)
+            top = top_influences(S, task, train_idx, k=k, query_idx=q)
+            row["groups"][name] = top.summary() | {"n_queries": int(len(q)), "mean_top_score": float(top.scores.mean()),
+                                                   "example": _example(task, top, 0)}
+        self_inf = ek.self_influence(train_idx)
+        row["self_influence"] = {"clean": self_inf[~corrupted].tolist(), "corrupted": self_inf[corrupted].tolist(),
+                                 "auroc_corrupted": _auroc(self_inf[corrupted], self_inf[~corrupted])}
+        row["damping"] = {name: float(v) for name, v in ek.damping_.items()}
+        out["steps"][str(step)] = row
+        if step == steps[-1]:
+            ek.save(run.path / "analysis" / "influence" / "factors")
+    out["factors"] = "analysis/influence/factors"
+    return out
+
+
+def _example(task, top, i: int) -> dict[str, Any]:
+    """Query ``i`` and its top influences as operands and labels, for the report."""
+    a, b = task.operand_positions
+
+    def describe(j: int) -> dict[str, Any]:
+        return {"index": j, "a": int(task.inputs[j, a]), "b": int(task.inputs[j, b]), "label": int(task.labels[j]),
+                "true_label": int(task.true_labels[j]), "corrupted": bool(task.train_corrupted[j])}
+
+    return {"query": describe(int(top.query[i])),
+            "top": [describe(int(j)) | {"score": float(sv)} for j, sv in zip(top.indices[i][:5], top.scores[i][:5])]}
+
+
+def _influence(run: Run, progress: bool) -> dict[str, Any] | None:
+    return influence_analysis(run, progress=progress)
+
+
 #: name -> analysis function; the order is the order they run in.
 ANALYSES: dict[str, Callable[[Run, bool], dict[str, Any] | None]] = {
     "progress": _progress,
@@ -210,6 +303,7 @@ ANALYSES: dict[str, Callable[[Run, bool], dict[str, Any] | None]] = {
     "circuits": _circuits,
     "overlap": _overlap,
     "sae": _sae,
+    "influence": _influence,
 }
 
 

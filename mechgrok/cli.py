@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="run the analyses of a run (analysis/*.json) and rebuild its report")
     a.add_argument("run", help="run folder")
     a.add_argument("--only", action="append", metavar="NAME", help="run only this analysis (repeatable): "
-                   "progress, neurons, circuits, overlap, sae")
+                   "progress, neurons, circuits, overlap, sae, influence")
     a.add_argument("--no-report", action="store_true", help="do not rebuild the report")
     a.add_argument("--no-progress", action="store_true", help="no progress bars")
     a.set_defaults(func=_analyze)

@@ -20,14 +20,15 @@ def corrupted_run(tmp_path_factory):
 
 def test_analyze_writes_json_and_report(corrupted_run):
     written = analyze(corrupted_run, progress=False)
-    assert set(written) == {"progress", "neurons", "circuits", "sae"}
+    assert set(written) == {"progress", "neurons", "circuits", "sae", "influence"}
     prog = json.loads(written["progress"].read_text())
     assert prog["step"] == corrupted_run.steps()
     neurons = json.loads(written["neurons"].read_text())
     assert set(neurons["groups"]) == {"ipr", "memorization"} and len(neurons["scores"]["ipr"]) == 32
     assert {r["order"] for r in neurons["sweeps"]["ipr"]} == {"low-first", "random", "high-first"}
     html = mg.report.build(corrupted_run).read_text()
-    for title in ("Progress measures", "Neurons", "Circuits", "SAE features", "Training"):
+    for title in ("Progress measures", "Neurons", "Circuits", "SAE features", "Influential training examples",
+                  "Training"):
         assert f">{title}</h2>" in html
     numbers = json.loads((corrupted_run.path / "report.json").read_text())
     assert numbers["sections"]["neurons"]["error"] is None and numbers["sections"]["progress-measures"]["error"] is None
@@ -46,3 +47,22 @@ def test_cli_analyze_only_and_errors(corrupted_run, capsys):
     assert main(["-q", "analyze", str(corrupted_run.path), "--only", "neurons", "--no-progress", "--no-report"]) == 0
     assert main(["analyze", str(corrupted_run.path), "--only", "sea"]) == 2
     assert "unknown analyses ['sea']" in capsys.readouterr().err
+
+
+def test_influence_analysis(corrupted_run):
+    from mechgrok.analyze import _auroc, influence_analysis
+
+    assert _auroc([3, 4], [1, 2]) == 1.0 and _auroc([1], [1]) == 0.5 and _auroc([], [1]) is None
+    data = influence_analysis(corrupted_run, n_queries=8, k=5, progress=False)
+    task = corrupted_run.task()
+    assert data["base_rates"]["frac_corrupted"] == int(task.train_corrupted.sum()) / int(task.train.sum())
+    last = data["steps"][str(corrupted_run.steps()[-1])]
+    assert set(last["groups"]) == {"corrupted train", "test"}
+    for r in last["groups"].values():
+        assert r["n_queries"] == 8 and 0 <= r["frac_corrupted"] <= 1 and len(r["example"]["top"]) == 5
+    si = last["self_influence"]
+    assert len(si["clean"]) + len(si["corrupted"]) == int(task.train.sum()) and min(si["clean"] + si["corrupted"]) >= 0
+    assert 0 <= si["auroc_corrupted"] <= 1
+    ek = mg.influence.EKFAC.load(corrupted_run.path / data["factors"], corrupted_run.load_model(corrupted_run.steps()[-1]),
+                                 task)
+    assert ek.fitted
