@@ -2,6 +2,7 @@
 # make test   set up .venv if needed, run the whole test suite
 # make bench  set up .venv if needed, run the benchmarks (results in benchmarks/results/)
 # make circuits  retrain the shipped presets and rewrite circuits/
+# make docs  the API reference from the docstrings (docs/api/index.html)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -11,7 +12,7 @@ export WANDB_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test bench circuits clean browser
+.PHONY: install demo test bench circuits clean browser docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +47,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_overlap.py
 	$(PY) benchmarks/bench_sae.py
 	$(PY) benchmarks/bench_influence.py
+
+# API reference (HTML from the docstrings) in docs/api/, with pdoc
+docs: $(STAMP)
+	$(PY) -m pdoc mechgrok -o docs/api --docformat google
 
 circuits: $(STAMP)
 	$(PY) circuits/regenerate.py
