@@ -65,8 +65,8 @@ def influence_section(run: Run) -> Section | None:
     text = [f"EK-FAC influence (George et al. 2018; Grosse et al. 2023): {st['fisher']} Fisher, damping "
             f"{st['damping']} ({st['damping_mode']}), {st['loss']} loss, on every linear map; factors fitted on all "
             f"training examples at step{'s' if len(steps) > 1 else ''} {', '.join(steps)}"
-            + (f" (the first checkpoint after the model fit its training set, step {data['fit_step']}, and the last)"
-               if len(steps) > 1 else "")
+            + (f" (the first checkpoint after the model fit its training set at step {data['fit_step']}, and the "
+               "last)" if len(steps) > 1 else "")
             + f". Queries: up to {st['n_queries']} corrupted training examples (with the label the model memorized) "
             f"and held-out examples (true label). For each, the top {st['k']} training examples by influence. "
             f"Base rates: {data['base_rates']['frac_corrupted']:.1%} of training examples are corrupted; a random "
@@ -79,7 +79,8 @@ def influence_section(run: Run) -> Section | None:
         auc = row["self_influence"]["auroc_corrupted"]
         if auc is not None:
             text.append(f"Step {step}: self-influence separates corrupted from clean training examples with "
-                        f"AUROC {auc:.3f} (memorized examples are their own strongest support).")
+                        f"AUROC {auc:.3f}" + (" (memorized examples are their own strongest support)." if auc >= 0.9
+                                              else "."))
     tables = [Table(["step", "test acc.", "queries", "n", "top-k corrupted", "top-k same label",
                      "top-k same true answer"], rows,
                     "Composition of each query's most influential training examples, averaged over queries.")]

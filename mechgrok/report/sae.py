@@ -85,7 +85,9 @@ def sae_section(run: Run) -> Section | None:
             f"dead latents {ev['dead_fraction']:.0%}, dense (> 50% of examples) {ev['dense_fraction']:.0%}. "
             "Loss recovered when the reconstruction replaces the activation (1 = nothing lost, 0 = no better "
             "than the mean activation): " + ", ".join(f"{_SPLITS[s]} {_f(ev['loss_recovered'].get(s))}" for s in splits)
-            + ".",
+            + "." + (" Above 1: the spliced model's loss is *lower* than the model's own on that split (the SAE "
+                     "drops something the model does there)." if any((v or 0) > 1.05 for v in ev["loss_recovered"].values())
+                     else ""),
             f"Labels: **{counts['memorizing']} memorizing**, **{counts['generalizing']} generalizing**, "
             f"{counts['other']} other ({counts['dead']} of them dead). Memorizing: {data['rule']['memorizing']}. "
             f"Generalizing: {data['rule']['generalizing']}."]
