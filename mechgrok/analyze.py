@@ -204,23 +204,6 @@ def _sae(run: Run, progress: bool) -> dict[str, Any] | None:
     return sae_analysis(run, progress=progress)
 
 
-def _auroc(pos: Any, neg: Any) -> float | None:
-    """P(a random positive scores above a random negative), ties counted half (Mann-Whitney)."""
-    import numpy as np
-
-    pos, neg = np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)
-    if not len(pos) or not len(neg):
-        return None
-    allv = np.concatenate([pos, neg])
-    order = allv.argsort(kind="stable")
-    ranks = np.empty(len(allv))
-    ranks[order] = np.arange(1, len(allv) + 1)
-    for v in np.unique(allv):  # average ranks over ties
-        tie = allv == v
-        ranks[tie] = ranks[tie].mean()
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
 def influence_analysis(run: Run, *, n_queries: int = 64, k: int = 20, fisher: str = "true", damping: float = 0.1,
                        damping_mode: str = "relative", seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Which training examples the model's predictions rest on (EK-FAC influence, Grosse et al. 2023),
@@ -236,6 +219,7 @@ def influence_analysis(run: Run, *, n_queries: int = 64, k: int = 20, fisher: st
     """
     import torch
 
+    from mechgrok._stats import auroc
     from mechgrok.influence import EKFAC, top_influences
 
     task, steps, history = run.task(), run.steps(), run.history()
@@ -271,7 +255,7 @@ def influence_analysis(run: Run, *, n_queries: int = 64, k: int = 20, fisher: st
                                                    "example": _example(task, top, 0)}
         self_inf = ek.self_influence(train_idx)
         row["self_influence"] = {"clean": self_inf[~corrupted].tolist(), "corrupted": self_inf[corrupted].tolist(),
-                                 "auroc_corrupted": _auroc(self_inf[corrupted], self_inf[~corrupted])}
+                                 "auroc_corrupted": auroc(self_inf[corrupted].numpy(), self_inf[~corrupted].numpy())}
         row["damping"] = {name: float(v) for name, v in ek.damping_.items()}
         out["steps"][str(step)] = row
         if step == steps[-1]:

@@ -50,9 +50,10 @@ def test_cli_analyze_only_and_errors(corrupted_run, capsys):
 
 
 def test_influence_analysis(corrupted_run):
-    from mechgrok.analyze import _auroc, influence_analysis
+    from mechgrok._stats import auroc
+    from mechgrok.analyze import influence_analysis
 
-    assert _auroc([3, 4], [1, 2]) == 1.0 and _auroc([1], [1]) == 0.5 and _auroc([], [1]) is None
+    assert auroc([3, 4], [1, 2]) == 1.0 and auroc([1, 2], [2, 3]) == 0.125 and auroc([], [1]) is None
     data = influence_analysis(corrupted_run, n_queries=8, k=5, progress=False)
     task = corrupted_run.task()
     assert data["base_rates"]["frac_corrupted"] == int(task.train_corrupted.sum()) / int(task.train.sum())

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from mechgrok._stats import average_ranks
 from mechgrok.circuits.circuit import Circuit
 
 __all__ = ["jaccard", "overlap_coefficient", "dice", "containment", "set_overlap", "weighted_jaccard", "spearman",
@@ -129,19 +130,8 @@ def _wj(wa: np.ndarray, wb: np.ndarray) -> np.ndarray:  # rows of wb against wa;
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
 
 
-def _rank(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of x, ties given their average rank (as ``scipy.stats.rankdata``)."""
-    order = np.argsort(x, kind="stable")
-    new = np.r_[True, np.diff(x[order]) != 0] if len(x) else np.zeros(0, bool)  # first of each tie group
-    starts = np.flatnonzero(new)
-    ends = np.r_[starts[1:], len(x)]
-    ranks = np.empty(len(x))
-    ranks[order] = ((starts + ends + 1) / 2)[np.cumsum(new) - 1]
-    return ranks
-
-
 def _centred_ranks(x: np.ndarray, absolute: bool) -> tuple[np.ndarray, float]:
-    r = _rank(np.abs(x) if absolute else x)
+    r = average_ranks(np.abs(x) if absolute else x)
     r = r - r.mean() if len(r) else r
     return r, float(np.sqrt(r @ r))
 

@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechgrok._stats import average_ranks
 from mechgrok.influence._index import as_index
 from mechgrok.tasks import Task
 
@@ -128,16 +129,8 @@ def top_influences(S: Float[Tensor, "q t"], task: Task, train_idx, k: int = 20, 
 
 
 def _rank(x: np.ndarray) -> np.ndarray:
-    """Average ranks along the last axis (ties share their mean rank), as Spearman needs."""
-    order = np.argsort(x, axis=-1, kind="stable")
-    ranks = np.empty_like(x, dtype=np.float64)
-    np.put_along_axis(ranks, order, np.arange(x.shape[-1], dtype=np.float64)[None].repeat(x.shape[0], 0), -1)
-    for row in range(x.shape[0]):  # average tied ranks
-        vals, inv, counts = np.unique(x[row], return_inverse=True, return_counts=True)
-        if (counts > 1).any():
-            sums = np.bincount(inv, weights=ranks[row])
-            ranks[row] = (sums / counts)[inv]
-    return ranks
+    """Average ranks of each row of ``x`` ``[rows, n]`` (ties share their mean rank)."""
+    return np.stack([average_ranks(row) for row in x]) if len(x) else np.zeros_like(x, dtype=np.float64)
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:

@@ -23,7 +23,7 @@ def _f(v: Any, digits: int = 3) -> str:
 
 def _present(ev: dict[str, Any]) -> list[str]:
     """The accuracy splits that have examples."""
-    return [s for s in _SPLITS if s in ev and _num(ev[s]["acc"]) == _num(ev[s]["acc"])]
+    return [s for s in _SPLITS if s in ev and np.isfinite(_num(ev[s]["acc"]))]
 
 
 def _num(v: Any) -> float:
