@@ -50,7 +50,7 @@ bench: $(STAMP)
 
 # API reference (HTML from the docstrings) in docs/api/, with pdoc
 docs: $(STAMP)
-	$(PY) -m pdoc mechgrok -o docs/api --docformat google
+	$(PY) docs/api.py docs/api
 
 circuits: $(STAMP)
 	$(PY) circuits/regenerate.py

@@ -49,6 +49,7 @@ LOSSES = {"cross_entropy": cross_entropy, "mse": mse, "stablemax": stablemax_cro
 
 
 def loss_fn(name: str):
+    """The loss function registered as ``name`` in ``LOSSES``; a clear error for unknown names."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
     return LOSSES[name]

@@ -195,6 +195,7 @@ def spec(model: nn.Module) -> dict[str, Any]:
 
 
 def n_layers(model: nn.Module) -> int:
+    """Number of blocks of a HookedTransformer or HookedMLP."""
     return int(model.cfg.n_layers) if isinstance(model, HookedTransformer) else len(model.blocks)
 
 

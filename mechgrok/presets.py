@@ -68,6 +68,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
 
 
 def get(name: str) -> Preset:
+    """The Preset called ``name``; a clear error listing the presets otherwise."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]

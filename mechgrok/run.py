@@ -35,6 +35,7 @@ _CKPT = re.compile(r"^step_(\d+)\.safetensors$")
 
 
 def checkpoint_name(step: int) -> str:
+    """File name of the checkpoint of ``step`` inside ``RUN/checkpoints/``."""
     return f"step_{step:06d}.safetensors"
 
 

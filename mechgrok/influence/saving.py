@@ -41,6 +41,7 @@ def weights_hash(model: nn.Module) -> str:
 
 
 def save(ek, folder: str | Path) -> Path:
+    """Write a fitted EKFAC's factors (safetensors) and settings (JSON) to ``folder``, atomically; returns it."""
     ek._check_fitted()
     folder = Path(folder)
     tensors = {"fit_idx": ek.fit_idx_.contiguous()}
@@ -67,6 +68,7 @@ def save(ek, folder: str | Path) -> Path:
 
 
 def load(cls, folder: str | Path, model: nn.Module, task: Task, **kwargs: Any):
+    """An EKFAC of ``cls`` for ``model`` / ``task`` with the factors saved in ``folder`` (no refit, no pickle)."""
     folder = Path(folder)
     meta_file, tensor_file = folder / "ekfac.json", folder / "factors.safetensors"
     if not meta_file.exists() or not tensor_file.exists():

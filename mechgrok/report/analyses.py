@@ -57,6 +57,7 @@ def phase_boundaries(prog: dict[str, Any], history: list[dict[str, Any]]) -> dic
 
 @section(order=30, title="Progress measures", analysis="progress")
 def progress_measures(run: Run) -> Section | None:
+    """Report section: the progress measures over checkpoints (``analysis/progress.json``)."""
     prog = run.read_analysis("progress")
     if prog is None:
         return None
@@ -157,6 +158,7 @@ def _spectrum(data: dict[str, Any]):
 
 @section(order=40, title="Neurons", analysis="neurons")
 def neuron_analysis(run: Run) -> Section | None:
+    """Report section: memorizing / generalizing neurons and pruning sweeps (``analysis/neurons.json``)."""
     data = run.read_analysis("neurons")
     if data is None:
         return None
@@ -199,6 +201,7 @@ def _acc(ev: dict[str, Any], key: str) -> Any:
 
 @section(order=50, title="Circuits", analysis="circuits")
 def circuit_section(run: Run) -> Section | None:
+    """Report section: generalizing vs memorizing circuits (``analysis/circuits.json``)."""
     data = run.read_analysis("circuits")
     if data is None:
         return None
@@ -236,6 +239,7 @@ def circuit_section(run: Run) -> Section | None:
 
 @section(order=60, title="Circuit overlap across tasks", analysis="overlap")
 def overlap_section(run: Run) -> Section | None:
+    """Report section: circuit overlap across the sub-tasks of a multi-task run (``analysis/overlap.json``)."""
     data = run.read_analysis("overlap")
     if data is None:
         return None

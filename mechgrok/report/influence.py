@@ -57,6 +57,7 @@ def _self_influence_figure(row: dict[str, Any], step: str):
 
 @section(order=80, title="Influential training examples", analysis="influence")
 def influence_section(run: Run) -> Section | None:
+    """Report section: influential training examples via EK-FAC (``analysis/influence.json``)."""
     data = run.read_analysis("influence")
     if data is None:
         return None

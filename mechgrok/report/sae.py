@@ -66,6 +66,7 @@ def _ablation_figure(ablation: dict[str, Any], splits: list[str]):
 
 @section(order=70, title="SAE features", analysis="sae")
 def sae_section(run: Run) -> Section | None:
+    """Report section: SAE reconstruction, feature labels and ablations (``analysis/sae.json``)."""
     data = run.read_analysis("sae")
     if data is None:
         return None

@@ -26,6 +26,7 @@ __all__ = ["OPS", "modular_arithmetic", "multi_task", "from_config", "is_prime"]
 
 
 def is_prime(n: int) -> bool:
+    """Whether ``n`` is prime (trial division; moduli here are small)."""
     if n < 2:
         return False
     return all(n % d for d in range(2, int(n**0.5) + 1))
