@@ -140,7 +140,9 @@ def overlap_analysis(run: Run, *, method: str = "eap-ig", level: str = "neuron",
     vs_k = {f"{a}|{b}": circuits.overlap_vs_k(circs[a], circs[b]) for i, a in enumerate(names) for b in names[i + 1:]}
     steps = run.steps()
     pick = sorted({steps[round(i * (len(steps) - 1) / max(1, n_training_steps - 1))] for i in range(n_training_steps)})
+    by_task = evaluate(model, task, by_task=True)
     return {"step": step, "method": method, "level": level, "target": target, "names": names,
+            "accuracy": {k: {split: by_task[k][split]["acc"] for split in ("train", "test")} for k in names},
             "sizes": {k: len(c) for k, c in circs.items()},
             "files": {k: str((out_dir / f"{k}.json").relative_to(run.path)) for k in circs},
             "faithfulness": {k: c.provenance["faithfulness"] for k, c in circs.items()},

@@ -266,6 +266,12 @@ def _diff(old: dict, new: dict, prefix: str = "") -> str:
     return "; ".join(parts[:6])
 
 
+def _has_row(file: Path, step: int) -> bool:
+    """Whether the history file holds the evaluation row of ``step``."""
+    return file.exists() and any(json.loads(line)["step"] == step for line in file.read_text().splitlines()
+                                 if line.strip())
+
+
 def _trim_history(file: Path, upto: int) -> float:
     """Drop history rows after ``upto`` (written before a crash); return the last elapsed time."""
     if not file.exists():
@@ -307,8 +313,13 @@ def train(model: nn.Module, task: Task, config: TrainConfig | None = None, out: 
     g = torch.Generator().manual_seed(cfg.seed)
     history_file = out / "history.jsonl"
     elapsed0 = 0.0
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     if start > 0:
         _load_checkpoint(Run(out).checkpoint(start), model, opt, g)
+        if start >= end and _has_row(history_file, start):  # nothing left to do: leave the folder untouched
+            log.info("%s is already trained to step %d", out, start)
+            model.eval()
+            return Run(out)
         elapsed0 = _trim_history(history_file, start)
         log.info("resuming %s from step %d", out, start)
     else:
@@ -316,7 +327,6 @@ def train(model: nn.Module, task: Task, config: TrainConfig | None = None, out: 
 
     x, y = task.inputs[task.train], task.labels[task.train]  # [n_train, n_ctx], [n_train]
     fn = loss_fn(cfg.loss)
-    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     with torch_threads(cfg.threads):
         hooks = _dropout_hooks(model, cfg.dropout, g) if cfg.dropout else []
         t0 = time.perf_counter() - elapsed0

@@ -26,3 +26,23 @@ def test_bad_input_exit_codes(tmp_path, capsys):
     assert "lr must be positive" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "not a mechgrok run" in capsys.readouterr().err
+
+
+def test_demo_runs_nested_runs_in_worker_processes(tmp_path, monkeypatch, capsys):
+    from mechgrok import cli
+
+    # the demo's structure (an outer run, a nested one, some analyses) on the few-second test preset
+    monkeypatch.setattr(cli, "DEMO_RUNS", (("test", "inner", ("progress",)), ("test", "", ("progress", "neurons"))))
+    out = tmp_path / "demo"
+    assert main(["-q", "demo", "--out", str(out), "--workers", "2", "--no-progress"]) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 1500
+    assert sorted(p.name for p in (out / "analysis").glob("*.json")) == ["neurons.json", "progress.json"]
+    assert [p.name for p in (out / "inner" / "analysis").glob("*.json")] == ["progress.json"]
+    html = (out / "report.html").read_text()
+    assert ">inner: Training</h2>" in html and ">Neurons</h2>" in html
+    # a rerun resumes: both runs are complete, so nothing is retrained (the histories stay as they are)
+    histories = [(d / "history.jsonl").read_text() for d in (out, out / "inner")]
+    assert main(["-q", "demo", "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    assert [(d / "history.jsonl").read_text() for d in (out, out / "inner")] == histories
+    assert main(["demo", "--out", str(out), "--workers", "0"]) == 2
+    assert "--workers must be >= 1" in capsys.readouterr().err

@@ -98,6 +98,9 @@ def test_overlap_analysis_and_report(tmp_path):
     assert all(mg.circuits.Circuit.load(run.path / f).provenance["task"] == name for name, f in data["files"].items())
     html = mg.report.build(run).read_text()
     assert ">Circuit overlap across tasks</h2>" in html and 'class="error"' not in html
+    ev = mg.evaluate(run.load_model(run.steps()[-1]), task, by_task=True)  # the report's numbers are the model's
+    assert data["accuracy"]["sub"]["test"] == ev["sub"]["test"]["acc"]
+    assert f"sub train {ev['sub']['train']['acc']:.2f} / test {ev['sub']['test']['acc']:.2f}" in html
     assert (run.path / "report_files" / "overlap-circuits.png").exists()
     single = mg.tasks.modular_arithmetic(p=7, train_frac=0.5)
     r2 = mg.train(mg.models.transformer(single, d_model=16, n_heads=2, d_mlp=32), single,

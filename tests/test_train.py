@@ -93,6 +93,13 @@ def test_resume_is_bitwise_identical(tmp_path, task, extra):
         assert torch.equal(v, weights(resumed)[k]), k
     hist_full = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in mg.Run(tmp_path / "full").history()]
     assert [{k: v for k, v in r.items() if k != "elapsed_s"} for r in run.history()] == hist_full
+    # training a finished run again loads its last weights and rewrites nothing
+    files = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    again = blank(task)
+    mg.train(again, task, cfg, out=run.path, progress=False)
+    assert {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()} == files
+    for k, v in weights(full).items():
+        assert torch.equal(v, weights(again)[k]), k
 
 
 _KILL_SCRIPT = """

@@ -252,6 +252,11 @@ def overlap_section(run: Run) -> Section | None:
             "ablation within the operation). Baselines: random circuits of the same sizes from the same graph "
             "(1,000 draws; p-value = share of draws at least as large, +1 smoothing). A uniform random circuit "
             "is a weak null."]
+    if "accuracy" in data:  # written by analyses since the demo gained its multi-task run
+        text.append(f"The model at step {data['step']:,}: " + ", ".join(
+            f"{k} train {v['train']:.2f} / test {v['test']:.2f}" for k, v in data["accuracy"].items())
+            + " accuracy. Circuits of an operation that has not generalized describe its memorization as much "
+            "as its algorithm.")
     text.append("Sizes: " + ", ".join(f"{k} {v} (F = {data['faithfulness'][k]:.2f})" for k, v in data["sizes"].items())
                 + ".")
     rows = []
@@ -288,7 +293,7 @@ def overlap_section(run: Run) -> Section | None:
               Table(["circuit", *[f"on {b}" for b in names]], cf_rows,
                     "Cross-task faithfulness F_B(C_A): each operation's circuit evaluated on each operation's data.")]
     return Section("Circuit overlap across tasks", text="\n\n".join(text), figures=figs, tables=tables,
-                   numbers={"sizes": data["sizes"], "matrix": data["matrix"]["matrix"],
+                   numbers={"sizes": data["sizes"], "accuracy": data.get("accuracy"), "matrix": data["matrix"]["matrix"],
                             "cross_faithfulness": cf["faithfulness"]})
 
 
