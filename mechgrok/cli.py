@@ -79,17 +79,28 @@ DEMO_RUNS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
 )
 
 
-def _demo_run(preset: str, folder: str, only: tuple[str, ...] | None, progress: bool, level: int) -> str:
-    """Train (or resume) one demo run and analyse it; a worker process's job (hence the logging setup)."""
-    from mechgrok.analyze import analyze
+def _demo_run(preset: str, folder: str, only: tuple[str, ...] | None, progress: bool,
+              level: int | None = None) -> str:
+    """Train (or resume) one demo run and run the analyses it lacks (those written after its last
+    checkpoint are kept); a worker process's job (hence the logging setup)."""
+    from mechgrok.analyze import ANALYSES, analyze
+    from mechgrok.run import Run
 
-    logging.basicConfig(level=level, format=f"[{preset}] %(message)s")
+    if level is not None:  # a worker process: log at the parent's level, saying which run each line is about
+        logging.basicConfig(level=level, format=f"[{preset}] %(message)s", force=True)
     ns = argparse.Namespace(preset=preset, out=folder, steps=None, set=[], overwrite=False, no_progress=not progress)
     t0 = time.perf_counter()
-    run_dir = _train(ns)
-    analyze(run_dir, only=only, progress=progress)
-    log.info("trained and analysed %s in %.0f s", run_dir, time.perf_counter() - t0)
-    return str(run_dir)
+    run = Run(_train(ns))
+    last = run.checkpoint(run.steps()[-1]).stat().st_mtime
+    done = [n for n in (only or ANALYSES) if (f := run.path / "analysis" / f"{n}.json").exists()
+            and f.stat().st_mtime > last]
+    if done:
+        log.info("keeping the analyses %s of %s (rerun them with: mechgrok analyze %s)", done, run.path, run.path)
+    todo = [n for n in (only or ANALYSES) if n not in done]
+    if todo:
+        analyze(run, only=todo, progress=progress)
+    log.info("trained and analysed %s in %.0f s", run.path, time.perf_counter() - t0)
+    return str(run.path)
 
 
 def _demo(args: argparse.Namespace) -> Path:
@@ -110,7 +121,7 @@ def _demo(args: argparse.Namespace) -> Path:
     level = logging.getLogger().getEffectiveLevel()
     if workers == 1:
         for job in jobs:
-            _demo_run(*job, progress=not args.no_progress, level=level)
+            _demo_run(*job, progress=not args.no_progress)
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed

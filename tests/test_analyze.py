@@ -41,6 +41,13 @@ def test_nested_run_sections(corrupted_run, tmp_path):
     shutil.copytree(corrupted_run.path, outer / "mlp")
     html = mg.report.build(outer).read_text()
     assert ">mlp: Training</h2>" in html and ">Training</h2>" in html
+    summary = html[html.index('<section id="summary">'):html.index('<section id="run-configuration">')]
+    assert '<li><a href="#mlp-training">Training</a>' in summary and '<a href="#mlp-neurons">Neurons</a>' in summary
+    assert "<strong>mlp</strong>: add mod 13, 60% of the pairs for training, 20% of their labels corrupted; mlp" in summary
+    numbers = json.loads((outer / "report.json").read_text())["sections"]
+    for anchor in ("mlp-neurons", "mlp-sae-features", "mlp-influential-training-examples", "mlp-circuits"):
+        assert numbers[anchor]["headline"] and numbers[anchor]["headline"] in html.replace("<strong>", "**").replace(
+            "</strong>", "**").replace("&#x27;", "'")
 
 
 def test_cli_analyze_only_and_errors(corrupted_run, capsys):

@@ -40,9 +40,10 @@ def test_demo_runs_nested_runs_in_worker_processes(tmp_path, monkeypatch, capsys
     assert [p.name for p in (out / "inner" / "analysis").glob("*.json")] == ["progress.json"]
     html = (out / "report.html").read_text()
     assert ">inner: Training</h2>" in html and ">Neurons</h2>" in html
-    # a rerun resumes: both runs are complete, so nothing is retrained (the histories stay as they are)
-    histories = [(d / "history.jsonl").read_text() for d in (out, out / "inner")]
+    # a rerun resumes: both runs are complete and analysed, so nothing is retrained or reanalysed
+    kept = {p: p.read_bytes() for d in (out, out / "inner") for p in [d / "history.jsonl", *(d / "analysis").glob("*.json")]}
+    (out / "analysis" / "neurons.json").unlink()  # as if killed during the analyses: only this one runs again
     assert main(["-q", "demo", "--out", str(out), "--workers", "1", "--no-progress"]) == 0
-    assert [(d / "history.jsonl").read_text() for d in (out, out / "inner")] == histories
+    assert {p: p.read_bytes() for p in kept} == kept
     assert main(["demo", "--out", str(out), "--workers", "0"]) == 2
     assert "--workers must be >= 1" in capsys.readouterr().err

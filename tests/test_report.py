@@ -180,11 +180,13 @@ def test_registry_register_and_unregister(tmp_path):
 
 def test_section_returning_none_is_left_out_and_text_is_escaped(tmp_path):
     run = make_run(tmp_path)  # no history: no training section
-    custom = lambda run: Section("Custom", text="a <script> tag, **bold** and `x < y`\n\n- one\n- two")  # noqa: E731
+    custom = lambda run: Section("Custom", text="a <script> tag, **bold** and `x < y`\n\n- one\n- two\n\n"  # noqa: E731
+                                 "[in page](#custom), [away](https://example.com), [js](javascript:x)")
     report.build(run, sections=[*SECTIONS, custom])
     html = (run / "report.html").read_text()
     assert 'id="training"' not in html and 'id="run-configuration"' in html
     assert "a &lt;script&gt; tag, <strong>bold</strong> and <code>x &lt; y</code>" in html
+    assert '<a href="#custom">in page</a>, [away](https://example.com), [js](javascript:x)' in html
     assert "<ul><li>one</li><li>two</li></ul>" in html
     assert "training" not in json.loads((run / "report.json").read_text())["sections"]
 
@@ -216,3 +218,24 @@ def test_first_step():
     assert first_step(hist, "a", 0.1) == 0
     assert first_step(hist, "a", 0.99) is None
     assert first_step(hist, "missing", 0.0) is None
+
+
+def test_summary_lists_each_sections_headline_with_a_link(built):
+    html = (built / "report.html").read_text()
+    data = json.loads((built / "report.json").read_text())
+    training = data["sections"]["training"]
+    n = training["numbers"]
+    # the headline's numbers are the section's numbers
+    assert f"at step **{n['memorization_step']}**" in training["headline"]
+    assert f"at step **{n['generalization_step']}**" in training["headline"]
+    assert f"test accuracy is {100 * n['final']['test_acc']:.1f}%" in training["headline"]
+    summary = html[html.index('<section id="summary">'):html.index('<section id="run-configuration">')]
+    assert '<li><a href="#training">Training</a>: fit its training set' in summary
+    assert "add mod 59, 30% of the pairs for training, 10% of their labels corrupted" in summary
+    assert list(data["sections"])[0] == "summary" and data["sections"]["run-configuration"]["headline"] is None
+
+
+def test_no_summary_without_headlines(tmp_path):
+    run = make_run(tmp_path)  # only the run configuration, which has no headline
+    report.build(run)
+    assert 'id="summary"' not in (run / "report.html").read_text()

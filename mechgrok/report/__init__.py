@@ -57,6 +57,41 @@ def _summary(config: dict[str, Any]) -> list[tuple[str, str]]:
     return lines
 
 
+def _describe(config: dict[str, Any]) -> str:
+    """A short line for a run: its task and its model."""
+    task, model = config.get("task", {}), config.get("model", {})
+    if task.get("kind") == "multi_task":
+        what = " / ".join(f"{op} mod {p}" for op, p in task["specs"])
+    elif task.get("kind") == "modular_arithmetic":
+        what = f"{task.get('op')} mod {task.get('p')}"
+    else:
+        what = f"`{task.get('kind', '?')}`"
+    parts = [what]
+    if "train_frac" in task:
+        parts.append(f"{task['train_frac']:.0%} of the pairs for training")
+    if task.get("corrupt_frac"):
+        parts.append(f"{task['corrupt_frac']:.0%} of their labels corrupted")
+    kw = model.get("kwargs", {})
+    size = (f"{kw.get('n_layers', '?')}-layer, d_model {kw.get('d_model', '?')}" if model.get("kind") == "transformer"
+            else f"width {kw.get('width', '?')}" if "width" in kw else "")
+    return ", ".join(parts) + f"; {model.get('kind', 'model')}" + (f" ({size})" if size else "")
+
+
+def _summary_section(groups: Sequence[tuple[Run, Sequence[Section]]]) -> Section | None:
+    """The report's first section: each section's headline, per run, linked to the section."""
+    paragraphs = []
+    for r, group in groups:
+        lines = [f"- [{s.title.split(': ', 1)[-1] if r is not groups[0][0] else s.title}](#{s.anchor}): {s.headline}"
+                 for s in group if s.headline and s.error is None]
+        if lines:
+            paragraphs += [f"**{r.name}**: {_describe(r.config)}.", "\n".join(lines)]
+    if not paragraphs:
+        return None
+    intro = ("What each analysis found, one line each, with its key numbers (also in `report.json`); the linked "
+             "sections show the settings, figures and tables behind them.")
+    return Section("Summary", anchor="summary", text="\n\n".join([intro, *paragraphs]))
+
+
 def _run_section(fn: SectionFn, run: Run) -> Section | None:
     """Call one section function; an exception becomes an error Section (and a logged traceback)."""
     name = getattr(fn, "__name__", "section").strip("_").replace("_", " ")
@@ -94,21 +129,27 @@ def build(run: Run | str | Path, sections: Sequence[SectionFn] | None = None) ->
     run = run if isinstance(run, Run) else Run(run)
     config = run.config  # a folder that is not a run is an error of the caller, not an error box
     fns = SECTIONS if sections is None else sections
-    results = [s for s in (_run_section(fn, run) for fn in fns) if s is not None]
+    groups = [(run, [s for s in (_run_section(fn, run) for fn in fns) if s is not None])]
     for sub in nested_runs(run):  # e.g. the demo's runs/demo/doshi-mlp: its sections follow, prefixed
+        group = []
         for s in (_run_section(fn, sub) for fn in fns):
             if s is not None:
                 s.title = f"{sub.name}: {s.title}"
                 s.anchor = slugify(s.title)
                 for fig in s.figures:
                     fig.name = f"{sub.name}-{fig.name}" if fig.name else ""
-                results.append(s)
-    seen: dict[str, int] = {}
+                group.append(s)
+        groups.append((sub, group))
+    results = [s for _, group in groups for s in group]
+    seen: dict[str, int] = {"summary": 1}
     for s in results:  # unique anchors, GitHub style: "x", "x-1", "x-2"
         n = seen.get(s.anchor, 0)
         seen[s.anchor] = n + 1
         if n:
             s.anchor = f"{s.anchor}-{n}"
+
+    if summary := _summary_section(groups):
+        results.insert(0, summary)
 
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     title = f"mechgrok report: {run.name}"
@@ -131,8 +172,8 @@ def build(run: Run | str | Path, sections: Sequence[SectionFn] | None = None) ->
     atomic_write_text(run.path / "report.md", render_markdown(title, meta, results, figure_paths))
     report_json = {"format": REPORT_FORMAT, "run": run.name, "generated": generated,
                    "summary": {k: v.replace("`", "") for k, v in _summary(config)},
-                   "sections": {s.anchor: {"title": s.title, "numbers": s.numbers, "error": s.error}
-                                for s in results}}
+                   "sections": {s.anchor: {"title": s.title, "headline": s.headline or None, "numbers": s.numbers,
+                                           "error": s.error} for s in results}}
     atomic_write_text(run.path / "report.json", json.dumps(to_jsonable(report_json), indent=2, allow_nan=False))
     out = run.path / "report.html"
     atomic_write_text(out, render_html(title, meta, results))

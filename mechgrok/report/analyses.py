@@ -84,7 +84,10 @@ def progress_measures(run: Run) -> Section | None:
                                 "map, mean activation IPR of the neurons, share of neurons explained >= 50% by one "
                                 "frequency, and share of embedding power in the key frequencies.",
                                 name="progress-sparsity"))
-    text = [f"{len(steps)} checkpoints from step {int(steps[0])} to {int(steps[-1])}. Key frequencies "
+    meta = prog.get("meta", {})
+    of = (f" The measures use the {meta['operation']} examples (this run's first operation)."
+          if "+" in str(meta.get("task", "")) and meta.get("operation") else "")
+    text = [f"{len(steps)} checkpoints from step {int(steps[0])} to {int(steps[-1])}.{of} Key frequencies "
             f"(from the {key.get('source', '?')} at step {key.get('step')}): **{key.get('freqs')}**; rule: "
             f"{key.get('rule', '—')}."]
     r1, t1 = bounds.get("restricted_loss_below_1"), bounds.get("test_loss_below_1")
@@ -98,7 +101,12 @@ def progress_measures(run: Run) -> Section | None:
     return Section("Progress measures", text="\n\n".join(text), figures=figs,
                    tables=[Table(["phase boundary", "step"], rows, "How each boundary is defined: "
                                  "mechgrok.report.analyses.phase_boundaries.")],
-                   numbers={"phase_boundaries": bounds, "key_frequencies": key.get("freqs")})
+                   numbers={"phase_boundaries": bounds, "key_frequencies": key.get("freqs")},
+                   headline=(f"on the {meta['operation']} examples, " if of else "")
+                   + (f"restricted loss fell below 1 nat at step **{r1}**, {order} test loss (step {t1}); "
+                             if r1 is not None and t1 is not None else "")
+                   + (f"key frequencies {key.get('freqs')}." if key.get("freqs") else
+                      "no key frequencies (no frequency dominates enough neurons; see the note)."))
 
 
 def _sweep_figure(rows: list[dict[str, Any]], score: str, n_neurons: int):
@@ -186,7 +194,18 @@ def neuron_analysis(run: Run) -> Section | None:
         figs.append(Figure.from_mpl(_spectrum(data), "Key-frequency spectrum: how many neurons each frequency "
                                     "dominates, and the embedding's power per frequency.", name="neurons-spectrum"))
     header = ["pruned", "neurons", *_SPLITS.values()]
-    return Section("Neurons", text="\n\n".join(text), figures=figs,
+    before = data["evaluate"]
+
+    def change(split: str, after: dict[str, Any]) -> str:
+        label = {"train_corrupted": "corrupted-label", "test": "test"}[split]
+        return f"{label} accuracy {_acc(before, split + '_acc')} → {_acc(after, split + '_acc')}"
+
+    headline = "; ".join(
+        f"{len(g['memorizing'])} of {n} neurons memorizing by {score}; pruning them: "
+        + ", ".join(change(split, data["pruned_memorizing"][score])
+                    for split in ("train_corrupted", "test") if before.get(split, {}).get("acc") is not None)
+        for score, g in groups.items()) + "."
+    return Section("Neurons", text="\n\n".join(text), figures=figs, headline=headline,
                    tables=[Table(header, table_rows, "Accuracy after pruning each score's memorizing group.")],
                    numbers={"groups": {s: {"n_memorizing": len(g["memorizing"]), "threshold": g["threshold"],
                                            "separability": g["separability"]} for s, g in groups.items()},
@@ -234,7 +253,16 @@ def circuit_section(run: Run) -> Section | None:
     if "overlap" in data:
         numbers["overlap"] = data["overlap"]
         numbers["ablate_memorizing_only"] = data["ablate_memorizing_only"]
-    return Section("Circuits", text="\n\n".join(text), figures=figs, tables=tables, numbers=numbers)
+    parts = [f"{role} circuit {data[role]['size']} of {data[role]['n_components']} components "
+             f"(faithfulness {data[role]['faithfulness']:.2f})" for role in ("generalizing", "memorizing") if role in data]
+    if "overlap" in data:
+        ab = data["ablate_memorizing_only"]
+        parts.append(f"they share {data['overlap']['shared']} (Jaccard {data['overlap']['jaccard']:.2f}); zeroing the "
+                     f"{ab['n_neurons']} memorizing-only neurons: corrupted-label accuracy "
+                     f"{_acc(data['evaluate'], 'train_corrupted_acc')} → {_acc(ab['evaluate'], 'train_corrupted_acc')}, "
+                     f"test {_acc(data['evaluate'], 'test_acc')} → {_acc(ab['evaluate'], 'test_acc')}")
+    return Section("Circuits", text="\n\n".join(text), figures=figs, tables=tables, numbers=numbers,
+                   headline="; ".join(parts) + ".")
 
 
 @section(order=60, title="Circuit overlap across tasks", analysis="overlap")
@@ -292,7 +320,13 @@ def overlap_section(run: Run) -> Section | None:
     tables = [Table(["pair", "statistic", "value", "random mean", "random 95th pct", "p-value"], rows),
               Table(["circuit", *[f"on {b}" for b in names]], cf_rows,
                     "Cross-task faithfulness F_B(C_A): each operation's circuit evaluated on each operation's data.")]
+    headline = "Jaccard of the operations' circuits: " + ", ".join(
+        f"{pair.replace('|', '–')} {res['jaccard']['value']:.2f} (random {res['jaccard']['baseline_mean']:.2f}, "
+        f"p = {res['jaccard']['p_value']:.3f})" for pair, res in data["pairs"].items()) + "."
+    if "accuracy" in data:
+        headline += " Test accuracy " + ", ".join(f"{k} {v['test']:.2f}" for k, v in data["accuracy"].items()) + "."
     return Section("Circuit overlap across tasks", text="\n\n".join(text), figures=figs, tables=tables,
+                   headline=headline,
                    numbers={"sizes": data["sizes"], "accuracy": data.get("accuracy"), "matrix": data["matrix"]["matrix"],
                             "cross_faithfulness": cf["faithfulness"]})
 

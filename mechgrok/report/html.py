@@ -5,8 +5,9 @@ attachment or a different machine, and references no external URL. The Markdown 
 the same figures as PNG files next to it (``report_files/``).
 
 Section text is *Markdown-lite*: paragraphs separated by blank lines, bullet lists whose lines
-start with ``- ``, and inline ``**bold**`` and ```code```. Nothing else is interpreted, and all
-text is escaped with ``html.escape`` before it enters the HTML.
+start with ``- ``, inline ``**bold**`` and ```code```, and links within the page,
+``[text](#anchor)``. Nothing else is interpreted (a link to anything but an anchor stays text), and
+all text is escaped with ``html.escape`` before it enters the HTML.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def inline_html(text: str) -> str:
         if i % 2:
             out.append(f"<code>{escape(part)}</code>")
         else:
-            out.append(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escape(part)))
+            html = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escape(part))
+            out.append(re.sub(r"\[([^\]]+)\]\((#[\w\-]+)\)", r'<a href="\2">\1</a>', html))
     return "".join(out)
 
 

@@ -102,7 +102,19 @@ def influence_section(run: Run) -> Section | None:
         if fig is not None:
             figs.append(Figure.from_mpl(fig, "Self-influence of clean and corrupted training examples.",
                                         name="influence-self"))
+    parts = []
+    for g, r in last["groups"].items():
+        if g == "test":
+            parts.append(f"a held-out query's top {st['k']} share its answer {_f(r['frac_same_answer'], 2)} of the "
+                         f"time (base rate {data['base_rates']['frac_same_answer']:.2f})")
+        else:
+            parts.append(f"a memorized corrupted example's top {st['k']} are {_f(r['frac_corrupted'], 2)} corrupted "
+                         f"(base rate {data['base_rates']['frac_corrupted']:.2f})")
+    auc = last["self_influence"]["auroc_corrupted"]
+    if auc is not None:
+        parts.append(f"self-influence separates corrupted from clean examples with AUROC {auc:.3f}")
     return Section("Influential training examples", text="\n\n".join(text), figures=figs, tables=tables,
+                   headline=f"at step {steps[-1]}, " + "; ".join(parts) + ".",
                    numbers={step: {"groups": {g: {k: v for k, v in r.items() if k != "example"}
                                               for g, r in row["groups"].items()},
                                    "auroc_corrupted": row["self_influence"]["auroc_corrupted"]}

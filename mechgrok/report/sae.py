@@ -136,7 +136,16 @@ def sae_section(run: Run) -> Section | None:
                                 ot["steps"], ot["test_acc"], ot["explained_variance"], ot["l0"], ot["dead_fraction"],
                                 ot["counts"]["memorizing"], ot["counts"]["generalizing"])],
                             "SAEs on earlier checkpoints."))
-    return Section("SAE features", text="\n\n".join(text), figures=figs, tables=tables,
+    headline = (f"explained variance {_f(by['test']['explained_variance'])} on held-out examples at L0 "
+                f"{_f(by['all']['l0'], 1)}; {counts['generalizing']} generalizing and {counts['memorizing']} memorizing "
+                "features")
+    for g, split in (("generalizing", "test"), ("memorizing", "train_corrupted")):
+        r = ab["groups"].get(g)
+        if r and r["n"] and split in splits:
+            headline += (f"; ablating the {g} ones: {_SPLITS[split]} accuracy {_f(ev['original'][split]['acc'])} → "
+                         f"{_f(r['ablated'][split]['acc'])} (as many random features: "
+                         f"{_f(r['random']['acc_mean'].get(split))})")
+    return Section("SAE features", text="\n\n".join(text), figures=figs, tables=tables, headline=headline + ".",
                    numbers={"explained_variance_test": by["test"]["explained_variance"], "l0": by["all"]["l0"],
                             "dead_fraction": ev["dead_fraction"], "counts": counts,
                             "loss_recovered": ev["loss_recovered"]})

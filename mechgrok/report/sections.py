@@ -73,6 +73,7 @@ class Section:
     tables: list[Table] = field(default_factory=list)
     numbers: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # set by build when the section function raised
+    headline: str = ""  # the key result in one sentence with its numbers, for the report's summary
 
     def __post_init__(self):
         self.anchor = self.anchor or slugify(self.title)
@@ -271,7 +272,16 @@ def training(run: Run) -> Section | None:
                "grokking_delay_ratio": ratio, "memorization_threshold": "train_acc >= 1 - 1e-9",
                "generalization_threshold": "test_acc >= 0.95", "n_evals": len(hist), "final_step": last_step,
                "best_test_acc": best_test, "has_corrupted": corrupted, "final": final}
-    return Section("Training", text="\n\n".join(text), figures=figs, tables=[table], numbers=numbers)
+    headline = ("fit its training set (train accuracy 100%) at step " + (f"**{mem}**" if mem is not None else
+                                                                          "— never")
+                + (f", generalized (test accuracy ≥ 95%) at step **{gen}**" if gen is not None
+                   else f", never reached 95% test accuracy (best {_pct(best_test)})")
+                + f"; at step {last_step} test accuracy is {_pct(final['test_acc'])}"
+                + (f" and the corrupted examples' is {_pct(final['train_corrupted_acc'])} against their corrupted "
+                   f"labels, {_pct(final['train_corrupted_true_acc'])} against their true ones" if corrupted else "")
+                + ".")
+    return Section("Training", text="\n\n".join(text), figures=figs, tables=[table], numbers=numbers,
+                   headline=headline)
 
 
 _MAX_ROWS = 40
