@@ -254,10 +254,10 @@ def circuit_section(run: Run) -> Section | None:
         numbers["overlap"] = data["overlap"]
         numbers["ablate_memorizing_only"] = data["ablate_memorizing_only"]
     parts = [f"{role} circuit {data[role]['size']} of {data[role]['n_components']} components "
-             f"(faithfulness {data[role]['faithfulness']:.2f})" for role in ("generalizing", "memorizing") if role in data]
+             f"(faithfulness {_two(data[role]['faithfulness'])})" for role in ("generalizing", "memorizing") if role in data]
     if "overlap" in data:
         ab = data["ablate_memorizing_only"]
-        parts.append(f"they share {data['overlap']['shared']} (Jaccard {data['overlap']['jaccard']:.2f}); zeroing the "
+        parts.append(f"they share {data['overlap']['shared']} (Jaccard {_two(data['overlap']['jaccard'])}); zeroing the "
                      f"{ab['n_neurons']} memorizing-only neurons: corrupted-label accuracy "
                      f"{_acc(data['evaluate'], 'train_corrupted_acc')} → {_acc(ab['evaluate'], 'train_corrupted_acc')}, "
                      f"test {_acc(data['evaluate'], 'test_acc')} → {_acc(ab['evaluate'], 'test_acc')}")
@@ -282,7 +282,7 @@ def overlap_section(run: Run) -> Section | None:
             "is a weak null."]
     if "accuracy" in data:  # written by analyses since the demo gained its multi-task run
         text.append(f"The model at step {data['step']:,}: " + ", ".join(
-            f"{k} train {v['train']:.2f} / test {v['test']:.2f}" for k, v in data["accuracy"].items())
+            f"{k} train {_two(v['train'])} / test {_two(v['test'])}" for k, v in data["accuracy"].items())
             + " accuracy. Circuits of an operation that has not generalized describe its memorization as much "
             "as its algorithm.")
     text.append("Sizes: " + ", ".join(f"{k} {v} (F = {data['faithfulness'][k]:.2f})" for k, v in data["sizes"].items())
@@ -324,7 +324,7 @@ def overlap_section(run: Run) -> Section | None:
         f"{pair.replace('|', '–')} {res['jaccard']['value']:.2f} (random {res['jaccard']['baseline_mean']:.2f}, "
         f"p = {res['jaccard']['p_value']:.3f})" for pair, res in data["pairs"].items()) + "."
     if "accuracy" in data:
-        headline += " Test accuracy " + ", ".join(f"{k} {v['test']:.2f}" for k, v in data["accuracy"].items()) + "."
+        headline += " Test accuracy " + ", ".join(f"{k} {_two(v['test'])}" for k, v in data["accuracy"].items()) + "."
     return Section("Circuit overlap across tasks", text="\n\n".join(text), figures=figs, tables=tables,
                    headline=headline,
                    numbers={"sizes": data["sizes"], "accuracy": data.get("accuracy"), "matrix": data["matrix"]["matrix"],
@@ -333,3 +333,8 @@ def overlap_section(run: Run) -> Section | None:
 
 def _fmt(v: Any) -> str:
     return "—" if v is None else f"{v:.3g}"
+
+
+def _two(v: float | None) -> str:
+    """Two decimals, or an em dash for a missing value (a split with no examples)."""
+    return "—" if v is None else f"{v:.2f}"
