@@ -222,8 +222,10 @@ class EKFAC:
         self.n_examples_ = int(n_ex)
         self.fit_idx_ = idx.cpu()
         self.damping_ = damping_values(self.lambda_, cfg.damping, cfg.damping_mode)
-        log.info("EK-FAC fitted %d maps on %d examples (%d label samples each); damping %s", len(self.maps),
-                 idx.numel(), cfg.n_samples if cfg.fisher == "true" else 1, self.damping_)
+        lo, hi = min(self.damping_.values()), max(self.damping_.values())
+        log.info("EK-FAC fitted %d maps on %d examples (%d label samples each); damping %.3g to %.3g "
+                 "(per map: .damping_)", len(self.maps), idx.numel(), cfg.n_samples if cfg.fisher == "true" else 1,
+                 lo, hi)
         return self
 
     def with_damping(self, damping: float, damping_mode: str = "relative") -> EKFAC:
