@@ -114,6 +114,9 @@ def _demo(args: argparse.Namespace) -> Path:
     workers = args.workers if args.workers is not None else min(2, os.cpu_count() or 1)
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
+        raise FileExistsError(f"{out} exists and is not a mechgrok run; choose another --out (the demo never "
+                              "writes into a folder it did not make)")
     if not (out / "config.json").exists():  # the outer run folder first: the nested runs then live inside it
         task, model, cfg = presets.build(next(preset for preset, sub, _ in DEMO_RUNS if not sub))
         train(model, task, cfg, out=out, progress=False, stop_at=0)

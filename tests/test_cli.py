@@ -47,3 +47,8 @@ def test_demo_runs_nested_runs_in_worker_processes(tmp_path, monkeypatch, capsys
     assert {p: p.read_bytes() for p in kept} == kept
     assert main(["demo", "--out", str(out), "--workers", "0"]) == 2
     assert "--workers must be >= 1" in capsys.readouterr().err
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    assert main(["demo", "--out", str(tmp_path / "notes")]) == 2
+    assert "not a mechgrok run; choose another --out" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
