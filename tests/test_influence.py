@@ -4,6 +4,7 @@ kronfluence agreement, two gloo processes, scores' invariants, save/load and err
 import copy
 import gc
 import logging
+import math
 import os
 import tempfile
 
@@ -402,3 +403,70 @@ def test_errors_say_what_to_do(task, tf):
         ek.scores("test", "train", low_rank=0)
     with pytest.raises(ValueError, match="no nn.Linear"):
         linear_maps(nn.Sequential(nn.ReLU()))
+
+
+def test_tfidf_vectors_match_a_by_hand_computation(task):
+    from mechgrok.influence import tfidf_vectors
+
+    train = task.train.nonzero().flatten().tolist()
+    docs = {i: [f"t{int(x)}" for x in task.inputs[i]] + [f"y{int(task.labels[i])}"] for i in range(len(task.labels))}
+    df = {}
+    for i in train:
+        for term in set(docs[i]):
+            df[term] = df.get(term, 0) + 1
+    n = len(train)
+
+    def by_hand(i):
+        counts = {}
+        for term in docs[i]:
+            counts[term] = counts.get(term, 0) + 1
+        v = {term: c * (math.log((1 + n) / (1 + df.get(term, 0))) + 1) for term, c in counts.items()}
+        norm = math.sqrt(sum(x * x for x in v.values()))
+        return {term: x / norm for term, x in v.items()}
+
+    V = tfidf_vectors(task, "all", "train")
+    vocab = int(task.inputs.max()) + 1
+    for i in (0, train[3], int(task.test.nonzero()[0])):
+        want = by_hand(i)
+        got = {(f"t{j}" if j < vocab else f"y{j - vocab}"): float(V[i, j]) for j in V[i].nonzero().flatten().tolist()}
+        assert set(got) == set(want) and all(abs(got[t] - want[t]) < 1e-12 for t in want)
+
+
+def test_tfidf_candidates_and_candidate_scores(task, tf):
+    from mechgrok.influence import candidate_recall, tfidf_candidates
+
+    train = task.train.nonzero().flatten()
+    cand = tfidf_candidates(task, "train_corrupted", "train", k=6)
+    q = task.train_corrupted.nonzero().flatten()
+    assert cand.shape == (q.numel(), 6)
+    # a training query is among its best matches (a bag of terms: (a, b) and (b, a) with one label tie)
+    assert all(int(i) in row[:2].tolist() for i, row in zip(q, cand))
+    assert bool(task.train[cand].all())
+    # the candidates share an operand or the answer with the query more than random training examples do
+    shares = lambda i, j: bool(set(task.inputs[i, :2].tolist()) & set(task.inputs[j, :2].tolist())) or \
+        int(task.labels[i]) == int(task.labels[j])  # noqa: E731
+    share_cand = sum(shares(int(a), int(b)) for a, row in zip(q, cand) for b in row[1:]) / (q.numel() * 5)
+    share_all = sum(shares(int(a), int(b)) for a in q for b in train if int(b) != int(a)) / (q.numel() * (len(train) - 1))
+    assert share_cand == 1.0 > share_all
+    ek = EKFAC(tf, task, progress=False).fit("train")
+    S = ek.scores(q, "train")
+    C = ek.candidate_scores(q, cand)
+    col = {int(t): j for j, t in enumerate(train)}
+    want = torch.stack([S[i, [col[int(t)] for t in row]] for i, row in enumerate(cand)])
+    assert rel(C, want) < 1e-12
+    # the top influences among the candidates, through top_influences with per-query candidate sets
+    top = top_influences(C, task, cand, k=3, query_idx=q)
+    assert bool((top.scores[:, :-1] >= top.scores[:, 1:]).all())
+    assert all(set(r.tolist()) <= set(c.tolist()) for r, c in zip(top.indices, cand))
+    # every training example as a candidate: the same top influences as the full scores, and recall 1
+    everything = tfidf_candidates(task, q, "train", k=len(train))
+    full = top_influences(S, task, "train", k=3, query_idx=q)
+    assert torch.equal(top_influences(ek.candidate_scores(q, everything), task, everything, k=3).indices, full.indices)
+    assert candidate_recall(S, "train", everything, task, top=5) == {"recall": 1.0, "random": 1.0, "k": len(train),
+                                                                     "top": 5}
+    r = candidate_recall(S, "train", cand, task, top=5)
+    assert 0 <= r["recall"] <= 1 and r["random"] == 6 / len(train)
+    with pytest.raises(ValueError, match="candidates must be integer task indices"):
+        ek.candidate_scores(q, cand[:2])
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        tfidf_candidates(task, q, "train", k=0)

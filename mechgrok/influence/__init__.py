@@ -6,16 +6,21 @@
   low-rank query batching (Grosse et al. 2023); save / load; ``torch.distributed`` fitting and scoring.
 - :func:`top_influences`: the most influential training examples of each query, with their
   clean / corrupted membership.
+- :func:`tfidf_candidates`: TF-IDF candidate filtering (Grosse et al. 2023): score each query
+  against its most token-similar training examples only (:meth:`EKFAC.candidate_scores`), and
+  :func:`candidate_recall`, how many true top influences the filter keeps.
 - :func:`exact_influence`: the full damped Fisher / GGN / Hessian reference for small models.
 - :func:`ranking_agreement`: how well two score matrices agree (Pearson, Spearman, top-k overlap).
 - :func:`as_linear`: a HookedTransformer copied into ``nn.Linear`` layers (for kronfluence).
 
 One module per capability: ``maps`` (which linear maps, where their inputs and outputs live),
 ``grads`` (inputs and output gradients from hooks), ``factors`` (the K-FAC / EK-FAC maths), ``ekfac``
-(the fitted state), ``scores`` (contractions, query batching, reading scores), ``exact`` (the
+(the fitted state), ``scores`` (contractions, query batching, reading scores), ``candidates``
+(TF-IDF filtering), ``exact`` (the
 reference), ``distributed`` (process groups; how to launch with torchrun), ``saving``, ``rewrite``.
 """
 
+from mechgrok.influence.candidates import candidate_recall, tfidf_candidates, tfidf_vectors
 from mechgrok.influence.ekfac import EKFAC, EKFACConfig
 from mechgrok.influence.exact import exact_curvature, exact_influence, per_example_gradients
 from mechgrok.influence.maps import LinearMap, linear_maps
@@ -23,4 +28,5 @@ from mechgrok.influence.rewrite import LinearTransformer, as_linear
 from mechgrok.influence.scores import TopInfluences, ranking_agreement, top_influences
 
 __all__ = ["EKFAC", "EKFACConfig", "top_influences", "TopInfluences", "exact_influence", "exact_curvature",
-           "per_example_gradients", "ranking_agreement", "linear_maps", "LinearMap", "as_linear", "LinearTransformer"]
+           "per_example_gradients", "ranking_agreement", "linear_maps", "LinearMap", "as_linear", "LinearTransformer",
+           "tfidf_candidates", "tfidf_vectors", "candidate_recall"]

@@ -300,6 +300,25 @@ class EKFAC:
             out = {k: D.all_gather_columns(v, t.numel(), size) for k, v in out.items()}
         return out if by_module else torch.stack(list(out.values())).sum(0)
 
+    def candidate_scores(self, query_idx, candidates, *, low_rank: int | None = None,
+                         query_labels: str = "labels") -> Float[Tensor, "q k"]:
+        """Influence of each query on its own candidate training examples only, float64
+        ``[n_query, k]``: entry ``[i, j]`` is the score of ``candidates[i, j]`` on query ``i``.
+
+        The candidate sets come from TF-IDF filtering (Grosse et al. 2023;
+        ``mechgrok.influence.tfidf_candidates``) or any other ``[n_query, k]`` task indices.
+        Training gradients are computed once for the union of the sets, so the cost follows the
+        union's size; the values equal the matching columns of :meth:`scores`.
+        """
+        q = as_index(query_idx, self.task, "query_idx")
+        cand = torch.as_tensor(candidates)
+        if cand.ndim != 2 or cand.shape[0] != q.numel() or cand.dtype in (torch.bool, torch.float32, torch.float64):
+            raise ValueError(f"candidates must be integer task indices [n_query={q.numel()}, k], got shape "
+                             f"{tuple(cand.shape)} and dtype {cand.dtype}")
+        union, inverse = torch.unique(cand.long(), return_inverse=True)
+        S = self.scores(q, union, low_rank=low_rank, query_labels=query_labels)  # [q, |union|]
+        return S.gather(1, inverse.to(S.device))
+
     def self_influence(self, train_idx=None, *, by_module: bool = False) -> Tensor | dict[str, Tensor]:
         """Self-influence ``g_zᵀ (F + λI)⁻¹ g_z`` ``[n_train]`` (≥ 0), float64; a common
         memorization / outlier score (Grosse et al. 2023). ``by_module`` as in :meth:`scores`."""

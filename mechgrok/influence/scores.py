@@ -98,23 +98,31 @@ def top_influences(S: Float[Tensor, "q t"], task: Task, train_idx, k: int = 20, 
     membership and whether they share the query's answer.
 
     Args:
-        S: scores ``[n_query, n_train]`` from :meth:`EKFAC.scores`.
+        S: scores ``[n_query, n_train]`` from :meth:`EKFAC.scores`, or ``[n_query, k]`` from
+            :meth:`EKFAC.candidate_scores`.
         task: the task the indices refer to.
-        train_idx: the training examples of ``S``'s columns (indices, mask or split name).
+        train_idx: the training examples of ``S``'s columns (indices, mask or split name), or
+            the ``[n_query, k]`` candidate sets whose scores ``S`` holds.
         k: how many per query (capped at ``n_train``).
         query_idx: the queries of ``S``'s rows; needed for the same-answer flags.
     """
     if sign not in ("positive", "negative", "abs"):
         raise ValueError(f"sign must be 'positive', 'negative' or 'abs', got {sign!r}")
-    t = as_index(train_idx, task, "train_idx")
-    if S.ndim != 2 or S.shape[1] != t.numel():
-        raise ValueError(f"S has shape {tuple(S.shape)} but train_idx selects {t.numel()} examples; pass the "
-                         "train_idx used to compute S")
+    if isinstance(train_idx, Tensor) and train_idx.ndim == 2:  # per-query candidate sets
+        if train_idx.shape != S.shape:
+            raise ValueError(f"candidate sets of shape {tuple(train_idx.shape)} do not match S {tuple(S.shape)}")
+        rows = train_idx.long()
+    else:
+        t = as_index(train_idx, task, "train_idx")
+        if S.ndim != 2 or S.shape[1] != t.numel():
+            raise ValueError(f"S has shape {tuple(S.shape)} but train_idx selects {t.numel()} examples; pass the "
+                             "train_idx used to compute S")
+        rows = t.expand(S.shape[0], -1)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     key = {"positive": S, "negative": -S, "abs": S.abs()}[sign]
-    order = key.topk(min(k, t.numel()), dim=1).indices  # [q, k]
-    idx = t[order]
+    order = key.topk(min(k, S.shape[1]), dim=1).indices  # [q, k]
+    idx = rows.gather(1, order)
     if query_idx is not None:
         q = as_index(query_idx, task, "query_idx")
         if q.numel() != S.shape[0]:
