@@ -41,6 +41,8 @@ def test_nested_run_sections(corrupted_run, tmp_path):
     shutil.copytree(corrupted_run.path, outer / "mlp")
     html = mg.report.build(outer).read_text()
     assert ">mlp: Training</h2>" in html and ">Training</h2>" in html
+    toc = html[html.index('<nav class="toc">'):html.index("</nav>")]  # the nested run's sections under its name
+    assert '<li>mlp<ol><li><a href="#mlp-run-configuration">Run configuration</a></li>' in toc
     summary = html[html.index('<section id="summary">'):html.index('<section id="run-configuration">')]
     assert '<li><a href="#mlp-training">Training</a>' in summary and '<a href="#mlp-neurons">Neurons</a>' in summary
     assert "<strong>mlp</strong>: add mod 13, 60% of the pairs for training, 20% of their labels corrupted; mlp" in summary

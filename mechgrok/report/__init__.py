@@ -136,6 +136,7 @@ def build(run: Run | str | Path, sections: Sequence[SectionFn] | None = None) ->
             if s is not None:
                 s.title = f"{sub.name}: {s.title}"
                 s.anchor = slugify(s.title)
+                s.group = sub.name
                 for fig in s.figures:
                     fig.name = f"{sub.name}-{fig.name}" if fig.name else ""
                 group.append(s)

@@ -127,6 +127,17 @@ def _numeric_columns(table: Table) -> list[bool]:
             for i in range(len(table.header))]
 
 
+def _groups(sections: Sequence[Section]) -> list[tuple[str, list[Section]]]:
+    """Consecutive sections of the same nested run, for a table of contents with one level per run."""
+    out: list[tuple[str, list[Section]]] = []
+    for s in sections:
+        if out and out[-1][0] == s.group:
+            out[-1][1].append(s)
+        else:
+            out.append((s.group, [s]))
+    return out
+
+
 # ------------------------------------------------------------------------------------- HTML
 def _table_html(table: Table) -> str:
     numeric = _numeric_columns(table)
@@ -143,7 +154,11 @@ def _table_html(table: Table) -> str:
 def render_html(title: str, meta: Sequence[tuple[str, str]], sections: Sequence[Section]) -> str:
     """One self-contained HTML page: header, table of contents, then every section in order."""
     meta_html = "".join(f"<dt>{escape(k)}</dt><dd>{inline_html(v)}</dd>" for k, v in meta)
-    toc = "".join(f'<li><a href="#{escape(s.anchor)}">{escape(s.title)}</a></li>' for s in sections)
+    toc = "".join(
+        f"<li>{escape(group)}<ol>" + "".join(f'<li><a href="#{escape(s.anchor)}">{escape(s.title[len(group) + 2:])}'
+                                             "</a></li>" for s in members) + "</ol></li>" if group else
+        "".join(f'<li><a href="#{escape(s.anchor)}">{escape(s.title)}</a></li>' for s in members)
+        for group, members in _groups(sections))
     body, n_fig = [], 0
     for s in sections:
         parts = [f'<section id="{escape(s.anchor)}">', f"<h2>{escape(s.title)}</h2>"]
@@ -197,7 +212,17 @@ def render_markdown(title: str, meta: Sequence[tuple[str, str]], sections: Seque
     """The Markdown twin; ``figure_paths[i][j]`` is the relative path of section i's figure j."""
     out = [f"# {title}", ""]
     out += [f"- **{k}:** {v}" for k, v in meta] + ["", "## Contents", ""]
-    out += [f"{i}. [{s.title}](#{s.anchor})" for i, s in enumerate(sections, 1)] + [""]
+    n = 0
+    for group, members in _groups(sections):
+        if group:
+            n += 1
+            out.append(f"{n}. {group}")
+            out += [f"   - [{s.title[len(group) + 2:]}](#{s.anchor})" for s in members]
+        else:
+            for s in members:
+                n += 1
+                out.append(f"{n}. [{s.title}](#{s.anchor})")
+    out.append("")
     n_fig = 0
     for s, paths in zip(sections, figure_paths):
         out += [f"## {s.title}", ""]

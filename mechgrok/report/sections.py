@@ -74,6 +74,7 @@ class Section:
     numbers: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # set by build when the section function raised
     headline: str = ""  # the key result in one sentence with its numbers, for the report's summary
+    group: str = ""  # set by build: the nested run a section belongs to ("" for the report's own run)
 
     def __post_init__(self):
         self.anchor = self.anchor or slugify(self.title)
