@@ -182,19 +182,20 @@ def sae_analysis(run: Run, *, hook: str | None = None, architecture: str = "topk
     n_rows = int(task.mask(split).sum())
     steps = steps or min(3000, max(300, 200 * n_rows // min(256, n_rows)))
     training_sae_steps = training_sae_steps or max(100, steps // 3)
-    settings = dict(architecture=architecture, d_sae=d_sae, k=k, split=split)
+    config = saes.SAEConfig(architecture=architecture, d_sae=d_sae, k=k, steps=steps)
     folder = run.path / "analysis" / "sae" / "final"
-    sae = saes.train(model, task, hook, steps=steps, out=folder, overwrite=True, progress=progress, **settings)
+    sae = saes.train(model, task, hook, config, split=split, out=folder, overwrite=True, progress=progress)
     ev = saes.evaluate(model, sae, task, loss=loss)
     stats = saes.features(model, sae, task)
     groups = {name: stats.indices(name) for name in ("memorizing", "generalizing")}
     study = saes.ablation_study(model, sae, task, groups, alive=stats.alive, n_random=n_random, loss=loss)
     earlier = [s for s in saes.pick_steps(run.steps(), n_training_steps + 1) if s != step]
-    over = saes.over_training(run, hook, earlier, loss=loss, progress=progress, steps=training_sae_steps, **settings)
+    over = saes.over_training(run, hook, earlier, loss=loss, progress=progress, split=split,
+                              config=config.replace(steps=training_sae_steps))
     top = stats.table(k=8)
     spectra = ({str(r["feature"]): stats.spectra[r["feature"]].tolist() for r in top}
                if stats.spectra is not None else None)
-    return {"step": step, "hook": hook, "settings": settings | {"steps": steps, "seed": 0},
+    return {"step": step, "hook": hook, "settings": config.to_dict() | {"split": split},
             "folder": str(folder.relative_to(run.path)), "evaluate": {k_: v for k_, v in ev.items() if k_ != "fire_rate"},
             "counts": stats.counts(), "rule": stats.rule, "features": stats.table(k=50), "spectra": spectra,
             "generalizing_freqs": [int(stats.dominant_freq[f]) for f in groups["generalizing"]]

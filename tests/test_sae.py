@@ -79,6 +79,27 @@ def test_seeded_and_fed_from_disk(setup, tmp_path):
     assert torch.equal(state, torch.get_rng_state())  # the global RNG is left alone
 
 
+def test_config_object_equals_keywords_and_is_recorded(setup, tmp_path):
+    task, model, _ = setup
+    cfg = mg.sae.SAEConfig(d_sae=48, k=4, steps=40, batch_size=32, seed=3)
+    a = mg.sae.train(model, task, HOOK, cfg, progress=False, out=tmp_path / "a")
+    b = tiny(model, task, tmp_path, "b", seed=3)
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert mg.sae.load(tmp_path / "a").cfg.metadata.mechgrok_config == cfg.to_dict()  # saved with the SAE
+    # keywords override the config; names that are not fields are sae-lens options
+    c = cfg.replace(k=8, aux_loss_coefficient=0.5)
+    assert c.k == 8 and c.options == {"aux_loss_coefficient": 0.5} and cfg.k == 4
+    assert mg.sae.SAEConfig.from_dict(c.to_dict()) == c
+    d = mg.sae.train(model, task, HOOK, cfg, k=8, progress=False, out=tmp_path / "d")
+    assert d.cfg.metadata.mechgrok_config["k"] == 8
+    with pytest.raises(ValueError, match="SAEConfig: steps must be a positive integer"):
+        mg.sae.SAEConfig(steps=0)
+    with pytest.raises(ValueError, match="unknown fields"):
+        mg.sae.SAEConfig.from_dict({"width": 3})
+    with pytest.raises(TypeError, match="SAEConfig"):
+        mg.sae.train(model, task, HOOK, {"d_sae": 48})
+
+
 def test_training_learns(setup, tmp_path):
     task, model, _ = setup
     sae = tiny(model, task, tmp_path, architecture="topk", steps=300, d_sae=64, k=8)

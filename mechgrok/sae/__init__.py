@@ -4,6 +4,8 @@ label memorizing and generalizing features, and intervene on them.
 Typical use (``model``, ``task`` from ``mg.presets.build`` or a run)::
 
     sae = mg.sae.train(model, task, hook="blocks.0.mlp.hook_post", architecture="topk", d_sae=512, k=16)
+    cfg = mg.sae.SAEConfig(architecture="jumprelu", d_sae=1024, steps=2000)   # or one config object
+    sae = mg.sae.train(model, task, "blocks.0.mlp.hook_post", cfg)
     mg.sae.evaluate(model, sae, task)["by_split"]["test"]["explained_variance"]
     feats = mg.sae.features(model, sae, task)
     mg.evaluate(mg.sae.ablate(model, sae, feats.memorizing), task)
@@ -16,8 +18,8 @@ from mechgrok.sae.evaluate import evaluate, reconstruction
 from mechgrok.sae.features import LABELS, FeatureStats, features
 from mechgrok.sae.intervene import ablate, ablation_study, edit, mean_ablate, splice
 from mechgrok.sae.over_training import over_training, pick_steps
-from mechgrok.sae.train import ARCHITECTURES, activations, load, site, train
+from mechgrok.sae.train import ARCHITECTURES, SAEConfig, activations, load, site, train
 
-__all__ = ["train", "load", "activations", "site", "ARCHITECTURES", "evaluate", "reconstruction", "features",
+__all__ = ["train", "SAEConfig", "load", "activations", "site", "ARCHITECTURES", "evaluate", "reconstruction", "features",
            "FeatureStats", "LABELS", "splice", "ablate", "mean_ablate", "edit", "ablation_study",
            "over_training", "pick_steps"]
