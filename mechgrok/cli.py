@@ -71,7 +71,8 @@ def _analyze(args: argparse.Namespace) -> Path:
 
 
 # The demo's runs: (preset, folder inside --out, analyses; None = all), longest first so that two
-# workers finish together (measured on 2 cores: doshi-mlp ~280 s, demo ~190 s, demo-multi ~90 s).
+# workers finish together (measured in two workers on 2 cores: doshi-mlp ~350 s; demo ~200 s, then
+# demo-multi ~105 s).
 DEMO_RUNS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("doshi-mlp", "doshi-mlp", None),
     ("demo", "", None),
@@ -129,7 +130,7 @@ def _demo(args: argparse.Namespace) -> Path:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        log.info("training and analysing %d runs in %d worker processes (about 5 minutes on 2 cores)",
+        log.info("training and analysing %d runs in %d worker processes (about 6 minutes on 2 cores)",
                  len(jobs), workers)
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
             futures = [pool.submit(_demo_run, *job, False, level) for job in jobs]
