@@ -102,6 +102,21 @@ def test_baseline_matches_hypergeometric(graphs):
     assert r["weighted_jaccard"]["p95"] < 1
 
 
+def test_score_overlap_equals_overlap_of_the_circuits(graphs):
+    g = graphs["edge"]
+    a, b = circuit(g, 3, 12), circuit(g, 4, 20)
+    keys = list(a.scores)
+    pos = {k: i for i, k in enumerate(keys)}
+    r = ov.score_overlap([a.scores[k] for k in keys], [b.scores[k] for k in keys], [pos[c] for c in a.components],
+                         [pos[c] for c in b.components], baseline=500, seed=5)
+    want = ov.overlap(a, b, baseline=500, seed=5)
+    assert r == {k: v for k, v in want.items() if k not in ("by", "level")}
+    with pytest.raises(ValueError, match="same length"):
+        ov.score_overlap([1.0, 2.0], [1.0], [0], [0])
+    with pytest.raises(ValueError, match=r"lie in \[0, 2\)"):
+        ov.score_overlap([1.0, 2.0], [1.0, 0.5], [0, 2], [0])
+
+
 def test_random_circuits_are_not_significant(graphs):
     g = graphs["edge"]
     ps = [ov.overlap(circuit(g, 10 + i, 12), circuit(g, 100 + i, 12), baseline=200, seed=i) for i in range(10)]

@@ -277,3 +277,46 @@ def test_analysis_over_training_and_report(tmp_path):
     assert mg.sae.pick_steps([0, 10, 20, 30, 40], 3) == [0, 20, 40]
     with pytest.raises(ValueError, match="no checkpoints at steps"):
         mg.sae.over_training(run, HOOK, [7], steps=10, progress=False)
+
+
+# --- features shared across tasks ---------------------------------------------------------------
+def test_task_attribution_is_the_mean_ablation_effect_and_overlap(tmp_path):
+    task = mg.tasks.multi_task([("add", 7), ("sub", 7)], train_frac=0.6, seed=0)
+    model = mg.models.transformer(task, n_layers=1, d_model=16, n_heads=2, d_mlp=32, seed=0)
+    mg.train(model, task, mg.TrainConfig(steps=150, lr=1e-2, eval_every=50, checkpoint_every=150), progress=False)
+    sae = mg.sae.train(model, task, HOOK, d_sae=48, k=4, steps=80, batch_size=32, progress=False, out=tmp_path / "s")
+    attr = mg.sae.task_attribution(model, sae, task, "sub")
+    idx = task.test.nonzero().flatten()
+    idx = idx[task.task_ids[idx] == 1]
+    y = task.labels[idx]
+    with torch.no_grad():
+        acts = sae.encode(mg.sae.activations(model, task, HOOK)[idx])
+
+    @torch.no_grad()
+    def metric(m):
+        logits = m(task.inputs[idx])[:, -1].double()
+        return float((logits.gather(1, y[:, None]).squeeze(1) - logits.mean(1)).mean())
+
+    base = metric(model)
+    for f in attr.abs().topk(3).indices.tolist():  # the last layer's MLP reaches the logits linearly: exact
+        mean_f = float(acts[:, f].mean())
+        ablated = mg.sae.edit(model, sae, lambda x, f=f: x + ((mean_f - sae.encode(x)[:, f])[:, None] * sae.W_dec[f]))
+        assert abs((metric(ablated) - base) - (-float(attr[f]))) < 1e-4 * max(1.0, abs(float(attr[f])))
+    # every feature mean-ablated at once moves the metric by the total attribution (linearity again)
+    means = acts.mean(0)
+    everything = mg.sae.edit(model, sae, lambda x: x + (means - sae.encode(x)) @ sae.W_dec)
+    assert abs((base - metric(everything)) - float(attr.sum())) < 1e-4 * max(1.0, abs(float(attr.sum())))
+
+    scores = torch.tensor([0.5, -0.1, 2.0, 0.3, 0.0])  # total 2.7; by |score|: 2.0, 0.5, 0.3, -0.1, 0
+    assert mg.sae.select_features(scores, target=0.7)[0].tolist() == [2]  # 2.0 / 2.7 = 0.74
+    chosen, share = mg.sae.select_features(scores, target=0.8)
+    assert chosen.tolist() == [2, 0] and share == pytest.approx(2.5 / 2.7)
+    assert mg.sae.select_features(scores, target=1.0)[0].tolist() == [2, 0, 3]  # 2.8 / 2.7 >= 1
+    assert mg.sae.select_features(-scores)[0].numel() == 5  # nothing to explain: every feature
+    res = mg.sae.feature_overlap(model, sae, task, baseline=200)
+    assert res["names"] == ["add", "sub"] and set(res["pairs"]) == {"add|sub"}
+    pair = res["pairs"]["add|sub"]
+    assert pair["size_a"] == len(res["features"]["add"]) and 0 <= pair["jaccard"]["value"] <= 1
+    assert res["scores"]["sub"] == attr.tolist()
+    with pytest.raises(ValueError, match="unknown task 'mul'"):
+        mg.sae.task_attribution(model, sae, task, "mul")

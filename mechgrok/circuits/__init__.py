@@ -18,12 +18,13 @@ from mechgrok.circuits.discover import (circuit_metric, contrast, discover, fait
                                         generalizing_vs_memorizing, task_circuits)
 from mechgrok.circuits.graph import LEVELS, Edge, Graph, graph
 from mechgrok.circuits.overlap import (draw_shared, overlap, overlap_heatmap, overlap_matrix, overlap_vs_k,
-                                       overlap_vs_k_figure, project)
+                                       overlap_vs_k_figure, project, score_overlap)
 from mechgrok.circuits.patching import CORRUPTIONS, Patcher
 from mechgrok.circuits.reuse import cross_faithfulness, overlap_over_training
 
 __all__ = ["graph", "Graph", "Edge", "LEVELS", "attribute", "METHODS", "acdc_kept", "Patcher", "CORRUPTIONS",
            "Circuit", "select", "select_greedy", "discover", "faithfulness", "faithfulness_curve", "circuit_metric",
            "contrast", "generalizing_vs_memorizing", "task_circuits", "metrics", "overlap", "overlap_matrix",
-           "overlap_heatmap", "draw_shared", "overlap_vs_k", "overlap_vs_k_figure", "project", "cross_faithfulness",
+           "overlap_heatmap", "draw_shared", "overlap_vs_k", "overlap_vs_k_figure", "project", "score_overlap",
+           "cross_faithfulness",
            "overlap_over_training"]

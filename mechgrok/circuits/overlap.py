@@ -49,6 +49,7 @@ from mechgrok._stats import average_ranks
 from mechgrok.circuits.circuit import Circuit
 
 __all__ = ["jaccard", "overlap_coefficient", "dice", "containment", "set_overlap", "weighted_jaccard", "spearman",
+           "score_overlap",
            "project", "overlap", "expected_jaccard", "overlap_vs_k", "overlap_vs_k_figure", "overlap_matrix",
            "overlap_heatmap", "draw_shared", "BY", "SET_STATS", "SCORE_STATS"]
 
@@ -241,17 +242,25 @@ def _overlap(a: Circuit, b: Circuit, by: str, baseline: int | None, seed: int, s
              absolute: bool = True) -> dict[str, Any]:
     if not isinstance(a, Circuit) or not isinstance(b, Circuit):
         raise TypeError(f"overlap compares two Circuits, got {type(a).__name__} and {type(b).__name__}; "
-                        "for plain sets use set_overlap")
+                        "for plain sets use set_overlap, for score vectors score_overlap")
+    pa, pb = project(a, by), project(b, by)
+    sa, sb = _score_vectors(pa, pb)  # checks: same graph
+    inter = len(set(pa.components) & set(pb.components))
+    out = _compare(sa, sb, len(pa), len(pb), inter, baseline, seed, stats, absolute)
+    return {"by": by, "level": (a.level, b.level), **out}
+
+
+def _compare(sa: np.ndarray, sb: np.ndarray, ka: int, kb: int, inter: int, baseline: int | None, seed: int,
+             stats: Sequence[str], absolute: bool) -> dict[str, Any]:
+    """The statistics of two selections of sizes ka, kb sharing ``inter`` of n = len(sa) scored
+    components, with their random baselines."""
     if baseline and baseline < 20:
         raise ValueError(f"baseline={baseline} draws is too few for percentiles and p-values; use at least 20 "
                          "(or 0 for no baseline)")
-    pa, pb = project(a, by), project(b, by)
-    sa, sb = _score_vectors(pa, pb)  # checks: same graph
-    n, ka, kb = len(sa), len(pa), len(pb)
-    inter = len(set(pa.components) & set(pb.components))
+    n = len(sa)
     set_rng, score_rng = map(np.random.default_rng, np.random.SeedSequence(seed).spawn(2))
-    out: dict[str, Any] = {"by": by, "level": (a.level, b.level), "n": n, "size_a": ka, "size_b": kb,
-                           "union": ka + kb - inter, "n_draws": int(baseline or 0), "seed": seed}
+    out: dict[str, Any] = {"n": n, "size_a": ka, "size_b": kb, "union": ka + kb - inter,
+                           "n_draws": int(baseline or 0), "seed": seed}
     observed, draws = _set_stats(ka, kb, inter), {}
     if baseline:  # |A∩B| of uniformly random k_a- and k_b-subsets of n is hypergeometric: drawn exactly
         rand_inter = set_rng.hypergeometric(ka, n - ka, kb, size=baseline) if ka and kb else np.zeros(baseline, int)
@@ -261,10 +270,35 @@ def _overlap(a: Circuit, b: Circuit, by: str, baseline: int | None, seed: int, s
     if any(s in stats for s in SCORE_STATS):
         wj, rho = _score_draws(sa, sb, baseline, score_rng, absolute) if baseline else (None, None)
         if "weighted_jaccard" in stats:
-            out["weighted_jaccard"] = _summary(weighted_jaccard(pa, pb), wj)
+            out["weighted_jaccard"] = _summary(float(_wj(_normalised(sa), _normalised(sb))), wj)
         if "spearman" in stats:
-            out["spearman"] = _summary(spearman(pa, pb, absolute), rho)
+            (ra, na), (rb, nb) = _centred_ranks(sa, absolute), _centred_ranks(sb, absolute)
+            out["spearman"] = _summary(float(ra @ rb / (na * nb)) if na > 0 and nb > 0 else math.nan, rho)
     return out
+
+
+def score_overlap(scores_a, scores_b, selected_a: Iterable[int], selected_b: Iterable[int], *,
+                  baseline: int = 1000, seed: int = 0, absolute: bool = True) -> dict[str, Any]:
+    """``overlap`` for anything scored over the same n components that is not a ``Circuit``, such as
+    the features of one SAE scored for two tasks (``mechgrok.sae.feature_overlap``).
+
+    Args:
+        scores_a, scores_b: ``[n]`` scores of the same components (arrays or tensors).
+        selected_a, selected_b: indices in ``[0, n)`` of each side's selected components.
+        baseline, seed, absolute: as in ``overlap``.
+
+    Returns:
+        ``{"n", "size_a", "size_b", "union", "n_draws", "seed"}`` and, for each of
+        ``SET_STATS + SCORE_STATS``, ``{"value", "baseline_mean", "baseline_std", "p05", "p95", "p_value"}``.
+    """
+    sa, sb = (np.asarray(x, dtype=float).reshape(-1) for x in (scores_a, scores_b))
+    if sa.shape != sb.shape:
+        raise ValueError(f"score vectors must have the same length, got {sa.size} and {sb.size}")
+    ia, ib = ({int(i) for i in np.asarray(list(x), dtype=np.int64).reshape(-1)} for x in (selected_a, selected_b))
+    bad = sorted(i for i in ia | ib if not 0 <= i < sa.size)
+    if bad:
+        raise ValueError(f"selected indices must lie in [0, {sa.size}); got {bad[:5]}")
+    return _compare(sa, sb, len(ia), len(ib), len(ia & ib), baseline, seed, SET_STATS + SCORE_STATS, absolute)
 
 
 def overlap(a: Circuit, b: Circuit, *, by: str = "components", baseline: int = 1000, seed: int = 0,

@@ -9,6 +9,7 @@ Typical use (``model``, ``task`` from ``mg.presets.build`` or a run)::
     mg.sae.evaluate(model, sae, task)["by_split"]["test"]["explained_variance"]
     feats = mg.sae.features(model, sae, task)
     mg.evaluate(mg.sae.ablate(model, sae, feats.memorizing), task)
+    mg.sae.feature_overlap(model, sae, multi_task)["pairs"]["add|sub"]["jaccard"]   # features shared by tasks
 
 References: Bricken et al. 2023 (Towards monosemanticity), Gao et al. 2024 (Scaling and evaluating
 sparse autoencoders: TopK), Bussmann et al. 2024 (BatchTopK), Rajamanoharan et al. 2024 (JumpReLU).
@@ -18,8 +19,9 @@ from mechgrok.sae.evaluate import evaluate, reconstruction
 from mechgrok.sae.features import LABELS, FeatureStats, features
 from mechgrok.sae.intervene import ablate, ablation_study, edit, mean_ablate, splice
 from mechgrok.sae.over_training import over_training, pick_steps
+from mechgrok.sae.reuse import feature_overlap, select_features, task_attribution
 from mechgrok.sae.train import ARCHITECTURES, SAEConfig, activations, load, site, train
 
 __all__ = ["train", "SAEConfig", "load", "activations", "site", "ARCHITECTURES", "evaluate", "reconstruction", "features",
            "FeatureStats", "LABELS", "splice", "ablate", "mean_ablate", "edit", "ablation_study",
-           "over_training", "pick_steps"]
+           "over_training", "pick_steps", "task_attribution", "select_features", "feature_overlap"]
