@@ -115,9 +115,12 @@ def _circuits(run: Run, progress: bool) -> dict[str, Any]:
 
 
 def overlap_analysis(run: Run, *, method: str = "eap-ig", level: str = "neuron", target: float = 0.8,
-                     n_training_steps: int = 8, progress: bool = True) -> dict[str, Any] | None:
+                     n_training_steps: int = 8, features: bool = True, progress: bool = True) -> dict[str, Any] | None:
     """Per sub-task circuits of a multi-task run, their pairwise overlap with random baselines,
     cross-task faithfulness, and the first sub-task's circuit over training (issue: circuit reuse).
+    With ``features``, the same question for SAE features: an SAE on the last MLP layer's neurons
+    (``_sae_config`` defaults, every example; saved in ``analysis/overlap/sae``), each sub-task's
+    features (``mg.sae.feature_overlap``) and a cross-task ablation against random features.
     None for single-task runs."""
     from mechgrok import circuits
 
@@ -141,7 +144,7 @@ def overlap_analysis(run: Run, *, method: str = "eap-ig", level: str = "neuron",
     steps = run.steps()
     pick = sorted({steps[round(i * (len(steps) - 1) / max(1, n_training_steps - 1))] for i in range(n_training_steps)})
     by_task = evaluate(model, task, by_task=True)
-    return {"step": step, "method": method, "level": level, "target": target, "names": names,
+    result = {"step": step, "method": method, "level": level, "target": target, "names": names,
             "accuracy": {k: {split: by_task[k][split]["acc"] for split in ("train", "test")} for k in names},
             "sizes": {k: len(c) for k, c in circs.items()},
             "files": {k: str((out_dir / f"{k}.json").relative_to(run.path)) for k in circs},
@@ -149,10 +152,41 @@ def overlap_analysis(run: Run, *, method: str = "eap-ig", level: str = "neuron",
             "matrix": circuits.overlap_matrix(circs), "pairs": pairs, "overlap_vs_k": vs_k,
             "cross_faithfulness": circuits.cross_faithfulness(model, circs, task),
             "over_training": circuits.overlap_over_training(run, names[0], level=level, steps=pick, progress=progress)}
+    if features:
+        result["features"] = _feature_overlap(run, model, task, out_dir / "sae", target, progress)
+    return result
+
+
+def _feature_overlap(run: Run, model, task, folder: Path, target: float, progress: bool) -> dict[str, Any]:
+    """SAE features shared across the sub-tasks (see ``overlap_analysis``)."""
+    from mechgrok import models, sae as saes
+
+    hook = models.mlp_hook(models.n_layers(model) - 1)
+    config = _sae_config(model, task, hook, "all")
+    sae = saes.train(model, task, hook, config, out=folder, overwrite=True, progress=progress)
+    ev = saes.evaluate(model, sae, task)
+    res = saes.feature_overlap(model, sae, task, target=target, split="test")
+    return {"hook": hook, "settings": config.to_dict(), "folder": str(folder.relative_to(run.path)),
+            "explained_variance_test": ev["by_split"]["test"]["explained_variance"],
+            "l0": ev["by_split"]["all"]["l0"], "dead_fraction": ev["dead_fraction"],
+            **{k: v for k, v in res.items() if k != "scores"},
+            "ablation": saes.cross_ablation(model, sae, task, res["features"])}
 
 
 def _overlap(run: Run, progress: bool) -> dict[str, Any] | None:
     return overlap_analysis(run, progress=progress)
+
+
+def _sae_config(model, task, hook: str, split: str, *, architecture: str = "topk", d_sae: int | None = None,
+                k: int | None = None, steps: int | None = None):
+    """The analyses' SAE defaults: ``d_sae = 2 × d_in``, ``k = max(4, d_in // 16)``, about 200 passes
+    over the ``split`` activations in batches of 256 (300 to 3,000 steps)."""
+    from mechgrok import sae as saes
+
+    d_in = int(saes.activations(model, task, hook).shape[1])
+    n_rows = int(task.mask(split).sum())
+    return saes.SAEConfig(architecture=architecture, d_sae=d_sae or 2 * d_in, k=k or max(4, d_in // 16),
+                          steps=steps or min(3000, max(300, 200 * n_rows // min(256, n_rows))))
 
 
 def sae_analysis(run: Run, *, hook: str | None = None, architecture: str = "topk", d_sae: int | None = None,
@@ -175,14 +209,10 @@ def sae_analysis(run: Run, *, hook: str | None = None, architecture: str = "topk
     task, step = run.task(), run.steps()[-1]
     model = run.load_model(step)
     hook = hook or models.mlp_hook(models.n_layers(model) - 1)
-    d_in = int(saes.activations(model, task, hook).shape[1])
-    d_sae, k = d_sae or 2 * d_in, k or max(4, d_in // 16)
     loss = run.config["train"].get("loss", "cross_entropy")
     split = split or ("train" if bool(task.train_corrupted.any()) else "all")
-    n_rows = int(task.mask(split).sum())
-    steps = steps or min(3000, max(300, 200 * n_rows // min(256, n_rows)))
-    training_sae_steps = training_sae_steps or max(100, steps // 3)
-    config = saes.SAEConfig(architecture=architecture, d_sae=d_sae, k=k, steps=steps)
+    config = _sae_config(model, task, hook, split, architecture=architecture, d_sae=d_sae, k=k, steps=steps)
+    training_sae_steps = training_sae_steps or max(100, config.steps // 3)
     folder = run.path / "analysis" / "sae" / "final"
     sae = saes.train(model, task, hook, config, split=split, out=folder, overwrite=True, progress=progress)
     ev = saes.evaluate(model, sae, task, loss=loss)

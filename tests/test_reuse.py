@@ -101,6 +101,12 @@ def test_overlap_analysis_and_report(tmp_path):
     ev = mg.evaluate(run.load_model(run.steps()[-1]), task, by_task=True)  # the report's numbers are the model's
     assert data["accuracy"]["sub"]["test"] == ev["sub"]["test"]["acc"]
     assert f"sub train {ev['sub']['train']['acc']:.2f} / test {ev['sub']['test']['acc']:.2f}" in html
+    fe = data["features"]  # the same question for SAE features
+    assert set(fe["pairs"]) == {"add|sub"} and set(fe["features"]) == {"add", "sub"}
+    assert fe["ablation"]["original"]["sub"] == ev["sub"]["test"]["acc"]
+    assert (run.path / fe["folder"] / "sae_weights.safetensors").exists()
+    assert "SAE features shared by the operations" in html
+    assert f"Of their SAE features: add–sub {fe['pairs']['add|sub']['jaccard']['value']:.2f}" in html
     assert (run.path / "report_files" / "overlap-circuits.png").exists()
     single = mg.tasks.modular_arithmetic(p=7, train_frac=0.5)
     r2 = mg.train(mg.models.transformer(single, d_model=16, n_heads=2, d_mlp=32), single,

@@ -320,15 +320,55 @@ def overlap_section(run: Run) -> Section | None:
     tables = [Table(["pair", "statistic", "value", "random mean", "random 95th pct", "p-value"], rows),
               Table(["circuit", *[f"on {b}" for b in names]], cf_rows,
                     "Cross-task faithfulness F_B(C_A): each operation's circuit evaluated on each operation's data.")]
-    headline = "Jaccard of the operations' circuits: " + ", ".join(
-        f"{pair.replace('|', '–')} {res['jaccard']['value']:.2f} (random {res['jaccard']['baseline_mean']:.2f}, "
-        f"p = {res['jaccard']['p_value']:.3f})" for pair, res in data["pairs"].items()) + "."
+    headline = "Jaccard of the operations' circuits: " + _jaccards(data["pairs"]) + "."
+    if "features" in data:
+        fe = data["features"]
+        text.append(_feature_text(fe))
+        tables += _feature_tables(fe)
+        headline += " Of their SAE features: " + _jaccards(fe["pairs"]) + "."
     if "accuracy" in data:
         headline += " Test accuracy " + ", ".join(f"{k} {_two(v['test'])}" for k, v in data["accuracy"].items()) + "."
     return Section("Circuit overlap across tasks", text="\n\n".join(text), figures=figs, tables=tables,
                    headline=headline,
                    numbers={"sizes": data["sizes"], "accuracy": data.get("accuracy"), "matrix": data["matrix"]["matrix"],
-                            "cross_faithfulness": cf["faithfulness"]})
+                            "cross_faithfulness": cf["faithfulness"],
+                            "feature_jaccard": {p: r["jaccard"] for p, r in data["features"]["pairs"].items()}
+                            if "features" in data else None})
+
+
+def _jaccards(pairs: dict[str, Any]) -> str:
+    return ", ".join(f"{pair.replace('|', '–')} {r['jaccard']['value']:.2f} (random {r['jaccard']['baseline_mean']:.2f}, "
+                     f"p = {r['jaccard']['p_value']:.3f})" for pair, r in pairs.items())
+
+
+def _feature_text(fe: dict[str, Any]) -> str:
+    st = fe["settings"]
+    return (f"**SAE features.** A {st['architecture']} SAE ({st['d_sae']} latents, k = {fe['settings']['k']:g}, "
+            f"{st['steps']} steps, every example) on `{fe['hook']}`: explained variance "
+            f"{_two(fe['explained_variance_test'])} on held-out examples, L0 {fe['l0']:.1f}, {fe['dead_fraction']:.0%} "
+            "dead. Each operation's features: the smallest top-|attribution| set whose attributions to its "
+            f"generalization metric sum to {fe['target']} of the total (attribution: the first-order effect of "
+            "mean-ablating the feature, exact when only linear maps lie between the site and the logits, as after "
+            "the last MLP layer of a model without LayerNorm; `mg.sae.feature_overlap`). Sizes: "
+            + ", ".join(f"{k} {len(v)}" for k, v in fe["features"].items()) + ".")
+
+
+def _feature_tables(fe: dict[str, Any]) -> list[Table]:
+    rows = [[pair.replace("|", " vs "), stat.replace("_", " "), _fmt(r[stat]["value"]), _fmt(r[stat]["baseline_mean"]),
+             _fmt(r[stat]["p_value"])]
+            for pair, r in fe["pairs"].items() for stat in ("jaccard", "overlap_coefficient", "weighted_jaccard",
+                                                            "spearman")]
+    ab = fe["ablation"]
+    names = ab["names"]
+    abl = [["(none)", 0, *[_two(ab["original"][t]) for t in names]]]
+    abl += [[f"{s}'s features", ab["n"][s], *[f"{_two(ab['ablated'][s][t])} (random {_two(ab['random_mean'][s][t])} ± "
+                                              f"{_two(ab['random_std'][s][t])})" for t in names]] for s in ab["sets"]]
+    return [Table(["pair", "statistic", "value", "random mean", "p-value"], rows,
+                  "SAE features shared by the operations; random: feature sets of the same sizes (set statistics) "
+                  "or permuted attributions (weighted Jaccard, Spearman)."),
+            Table(["ablated", "features", *[f"{t} {ab['split']} acc." for t in names]], abl,
+                  "Accuracy per operation after ablating one operation's features, beside as many random live "
+                  "features (mean ± std over draws).")]
 
 
 def _fmt(v: Any) -> str:

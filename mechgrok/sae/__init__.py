@@ -19,9 +19,10 @@ from mechgrok.sae.evaluate import evaluate, reconstruction
 from mechgrok.sae.features import LABELS, FeatureStats, features
 from mechgrok.sae.intervene import ablate, ablation_study, edit, mean_ablate, splice
 from mechgrok.sae.over_training import over_training, pick_steps
-from mechgrok.sae.reuse import feature_overlap, select_features, task_attribution
+from mechgrok.sae.reuse import cross_ablation, feature_overlap, select_features, task_attribution
 from mechgrok.sae.train import ARCHITECTURES, SAEConfig, activations, load, site, train
 
 __all__ = ["train", "SAEConfig", "load", "activations", "site", "ARCHITECTURES", "evaluate", "reconstruction", "features",
            "FeatureStats", "LABELS", "splice", "ablate", "mean_ablate", "edit", "ablation_study",
-           "over_training", "pick_steps", "task_attribution", "select_features", "feature_overlap"]
+           "over_training", "pick_steps", "task_attribution", "select_features", "feature_overlap",
+           "cross_ablation"]

@@ -30,10 +30,13 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from mechgrok.circuits.overlap import score_overlap
-from mechgrok.sae.train import site
+from mechgrok.circuits.reuse import split_for
+from mechgrok.sae.intervene import ablate
+from mechgrok.sae.train import activations, site
 from mechgrok.tasks import Task
+from mechgrok.train import evaluate
 
-__all__ = ["task_attribution", "select_features", "feature_overlap"]
+__all__ = ["task_attribution", "select_features", "feature_overlap", "cross_ablation"]
 
 
 def _examples(task: Task, task_name: str | None, split: str) -> Tensor:
@@ -109,18 +112,59 @@ def feature_overlap(model: nn.Module, sae, task: Task, *, target: float = 0.8, s
                     baseline: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Each sub-task's features and every pair's overlap (module docstring).
 
+    A sub-task without ``split`` examples (the atomic facts of a knowledge task) uses its training
+    examples (``splits`` records which).
+
     Returns:
-        ``{"names", "target", "split", "scores": {name: [d_sae]}, "features": {name: [indices]},
+        ``{"names", "target", "split", "splits", "scores": {name: [d_sae]}, "features": {name: [indices]},
         "share": {name: share reached}, "pairs": {"a|b": score_overlap(...)}}`` (JSON-ready).
     """
     names = list(task.task_names)
     if len(names) < 2:
         raise ValueError(f"feature_overlap compares the sub-tasks of a multi-task dataset; {task.name!r} has one")
-    scores = {n: task_attribution(model, sae, task, n, split=split) for n in names}
+    splits = {n: split_for(task, n, split) for n in names}  # "train" for a sub-task without `split` examples
+    scores = {n: task_attribution(model, sae, task, n, split=splits[n]) for n in names}
     chosen = {n: select_features(s, target) for n, s in scores.items()}
     pairs = {f"{a}|{b}": score_overlap(scores[a], scores[b], chosen[a][0], chosen[b][0], baseline=baseline, seed=seed)
              for i, a in enumerate(names) for b in names[i + 1:]}
-    return {"names": names, "target": target, "split": split,
+    return {"names": names, "target": target, "split": split, "splits": splits,
             "scores": {n: s.tolist() for n, s in scores.items()},
             "features": {n: c[0].tolist() for n, c in chosen.items()},
             "share": {n: c[1] for n, c in chosen.items()}, "pairs": pairs}
+
+
+def cross_ablation(model: nn.Module, sae, task: Task, features: dict[str, Any], *, split: str = "test",
+                   n_random: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Accuracy of every sub-task after ablating each sub-task's features (their decoder
+    contributions removed, the error term kept), beside as many random live features.
+
+    Args:
+        features: ``{name: feature indices}``, e.g. ``feature_overlap(...)["features"]``.
+        n_random: random draws per set, from the features that fire on some example.
+
+    Returns:
+        ``{"names" (sub-tasks), "sets" (the ablated sets' names), "original": {task: acc},
+        "ablated": {set: {task: acc}}, "random_mean" / "random_std": {set: {task: acc}}, "n": {set: size},
+        "split"}``.
+    """
+    hook, position = site(sae)
+    with torch.no_grad():
+        alive = (sae.encode(activations(model, task, hook, position)) > 0).any(0).nonzero().flatten()
+
+    def accuracy(m: nn.Module) -> dict[str, float]:
+        by = evaluate(m, task, by_task=True)
+        return {name: by[name][split]["acc"] for name in task.task_names}
+
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {"names": list(task.task_names), "sets": list(features), "split": split,
+                           "original": accuracy(model), "ablated": {}, "random_mean": {}, "random_std": {}, "n": {}}
+    for name, idx in features.items():
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        out["n"][name] = int(idx.numel())
+        out["ablated"][name] = accuracy(ablate(model, sae, idx))
+        draws = [accuracy(ablate(model, sae, alive[torch.randperm(alive.numel(), generator=g)[: idx.numel()]]))
+                 for _ in range(n_random)]
+        stack = torch.tensor([[d[t] for t in task.task_names] for d in draws], dtype=torch.float64)
+        out["random_mean"][name] = dict(zip(task.task_names, stack.mean(0).tolist()))
+        out["random_std"][name] = dict(zip(task.task_names, (stack.std(0) if n_random > 1 else 0 * stack[0]).tolist()))
+    return out
