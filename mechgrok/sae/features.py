@@ -39,6 +39,7 @@ modular operation (elsewhere only η² decides).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,11 +117,10 @@ class FeatureStats:
                 for f in order]
 
 
-def _push(model: nn.Module, sae, task: Task, hook: str, position: int | None) -> Tensor:
-    """Per-feature attribution to logit(ỹ) − logit(y) on corrupted training examples, ``[d_sae]``."""
-    c = task.train_corrupted
-    if not bool(c.any()):
-        return torch.zeros(sae.cfg.d_sae)
+def _site_gradient(model: nn.Module, inputs: Tensor, hook: str, position: int | None,
+                   metric: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """The activations ``[n, d]`` at an SAE's site and the gradient of ``metric(logits)`` (a sum of
+    per-example terms over the answer-position logits ``[n, d_out]``) with respect to them."""
     keep: dict[str, Tensor] = {}
 
     def leaf(act: Tensor, hook) -> Tensor:  # make the site a leaf so its gradient can be read
@@ -132,15 +132,23 @@ def _push(model: nn.Module, sae, task: Task, hook: str, position: int | None) ->
     model.eval()
     try:
         with torch.enable_grad():
-            out = model.run_with_hooks(task.inputs[c], fwd_hooks=[(hook, leaf)])
-            logits = out[:, -1] if out.ndim == 3 else out  # [n_corr, d_out]
-            diff = logits.gather(1, task.labels[c, None]) - logits.gather(1, task.true_labels[c, None])
-            (grad,) = torch.autograd.grad(diff.sum(), keep["x"])
+            out = model.run_with_hooks(inputs, fwd_hooks=[(hook, leaf)])
+            (grad,) = torch.autograd.grad(metric(out[:, -1] if out.ndim == 3 else out), keep["x"])
     finally:
         model.train(was_training)
     x, g = keep["x"].detach(), grad
     if x.ndim == 3:
         x, g = x[:, position], g[:, position]
+    return x, g
+
+
+def _push(model: nn.Module, sae, task: Task, hook: str, position: int | None) -> Tensor:
+    """Per-feature attribution to logit(ỹ) − logit(y) on corrupted training examples, ``[d_sae]``."""
+    c = task.train_corrupted
+    if not bool(c.any()):
+        return torch.zeros(sae.cfg.d_sae)
+    x, g = _site_gradient(model, task.inputs[c], hook, position, lambda logits: (
+        logits.gather(1, task.labels[c, None]) - logits.gather(1, task.true_labels[c, None])).sum())
     with torch.no_grad():
         a = sae.encode(x.float())  # [n_corr, d_sae]
         return (a * (g.float() @ sae.W_dec.T)).mean(0)  # [d_sae]

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from mechgrok.circuits.overlap import score_overlap
 from mechgrok.circuits.reuse import split_for
+from mechgrok.sae.features import _site_gradient
 from mechgrok.sae.intervene import ablate
 from mechgrok.sae.train import activations, site
 from mechgrok.tasks import Task
@@ -62,27 +63,13 @@ def task_attribution(model: nn.Module, sae, task: Task, task_name: str | None = 
     """
     hook, position = site(sae)
     idx = _examples(task, task_name, split)
-    keep: dict[str, Tensor] = {}
+    y = task.labels[idx]
 
-    def leaf(act: Tensor, hook) -> Tensor:  # the site as a leaf, so its gradient can be read
-        act = act.detach().requires_grad_(True)
-        keep["x"] = act
-        return act
+    def metric(logits: Tensor) -> Tensor:  # Σ_i m(x_i), in float64
+        logits = logits.double()
+        return (logits.gather(1, y[:, None]).squeeze(1) - logits.mean(1)).sum()
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            out = model.run_with_hooks(task.inputs[idx], fwd_hooks=[(hook, leaf)])
-            logits = (out[:, -1] if out.ndim == 3 else out).double()  # [n, d_out]
-            y = task.labels[idx]
-            metric = (logits.gather(1, y[:, None]).squeeze(1) - logits.mean(1)).sum()  # Σ_i m(x_i)
-            (grad,) = torch.autograd.grad(metric, keep["x"])
-    finally:
-        model.train(was_training)
-    x, g = keep["x"].detach(), grad
-    if x.ndim == 3:
-        x, g = x[:, position], g[:, position]  # [n, d_in]
+    x, g = _site_gradient(model, task.inputs[idx], hook, position, metric)  # [n, d_in] each
     with torch.no_grad():
         a = sae.encode(x.float()).double()  # [n, d_sae]
         push = g.double() @ sae.W_dec.double().T  # [n, d_sae]: W_dec[f] · ∇_x m(x_i)
