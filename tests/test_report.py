@@ -233,6 +233,8 @@ def test_summary_lists_each_sections_headline_with_a_link(built):
     assert '<li><a href="#training">Training</a>: fit its training set' in summary
     assert "add mod 59, 30% of the pairs for training, 10% of their labels corrupted" in summary
     assert list(data["sections"])[0] == "summary" and data["sections"]["run-configuration"]["headline"] is None
+    assert summary.count('<img src="data:image/png;base64,') == 1  # every run's accuracy curves at a glance
+    assert (built / "report_files" / "summary-accuracy.png").exists()
 
 
 def test_no_summary_without_headlines(tmp_path):

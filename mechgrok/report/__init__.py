@@ -89,7 +89,35 @@ def _summary_section(groups: Sequence[tuple[Run, Sequence[Section]]]) -> Section
         return None
     intro = ("What each analysis found, one line each, with its key numbers (also in `report.json`); the linked "
              "sections show the settings, figures and tables behind them.")
-    return Section("Summary", anchor="summary", text="\n\n".join([intro, *paragraphs]))
+    runs = [r for r, _ in groups if r.history()]
+    figures = [Figure.from_mpl(_curves(runs), "Train and test accuracy of each run (corrupted training examples "
+                               "against their corrupted labels where there are any); log step axis.",
+                               name="summary-accuracy")] if runs else []
+    return Section("Summary", anchor="summary", text="\n\n".join([intro, *paragraphs]), figures=figures)
+
+
+def _curves(runs: Sequence[Run]):
+    """One panel per run: train, test (and corrupted-label) accuracy against step + 1."""
+    import numpy as np
+
+    from mechgrok.report.figures import new_figure
+
+    fig, axes = new_figure(len(runs), width=min(4.2 * len(runs), 13.0), height=3.2)
+    for ax, r in zip(axes, runs):
+        hist = r.history()
+        x = np.array([h["step"] for h in hist], dtype=float) + 1
+        for key, label in (("train_acc", "train"), ("test_acc", "test"), ("train_corrupted_acc", "corrupted")):
+            y = np.array([np.nan if h.get(key) is None else h[key] for h in hist], dtype=float)
+            if np.isfinite(y).any():
+                ax.plot(x, y, label=label, linewidth=1.5)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(r.name, fontsize="medium")
+        ax.set_xlabel("step + 1")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small", framealpha=0.85, edgecolor="none")
+    axes[0].set_ylabel("accuracy")
+    return fig
 
 
 def _run_section(fn: SectionFn, run: Run) -> Section | None:
