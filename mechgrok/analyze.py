@@ -247,7 +247,8 @@ def influence_analysis(run: Run, *, n_queries: int = 64, k: int = 20, fisher: st
     For each query group: the composition of the top-``k`` most influential training examples
     (corrupted share against the base rate, sharing the query's label, sharing its true answer);
     for every training example: its self-influence, and how well that separates corrupted from
-    clean examples (AUROC). The last checkpoint's factors are saved in
+    clean examples (AUROC); and how much of the top-``k`` TF-IDF candidate filtering would keep
+    (``_tfidf_recall``). The last checkpoint's factors are saved in
     ``run/analysis/influence/factors`` (replaced on a rerun).
     """
     import torch
@@ -285,7 +286,8 @@ def influence_analysis(run: Run, *, n_queries: int = 64, k: int = 20, fisher: st
             S = ek.scores(q, train_idx, query_labels=labels)
             top = top_influences(S, task, train_idx, k=k, query_idx=q)
             row["groups"][name] = top.summary() | {"n_queries": int(len(q)), "mean_top_score": float(top.scores.mean()),
-                                                   "example": _example(task, top, 0)}
+                                                   "example": _example(task, top, 0),
+                                                   "tfidf_recall": _tfidf_recall(task, q, train_idx, S, labels, k)}
         self_inf = ek.self_influence(train_idx)
         row["self_influence"] = {"clean": self_inf[~corrupted].tolist(), "corrupted": self_inf[corrupted].tolist(),
                                  "auroc_corrupted": auroc(self_inf[corrupted].numpy(), self_inf[~corrupted].numpy())}
@@ -294,6 +296,20 @@ def influence_analysis(run: Run, *, n_queries: int = 64, k: int = 20, fisher: st
         if step == steps[-1]:
             ek.save(run.path / "analysis" / "influence" / "factors")
     out["factors"] = "analysis/influence/factors"
+    return out
+
+
+def _tfidf_recall(task, q, train_idx, S, labels: str, k: int, sizes: Sequence[int] = (50, 200)) -> dict[str, Any]:
+    """How much of each query's top-``k`` TF-IDF candidate sets of ``sizes`` keep, with the input
+    tokens alone and with the answer as a term (Grosse et al. 2023's filter; ``mg.influence.candidates``)."""
+    from mechgrok.influence import candidate_recall, tfidf_candidates
+
+    out: dict[str, Any] = {}
+    for answers in (False, True):
+        for size in sorted({min(s, len(train_idx)) for s in sizes}):
+            cand = tfidf_candidates(task, q, train_idx, k=size, answers=answers, query_labels=labels)
+            r = candidate_recall(S, train_idx, cand, task, top=k)
+            out[f"{'tokens+answer' if answers else 'tokens'}@{size}"] = {"recall": r["recall"], "random": r["random"]}
     return out
 
 

@@ -68,8 +68,13 @@ def test_influence_analysis(corrupted_run):
     assert data["base_rates"]["frac_corrupted"] == int(task.train_corrupted.sum()) / int(task.train.sum())
     last = data["steps"][str(corrupted_run.steps()[-1])]
     assert set(last["groups"]) == {"corrupted train", "test"}
+    n_train = int(task.train.sum())
     for r in last["groups"].values():
         assert r["n_queries"] == 8 and 0 <= r["frac_corrupted"] <= 1 and len(r["example"]["top"]) == 5
+        recall = r["tfidf_recall"]  # candidate sets of 50 and of the whole training set (fewer than 200)
+        assert set(recall) == {f"{t}@{k}" for t in ("tokens", "tokens+answer") for k in (50, n_train)}
+        assert recall[f"tokens@{n_train}"] == {"recall": 1.0, "random": 1.0}
+        assert 0 <= recall["tokens+answer@50"]["recall"] <= 1 and recall["tokens@50"]["random"] == 50 / n_train
     si = last["self_influence"]
     assert len(si["clean"]) + len(si["corrupted"]) == int(task.train.sum()) and min(si["clean"] + si["corrupted"]) >= 0
     assert 0 <= si["auroc_corrupted"] <= 1

@@ -95,6 +95,13 @@ def influence_section(run: Run) -> Section | None:
                             f"Step {steps[-1]}, one {g} query: ({q['a']}, {q['b']}) → {q['label']}"
                             + (f" (true {q['true_label']})" if q["label"] != q["true_label"] else "")
                             + ", its five most influential training examples."))
+    recall = [[g, key.split("@")[0], int(key.split("@")[1]), f"{v['recall']:.2f}", f"{v['random']:.2f}"]
+              for g, r in last["groups"].items() for key, v in r.get("tfidf_recall", {}).items()]
+    if recall:
+        tables.append(Table(["queries", "TF-IDF terms", "candidates", "top-k kept", "random candidates"], recall,
+                            f"Step {steps[-1]}: share of each query's top {st['k']} that TF-IDF candidate filtering "
+                            "(Grosse et al. 2023) would keep, with the input tokens as terms and with the answer "
+                            "as a term too; check it before scoring only the candidates."))
     figs = [Figure.from_mpl(_composition_figure(data), "What the most influential training examples are, per "
                             "query group and checkpoint; dashed: the base rate.", name="influence-composition")]
     if last["self_influence"]["corrupted"]:
