@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import mechgrok as mg
-from mechgrok import losses, models
+from mechgrok import losses
 
 
 def bare_loop(model, task, cfg: mg.TrainConfig) -> float:

@@ -1,6 +1,5 @@
 """Every tutorial notebook executes top to bottom (small configurations), so none can rot."""
 
-import os
 from pathlib import Path
 
 import pytest
