@@ -14,7 +14,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mechgrok import models
+from mechgrok._config import from_dict as config_from_dict
 from mechgrok._io import atomic_path, atomic_write_text, read_safetensors
 from mechgrok._threads import torch_threads
 from mechgrok.losses import loss_fn, softmax_collapse
@@ -94,11 +95,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown fields {unknown}; known fields are {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})

@@ -15,6 +15,7 @@ from mechgrok.report.figures import fig_to_png
 PNG = b"\x89PNG\r\n\x1a\n"
 # the module, not the function ``overlap`` that mechgrok.circuits may export under the same name
 ov = importlib.import_module("mechgrok.circuits.overlap")
+figs = importlib.import_module("mechgrok.circuits.overlap_figures")
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +202,7 @@ def test_overlap_vs_k(graphs):
     assert ov.expected_jaccard(5, 5, 40) == pytest.approx(5 / 75, rel=0.2)  # ~ k / (2n - k)
     with pytest.raises(ValueError, match="ks must lie"):
         ov.overlap_vs_k(a, b, ks=[n + 1])
-    fig = ov.overlap_vs_k_figure({"a vs b": r, "a vs a": same}, title="top-k")
+    fig = figs.overlap_vs_k_figure({"a vs b": r, "a vs a": same}, title="top-k")
     assert fig_to_png(fig).startswith(PNG)
 
 
@@ -219,7 +220,7 @@ def test_overlap_matrix_and_heatmap(graphs):
     with pytest.raises(ValueError, match="unknown statistic"):
         ov.overlap_matrix(circs, "cosine")
     for matrix in (m, c, ov.overlap_matrix(circs, "spearman", baseline=20)):
-        assert fig_to_png(ov.overlap_heatmap(matrix)).startswith(PNG)
+        assert fig_to_png(figs.overlap_heatmap(matrix)).startswith(PNG)
 
 
 @pytest.mark.parametrize("level", ["edge", "node", "neuron"])
@@ -227,7 +228,7 @@ def test_draw_shared_marks_the_shared_components(graphs, level):
     g = graphs[level]
     k = max(2, len(g) // 3)
     circs = {"add": circuit(g, 0, k), "sub": circuit(g, 1, k), "mul": circuit(g, 2, k)}
-    fig = ov.draw_shared(circs, style="graph", title="three tasks")
+    fig = figs.draw_shared(circs, style="graph", title="three tasks")
     assert len(fig.axes) == 3 and fig_to_png(fig).startswith(PNG)
     for ax, (name, c) in zip(fig.axes, circs.items()):
         others = set().union(*(set(o.components) for n, o in circs.items() if n != name))
@@ -245,7 +246,7 @@ def test_draw_shared_marks_the_shared_components(graphs, level):
 def test_draw_shared_grid(graphs):
     g = graphs["neuron"]
     circs = {"add": circuit(g, 0, 12), "sub": circuit(g, 1, 12), "mul": circuit(g, 2, 5)}
-    fig = ov.draw_shared(circs)  # auto: a neuron-level circuit is drawn as a grid
+    fig = figs.draw_shared(circs)  # auto: a neuron-level circuit is drawn as a grid
     assert fig_to_png(fig).startswith(PNG)
     ax = fig.axes[0]
     cells = np.ma.filled(ax.images[0].get_array().astype(float), np.nan)
@@ -263,8 +264,8 @@ def test_draw_shared_grid(graphs):
 
 def test_draw_shared_validates(graphs):
     with pytest.raises(ValueError, match="at least two"):
-        ov.draw_shared({"add": circuit(graphs["edge"], 0, 3)})
+        figs.draw_shared({"add": circuit(graphs["edge"], 0, 3)})
     with pytest.raises(ValueError, match="different graphs"):
-        ov.draw_shared({"a": circuit(graphs["edge"], 0, 3), "b": circuit(graphs["other"], 0, 3)})
+        figs.draw_shared({"a": circuit(graphs["edge"], 0, 3), "b": circuit(graphs["other"], 0, 3)})
     with pytest.raises(ValueError, match="unknown style"):
-        ov.draw_shared({"a": circuit(graphs["edge"], 0, 3), "b": circuit(graphs["edge"], 1, 3)}, style="venn")
+        figs.draw_shared({"a": circuit(graphs["edge"], 0, 3), "b": circuit(graphs["edge"], 1, 3)}, style="venn")

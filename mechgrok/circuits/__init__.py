@@ -17,8 +17,8 @@ from mechgrok.circuits.circuit import Circuit, select, select_greedy
 from mechgrok.circuits.discover import (circuit_metric, contrast, discover, faithfulness, faithfulness_curve,
                                         generalizing_vs_memorizing, task_circuits)
 from mechgrok.circuits.graph import LEVELS, Edge, Graph, graph
-from mechgrok.circuits.overlap import (draw_shared, overlap, overlap_heatmap, overlap_matrix, overlap_vs_k,
-                                       overlap_vs_k_figure, project, score_overlap)
+from mechgrok.circuits.overlap import overlap, overlap_matrix, overlap_vs_k, project, score_overlap
+from mechgrok.circuits.overlap_figures import draw_shared, overlap_heatmap, overlap_vs_k_figure
 from mechgrok.circuits.patching import CORRUPTIONS, Patcher
 from mechgrok.circuits.reuse import cross_faithfulness, overlap_over_training
 

@@ -27,7 +27,7 @@ from mechgrok.tasks import Task
 __all__ = ["tfidf_vectors", "tfidf_candidates", "candidate_recall"]
 
 
-def _terms(task: Task, idx: Tensor, answers: bool, labels: str) -> tuple[Tensor, int]:
+def _terms(task: Task, idx: Tensor, answers: bool, labels: str) -> Tensor:
     """Term counts ``[len(idx), n_terms]``: input tokens, then (optionally) one term per answer."""
     vocab = int(task.inputs.max()) + 1
     n_terms = vocab + (max(int(task.labels.max()), int(task.true_labels.max())) + 1 if answers else 0)
@@ -36,7 +36,7 @@ def _terms(task: Task, idx: Tensor, answers: bool, labels: str) -> tuple[Tensor,
     if answers:
         y = getattr(task, labels)[idx]
         counts[torch.arange(idx.numel()), vocab + y] += 1
-    return counts, n_terms
+    return counts
 
 
 def tfidf_vectors(task: Task, idx, train_idx="train", *, answers: bool = True,
@@ -50,10 +50,10 @@ def tfidf_vectors(task: Task, idx, train_idx="train", *, answers: bool = True,
     if labels not in ("labels", "true_labels"):
         raise ValueError(f"labels must be 'labels' or 'true_labels', got {labels!r}")
     t = as_index(train_idx, task, "train_idx")
-    train_counts, _ = _terms(task, t, answers, labels)
+    train_counts = _terms(task, t, answers, labels)
     df = (train_counts > 0).double().sum(0)
     idf = torch.log((1 + t.numel()) / (1 + df)) + 1
-    v = _terms(task, as_index(idx, task, "idx"), answers, labels)[0] * idf
+    v = _terms(task, as_index(idx, task, "idx"), answers, labels) * idf
     return v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
 
 

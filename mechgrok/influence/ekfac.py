@@ -25,7 +25,7 @@ True
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mechgrok._config import from_dict as config_from_dict
 from mechgrok._threads import torch_threads
 from mechgrok.influence import distributed as D
 from mechgrok.influence._index import as_index
@@ -92,11 +93,7 @@ class EKFACConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EKFACConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"EKFACConfig: unknown fields {unknown}; known fields are {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 class EKFAC:

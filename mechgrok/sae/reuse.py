@@ -90,8 +90,8 @@ def select_features(scores: Float[Tensor, " d_sae"], target: float = 0.8) -> tup
     if total <= 0:
         return order, 1.0
     share = scores[order].cumsum(0) / total  # [d_sae]
-    k = int(torch.nonzero(share >= target - 1e-12).flatten()[0]) + 1 if bool((share >= target - 1e-12).any()) \
-        else scores.numel()
+    reached = torch.nonzero(share >= target - 1e-12).flatten()
+    k = int(reached[0]) + 1 if reached.numel() else scores.numel()
     return order[:k], float(share[k - 1])
 
 

@@ -31,6 +31,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from mechgrok._config import from_dict as config_from_dict
 from mechgrok._io import atomic_dir, atomic_write_text
 from mechgrok.capture import capture, load_cache
 from mechgrok.tasks import Task
@@ -151,11 +152,7 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"SAEConfig: unknown fields {unknown}; known fields are "
-                             f"{sorted(f.name for f in fields(cls))} (other sae-lens fields go in options)")
-        return cls(**d)
+        return config_from_dict(cls, d, " (other sae-lens fields go in options)")
 
     def replace(self, **changes: Any) -> SAEConfig:
         """A copy with ``changes``; names that are not fields go into ``options`` (sae-lens fields)."""
