@@ -6,13 +6,41 @@ import contextlib
 import math
 import numbers
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_dir", "atomic_path", "read_safetensors", "to_jsonable"]
+__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_dir", "atomic_path", "read_safetensors", "to_jsonable",
+           "safe_name", "child_path"]
+
+
+# A name that may become one path component: starts with a letter, digit or underscore, then letters,
+# digits and ``_ . , = + -`` (no separators, no "..", nothing hidden, at most 200 characters).
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.,=+-]{0,199}$")
+
+
+def safe_name(name: Any, *, what: str = "name", source: str | Path | None = None) -> str:
+    """``name`` if it is safe as a single file or folder name, else a ``ValueError`` that says where the
+    name came from (``source``, e.g. the JSON file that held it) and what a valid name looks like.
+
+    Every name read from a file (sub-task names, cache entries, sweep points) goes through here
+    before it becomes part of a path, so no crafted file can make mechgrok write or read outside the
+    folder it was given.
+    """
+    where = f" in {source}" if source is not None else ""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise ValueError(f"{what} {name!r}{where} cannot be used as a file name: use letters, digits and "
+                         "_ . , = + - only (no '/', no '..', not starting with '.'), at most 200 characters")
+    return name
+
+
+def child_path(folder: str | Path, name: Any, *, suffix: str = "", what: str = "name",
+               source: str | Path | None = None) -> Path:
+    """``folder / (name + suffix)`` for a ``name`` checked by ``safe_name`` (the result cannot leave ``folder``)."""
+    return Path(folder) / f"{safe_name(name, what=what, source=source)}{suffix}"
 
 
 def _umask() -> int:
