@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mechgrok import measures, neurons
+from mechgrok._io import child_path
 from mechgrok._threads import torch_threads
 from mechgrok.run import Run
 from mechgrok.train import evaluate
@@ -96,7 +97,7 @@ def circuit_analysis(model, task, out_dir: Path, *, method: str = "eap-ig", leve
         if circ is None:
             continue
         path = circ.save(out_dir / f"{role}.json")
-        out[role] = {"file": str(path.relative_to(out_dir.parent.parent)), "size": len(circ),
+        out[role] = {"file": path.relative_to(out_dir.parent.parent).as_posix(), "size": len(circ),
                      "n_components": len(circ.scores), "faithfulness": circ.provenance["faithfulness"],
                      "components": list(circ.components)}
     if mem is not None:
@@ -114,13 +115,25 @@ def _circuits(run: Run, progress: bool) -> dict[str, Any]:
     return result
 
 
+#: test accuracy at which an operation counts as learned; the overlap analysis compares only those
+#: (a circuit of an operation the model has not generalized describes its memorization, not its algorithm)
+LEARNED_ACC = 0.95
+
+
 def overlap_analysis(run: Run, *, method: str = "eap-ig", level: str = "neuron", target: float = 0.8,
-                     n_training_steps: int = 8, features: bool = True, progress: bool = True) -> dict[str, Any] | None:
+                     n_training_steps: int = 8, features: bool = True, learned_acc: float | None = None,
+                     progress: bool = True) -> dict[str, Any] | None:
     """Per sub-task circuits of a multi-task run, their pairwise overlap with random baselines,
     cross-task faithfulness, and the first sub-task's circuit over training (issue: circuit reuse).
     With ``features``, the same question for SAE features: an SAE on the last MLP layer's neurons
     (``_sae_config`` defaults, every example; saved in ``analysis/overlap/sae``), each sub-task's
     features (``mg.sae.feature_overlap``) and a cross-task ablation against random features.
+
+    Only operations the model has **learned** (test accuracy ≥ ``learned_acc``, default
+    ``LEARNED_ACC`` = 0.95, at the last checkpoint)
+    get a circuit: the others are listed in ``not_learned`` with their accuracy, and with fewer than
+    two learned operations nothing is compared (``skipped`` says why). The feature part runs only when
+    every operation is learned (the SAE's features are attributed to all of them).
     None for single-task runs."""
     from mechgrok import circuits
 
@@ -128,31 +141,53 @@ def overlap_analysis(run: Run, *, method: str = "eap-ig", level: str = "neuron",
     if len(task.task_names) < 2:
         log.info("overlap: %s has a single task, nothing to compare", run.path)
         return None
+    from mechgrok._config import check_float
+
+    learned_acc = check_float(LEARNED_ACC if learned_acc is None else learned_acc, "learned_acc", low=0, high=1,
+                              owner="overlap_analysis")
+    out_dir = run.path / "analysis" / "overlap"
+    # a sub-task name becomes a file name: checked again here (tasks.load checks it too), so no crafted
+    # task.json can make this write outside the run
+    source = run.path / "task" / "task.json"
+    files = {name: child_path(out_dir, name, suffix=".json", what="sub-task name", source=source)
+             for name in task.task_names}
     step = run.steps()[-1]
     model = run.load_model(step)
-    circs, out_dir = {}, run.path / "analysis" / "overlap"
-    for name in task.task_names:
+    by_task = evaluate(model, task, by_task=True)
+    accuracy = {k: {split: by_task[k][split]["acc"] for split in ("train", "test")} for k in task.task_names}
+    learned = [k for k in task.task_names if accuracy[k]["test"] == accuracy[k]["test"]
+               and accuracy[k]["test"] >= learned_acc]
+    head = {"step": step, "method": method, "level": level, "target": target, "accuracy": accuracy,
+            "learned_acc": learned_acc, "not_learned": [k for k in task.task_names if k not in learned]}
+    if len(learned) < 2:
+        reason = (f"{len(learned)} of {len(task.task_names)} operations reached test accuracy {learned_acc:g} at "
+                  f"step {step:,}; circuits of unlearned operations would describe memorization, so no overlap "
+                  "is computed (train longer, or see docs/reproductions.md for settings that generalize)")
+        log.warning("overlap: %s: %s", run.path, reason)
+        return head | {"names": learned, "skipped": reason}
+    if head["not_learned"]:
+        log.warning("overlap: %s: leaving out %s (test accuracy below %g)", run.path, head["not_learned"], learned_acc)
+    circs: dict[str, Any] = {}
+    for name in learned:
         split = circuits.reuse.split_for(task, name)
         x, xc, y, _ = circuits.contrast(task, split, task_name=name)
         circs[name] = circuits.discover(model, x, xc, circuits.metrics.generalization(y), method=method, level=level,
                                         target=target, progress=progress,
                                         provenance={"task": name, "split": split, "step": step})
-        circs[name].save(out_dir / f"{name}.json")
+        circs[name].save(files[name])
     names = list(circs)
     pairs = {f"{a}|{b}": circuits.overlap(circs[a], circs[b]) for i, a in enumerate(names) for b in names[i + 1:]}
     vs_k = {f"{a}|{b}": circuits.overlap_vs_k(circs[a], circs[b]) for i, a in enumerate(names) for b in names[i + 1:]}
     steps = run.steps()
     pick = sorted({steps[round(i * (len(steps) - 1) / max(1, n_training_steps - 1))] for i in range(n_training_steps)})
-    by_task = evaluate(model, task, by_task=True)
-    result = {"step": step, "method": method, "level": level, "target": target, "names": names,
-            "accuracy": {k: {split: by_task[k][split]["acc"] for split in ("train", "test")} for k in names},
+    result = head | {"names": names,
             "sizes": {k: len(c) for k, c in circs.items()},
-            "files": {k: str((out_dir / f"{k}.json").relative_to(run.path)) for k in circs},
+            "files": {k: files[k].relative_to(run.path).as_posix() for k in circs},
             "faithfulness": {k: c.provenance["faithfulness"] for k, c in circs.items()},
             "matrix": circuits.overlap_matrix(circs), "pairs": pairs, "overlap_vs_k": vs_k,
             "cross_faithfulness": circuits.cross_faithfulness(model, circs, task),
             "over_training": circuits.overlap_over_training(run, names[0], level=level, steps=pick, progress=progress)}
-    if features:
+    if features and not head["not_learned"]:
         result["features"] = _feature_overlap(run, model, task, out_dir / "sae", target, progress)
     return result
 
@@ -179,14 +214,15 @@ def _overlap(run: Run, progress: bool) -> dict[str, Any] | None:
 
 def _sae_config(model, task, hook: str, split: str, *, architecture: str = "topk", d_sae: int | None = None,
                 k: int | None = None, steps: int | None = None):
-    """The analyses' SAE defaults: ``d_sae = 2 × d_in``, ``k = max(4, d_in // 16)``, about 200 passes
-    over the ``split`` activations in batches of 256 (300 to 3,000 steps)."""
+    """The analyses' SAE defaults: ``d_sae = 2 × d_in``, ``k = max(4, d_in // 16)``, about 50 passes
+    over the ``split`` activations in batches of 256 (300 to 1,000 steps; 200 passes and up to 3,000
+    steps until the demo had to fit ten minutes, with the same picture: docs/reproductions.md)."""
     from mechgrok import sae as saes
 
     d_in = int(saes.activations(model, task, hook).shape[1])
     n_rows = int(task.mask(split).sum())
     return saes.SAEConfig(architecture=architecture, d_sae=d_sae or 2 * d_in, k=k or max(4, d_in // 16),
-                          steps=steps or min(3000, max(300, 200 * n_rows // min(256, n_rows))))
+                          steps=steps or min(1000, max(300, 50 * n_rows // min(256, n_rows))))
 
 
 def sae_analysis(run: Run, *, hook: str | None = None, architecture: str = "topk", d_sae: int | None = None,
@@ -197,8 +233,8 @@ def sae_analysis(run: Run, *, hook: str | None = None, architecture: str = "topk
     by default: evaluation, feature labels, ablations against random features, and SAEs on
     ``n_training_steps`` earlier checkpoints (``training_sae_steps`` steps each).
 
-    Defaults: ``d_sae = 2 × d_mlp``, ``k = max(4, d_mlp // 16)``, about 200 passes over the
-    activations in batches of 256 (``steps`` between 300 and 3,000; a third of that for the earlier
+    Defaults: ``d_sae = 2 × d_mlp``, ``k = max(4, d_mlp // 16)``, about 50 passes over the
+    activations in batches of 256 (``steps`` between 300 and 1,000; a third of that for the earlier
     checkpoints' SAEs); trained on the training examples when the task has corrupted labels
     (memorization lives there: on the whole table 80% of the data would carry none, and the SAE
     captured less of it — docs/reproductions.md), on every example otherwise. The SAE is saved in sae-lens's format in ``run/analysis/sae/final``

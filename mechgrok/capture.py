@@ -48,8 +48,9 @@ from numpy.lib import format as npformat
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mechgrok._io import atomic_dir, atomic_write_text
-from mechgrok.models import HookedRootModule
+from mechgrok._config import check_int
+from mechgrok._io import atomic_dir, atomic_write_text, child_path, safe_name
+from mechgrok.models import HookedRootModule, check_inputs
 
 __all__ = ["ActivationCache", "capture", "load_cache", "BACKENDS"]
 
@@ -127,15 +128,23 @@ def capture(model: nn.Module, inputs: Shaped[Tensor, "N ..."], hooks: Sequence[s
         pre-allocated ``[N, ...]`` tensor.
 
     Raises:
-        ValueError: unknown backend or hook (with the close matches), empty ``hooks`` or
-            ``inputs``, a hook that does not run or lacks the batch dimension. All argument
-            checks happen before the model runs or anything is written.
-        TypeError: ``backend="transformer_lens"`` on a model that is not a ``HookedRootModule``.
-        FileExistsError: ``out`` exists and ``overwrite`` is false.
+        ValueError: unknown backend or hook (with the close matches), empty ``hooks`` or ``inputs``,
+            ``batch_size < 1``, token ids outside the vocabulary or longer than ``n_ctx``
+            (``models.check_inputs``), a hook that does not run or lacks the batch dimension. All
+            argument checks happen before the model runs or anything is written.
+        TypeError: a model that is not a ``HookedRootModule`` for ``"transformer_lens"``; hook names
+            that are not strings; float inputs to a transformer.
+        FileExistsError: ``out`` exists and ``overwrite`` is false, or ``out`` is (inside) a file.
     """
-    hooks = _check_args(model, inputs, hooks, backend, batch_size)
-    if out is not None and Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it or choose another folder")
+    hooks, batch_size = _check_args(model, inputs, hooks, backend, batch_size)
+    if out is not None and (above := next((q for q in Path(out).parents if q.exists()), None)) and not above.is_dir():
+        raise FileExistsError(f"{above} is a file, so {out} cannot be a folder inside it; choose another path")
+    if out is not None and Path(out).exists():
+        if not Path(out).is_dir():
+            raise FileExistsError(f"{out} is a file, not a folder; capture writes a folder (meta.json + one .npy per "
+                                  "hook): choose another path")
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it or choose another folder")
     n = int(inputs.shape[0])
     device = next(model.parameters(), torch.empty(0)).device
     flags = {m: m.training for m in model.modules()}
@@ -174,25 +183,54 @@ def load_cache(path: str | Path) -> ActivationCache:
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not an activation cache: no meta.json (write one with "
                                 "mechgrok.capture(..., out=path))")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+    meta = _read_meta(meta_file)
     tensors = {}
     for name in meta["hooks"]:
-        array = np.load(path / meta["files"][name], mmap_mode="c", allow_pickle=False)
+        # a crafted meta.json must not point the loader outside the folder ("../x.npy", "/tmp/x.npy")
+        file = child_path(path, meta["files"][name], what=f"the file of hook {name!r}", source=meta_file)
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} (hook {name!r}, listed in {meta_file}) is missing; capture again")
+        try:
+            array = np.load(file, mmap_mode="c", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{file} is damaged or truncated ({e}); capture again") from None
         if list(array.shape) != meta["shapes"][name]:
-            raise ValueError(f"{path / meta['files'][name]} has shape {list(array.shape)} but meta.json "
+            raise ValueError(f"{file} has shape {list(array.shape)} but meta.json "
                              f"says {meta['shapes'][name]}; the cache is damaged, capture it again")
         tensors[name] = torch.from_numpy(array)
     return ActivationCache(tensors, meta, path)
+
+
+def _read_meta(meta_file: Path) -> dict[str, Any]:
+    """``meta.json`` of a disk cache, checked to hold the entries ``load_cache`` reads."""
+    def damaged(what: str) -> ValueError:
+        return ValueError(f"{meta_file} is not a valid activation-cache description ({what}); capture again")
+
+    try:
+        meta = json.loads(meta_file.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise damaged(f"{type(e).__name__}: {e}") from None
+    if not isinstance(meta, dict):
+        raise damaged(f"a JSON object is expected, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+    hooks, files, shapes = meta.get("hooks"), meta.get("files"), meta.get("shapes")
+    if not isinstance(hooks, list) or not all(isinstance(h, str) for h in hooks):
+        raise damaged("'hooks' must be a list of hook names")
+    for key, value in (("files", files), ("shapes", shapes)):
+        if not isinstance(value, dict) or set(value) != set(hooks):
+            raise damaged(f"{key!r} must map every hook in 'hooks' and no other")
+    if not all(isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s) for s in shapes.values()):
+        raise damaged("every entry of 'shapes' must be a list of sizes")
+    return meta
 
 
 # ---------------------------------------------------------------------------- checks
 
 
 def _check_args(model: nn.Module, inputs: Tensor, hooks: Sequence[str], backend: str,
-                batch_size: int) -> list[str]:
-    """Validate everything before the model runs; return the hooks without duplicates."""
+                batch_size: int) -> tuple[list[str], int]:
+    """Validate everything before the model runs; return the hooks without duplicates and the batch size."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     if not isinstance(model, nn.Module):
@@ -200,14 +238,19 @@ def _check_args(model: nn.Module, inputs: Tensor, hooks: Sequence[str], backend:
                         "wrapper pass the module it wraps)")
     if isinstance(hooks, str):
         raise TypeError(f"hooks must be a list of names, got the string {hooks!r}; write [{hooks!r}]")
+    if not isinstance(hooks, Iterable):
+        raise TypeError(f"hooks must be a list of hook names, e.g. ['blocks.0.mlp.hook_post'], got {hooks!r}")
+    hooks = list(hooks)
+    if bad := [h for h in hooks if not isinstance(h, str)]:
+        raise TypeError(f"hook names must be strings, got {bad[:3]}; e.g. hooks=['blocks.0.mlp.hook_post']")
     hooks = list(dict.fromkeys(hooks))
     if not hooks:
         raise ValueError("hooks is empty; name at least one, e.g. hooks=['blocks.0.mlp.hook_post']")
     if not isinstance(inputs, Tensor) or inputs.ndim == 0 or inputs.shape[0] == 0:
         raise ValueError("inputs must be a tensor [N, ...] with N >= 1, got "
                          f"{tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = check_int(batch_size, "batch_size", low=1)
+    check_inputs(model, inputs)  # token ids in the vocabulary, lengths within n_ctx (mechgrok models)
     if backend == "transformer_lens":
         if not isinstance(model, HookedRootModule):
             raise TypeError(f"backend='transformer_lens' needs a transformer-lens HookedRootModule, got "
@@ -222,7 +265,7 @@ def _check_args(model: nn.Module, inputs: Tensor, hooks: Sequence[str], backend:
             hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else \
                 f"valid names include {known[:5]}"
             raise ValueError(f"unknown hook {hook!r}; {hint}")
-    return hooks
+    return hooks, batch_size
 
 
 # ---------------------------------------------------------------------------- storage
@@ -282,7 +325,7 @@ class _Sink:
         except TypeError as e:
             raise TypeError(f"hook {name!r} has dtype {value.dtype}, which .npy cannot store; cast the "
                             "model (e.g. model.float()) or capture in memory (out=None)") from e
-        self.files[name] = re.sub(r"[^\w.-]", "_", name) + ".npy"
+        self.files[name] = _file_name(name, set(self.files.values()))
         f = self._open[name] = open(self.folder / self.files[name], "wb")  # noqa: SIM115 - see close()
         self._rows[name] = 0
         npformat.write_array_header_1_0(f, {"descr": npformat.dtype_to_descr(dtype), "fortran_order": False,
@@ -301,6 +344,19 @@ class _Sink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _file_name(hook: str, taken: set[str]) -> str:
+    """A ``.npy`` name for ``hook`` that ``safe_name`` accepts and no other hook has: characters outside
+    ``[A-Za-z0-9_.-]`` and runs of dots become ``_``; a name taken by another hook (``a b`` and
+    ``a_b``) or too long gets a hash of the hook name."""
+    import hashlib
+
+    stem = re.sub(r"^(?=[.-])", "_", re.sub(r"\.{2,}", "_", re.sub(r"[^A-Za-z0-9_.-]", "_", hook))) or "_"
+    name = f"{stem}.npy"
+    if name in taken or len(name) > 200:
+        name = f"{stem[:180]}-{hashlib.sha256(hook.encode()).hexdigest()[:12]}.npy"
+    return safe_name(name, what=f"the file name of hook {hook!r}")
 
 
 def _batches(inputs: Tensor, batch_size: int, device: torch.device, progress: bool,

@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,20 +24,32 @@ log = logging.getLogger("mechgrok")
 
 
 def _parse_sets(pairs: list[str]) -> dict:
-    out = {}
+    """``["lr=1e-3", "optimizer=adamw"]`` -> ``{"lr": 0.001, "optimizer": "adamw"}``: a value is read as
+    JSON where it parses (numbers, true/false/null, lists) and kept as a string otherwise. The values are
+    not checked here: the config they go into (``TrainConfig``) checks each one and names it."""
+    out: dict = {}
+    given: dict[str, str] = {}
     for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        k, v = pair.split("=", 1)
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE (e.g. --set lr=1e-3), got {pair!r}")
+        if key != key.strip():
+            raise ValueError(f"--set {pair!r}: no spaces around the key; write --set {key.strip()}={value}")
+        if key in out:
+            raise ValueError(f"--set {key} is given twice (--set {given[key]} and --set {pair}); keep one")
+        given[key] = pair
         try:
-            out[k] = json.loads(v)
+            out[key] = json.loads(value)
         except json.JSONDecodeError:
-            out[k] = v
+            out[key] = value
     return out
 
 
 def _train(args: argparse.Namespace) -> Path:
+    """Train (or resume) a preset; the status line scores the weights of the last checkpoint as loaded
+    from disk (hash-checked), not the history, so it cannot vouch for weights that were damaged."""
     from mechgrok import presets, train
+    from mechgrok.train import evaluate
 
     overrides = _parse_sets(args.set)
     if args.steps is not None:
@@ -43,9 +57,12 @@ def _train(args: argparse.Namespace) -> Path:
     task, model, cfg = presets.build(args.preset, **overrides)
     out = Path(args.out or f"runs/{args.preset}")
     log.info("training preset %r into %s (%s)", args.preset, out, task.summary())
-    run = train(model, task, cfg, out=out, overwrite=args.overwrite, progress=not args.no_progress)
-    last = run.history()[-1]
-    log.info("done: train acc %.3f, test acc %.3f at step %d", last["train_acc"], last["test_acc"], last["step"])
+    resume = "intact" if getattr(args, "resume_intact", False) else "last"
+    run = train(model, task, cfg, out=out, overwrite=args.overwrite, progress=not args.no_progress, resume=resume)
+    step = run.steps()[-1]
+    ev = evaluate(run.load_model(step), task, loss=cfg.loss)
+    log.info("done: train acc %.3f, test acc %.3f at step %d (evaluated from %s)", ev["train"]["acc"],
+             ev["test"]["acc"], step, run.checkpoint(step))
     return run.path
 
 
@@ -110,14 +127,26 @@ def _demo(args: argparse.Namespace) -> Path:
     default on a machine with two or more cores) the runs train in two spawned processes, one torch
     thread each, and only one-line messages are shown; ``--workers 1`` runs them here with progress bars."""
     from mechgrok import presets, report, train
+    from mechgrok._config import check_int
+    from mechgrok.run import Run
 
     out = Path(args.out)
-    workers = args.workers if args.workers is not None else min(2, os.cpu_count() or 1)
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
-        raise FileExistsError(f"{out} exists and is not a mechgrok run; choose another --out (the demo never "
-                              "writes into a folder it did not make)")
+    workers = check_int(args.workers, "--workers", low=1) if args.workers is not None else min(2, os.cpu_count() or 1)
+    for sub in ["", *(sub for _, sub, _ in DEMO_RUNS if sub)]:  # before anything trains: say what is in the way
+        folder = out / sub
+        if folder.exists() and not folder.is_dir():
+            what = "a nested run" if sub else "its run"
+            raise FileExistsError(f"{folder} is a file, where the demo keeps {what}; choose another --out (or move "
+                                  "the file away)")
+        if folder.is_dir() and any(folder.iterdir()) and not (folder / "config.json").exists():
+            raise FileExistsError(f"{folder} exists and is not a mechgrok run; choose another --out (the demo never "
+                                  "writes into a folder it did not make)")
+        if (folder / "config.json").exists():
+            try:
+                Run(folder).config  # noqa: B018  (a damaged run: one line here, not a worker's traceback later)
+            except (OSError, ValueError) as e:
+                where = "" if str(folder / "config.json") in str(e) else f"{folder / 'config.json'}: "
+                raise ValueError(f"{where}{e}; repair the file, or delete {folder} to train it again") from e
     if not (out / "config.json").exists():  # the outer run folder first: the nested runs then live inside it
         task, model, cfg = presets.build(next(preset for preset, sub, _ in DEMO_RUNS if not sub))
         train(model, task, cfg, out=out, progress=False, stop_at=0)
@@ -132,34 +161,71 @@ def _demo(args: argparse.Namespace) -> Path:
 
         log.info("training and analysing %d runs in %d worker processes (about 6 minutes on 2 cores)",
                  len(jobs), workers)
+        from concurrent.futures.process import BrokenProcessPool
+
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
             futures = [pool.submit(_demo_run, *job, False, level) for job in jobs]
-            for fut in as_completed(futures):
-                fut.result()  # re-raises a worker's error here
+            try:
+                for fut in as_completed(futures):
+                    fut.result()  # re-raises a worker's error here
+            except BrokenProcessPool as e:
+                raise ChildProcessError(f"a demo worker process died ({e}; killed, or out of memory?); rerun the "
+                                        "same command to resume, or use --workers 1") from e
+            finally:
+                for fut in futures:  # after an error, runs not started yet are not started
+                    fut.cancel()
     path = report.build(out)  # includes the nested runs' sections
     log.info("report: %s", path)
     return path
 
 
 def _parse_grid(pairs: list[str]) -> dict:
-    grid = {}
+    """``["lr=1e-3,1e-2", "seed=0,1"]`` -> ``{"lr": [0.001, 0.01], "seed": [0, 1]}``. Values are read as
+    JSON where they parse (numbers, true/false/null) and kept as strings otherwise; ``mechgrok.sweeps``
+    then checks every value against the config it goes into."""
+    grid: dict[str, list] = {}
+    texts: dict[str, str] = {}
     for pair in pairs:
-        if "=" not in pair or not pair.split("=", 1)[1]:
+        key, _, values = pair.partition("=")
+        if not key or not values:
             raise ValueError(f"--grid expects KEY=V1,V2,..., got {pair!r}")
-        key, values = pair.split("=", 1)
-        grid[key] = [_parse_sets([f"{key}={v}"])[key] for v in values.split(",")]  # numbers parsed as JSON
+        if key in grid:
+            raise ValueError(f"--grid {key} is given twice; give all its values in one flag: "
+                             f"--grid {key}={texts[key]},{values}")
+        texts[key] = values
+        items = values.split(",")
+        if not all(items):
+            raise ValueError(f"--grid {pair!r} has an empty value; separate the values by single commas, "
+                             f"e.g. --grid {key}=1,2")
+        grid[key] = []
+        for v in items:
+            try:
+                grid[key].append(json.loads(v))
+            except json.JSONDecodeError:
+                grid[key].append(v)
     return grid
 
 
 def _sweep(args: argparse.Namespace) -> Path:
     from mechgrok import sweeps
+    from mechgrok._config import check_int
 
     grid = _parse_grid(args.grid)
+    check_int(args.workers, "--workers", low=1)
+    if (args.x is None) != (args.y is None):
+        given, missing = ("--x", "--y") if args.y is None else ("--y", "--x")
+        raise ValueError(f"{given} needs {missing}: the phase diagram has two axes; give both (e.g. "
+                         "--x weight_decay --y corrupt_frac) or neither")
+    for flag, name in (("--x", args.x), ("--y", args.y)):
+        if name is not None and name not in grid:
+            raise ValueError(f"{flag} {name!r} is not a setting of the grid; choose one of {list(grid)}")
+    if args.x is not None and args.x == args.y:
+        raise ValueError(f"--x and --y both name {args.x!r}; choose two different settings of the grid")
     out = Path(args.out)
     table = sweeps.sweep(args.preset, grid, out=out, backend=args.backend, workers=args.workers,
-                        address=args.address, progress=not args.no_progress)
+                         address=args.address, progress=not args.no_progress)
     log.info("%s", table[[*grid, "phase", "test_acc"]].to_string(index=False))
-    if args.x and args.y:
+    if args.x is not None:
         from mechgrok._io import atomic_write_bytes
         from mechgrok.report.figures import fig_to_png
 
@@ -179,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field, e.g. --set lr=1e-3 --set weight_decay=0.5")
     t.add_argument("--overwrite", action="store_true", help="replace a run folder made with another config")
+    t.add_argument("--resume-intact", action="store_true",
+                   help="resume from the newest intact checkpoint; damaged ones are moved to checkpoints/damaged/")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
@@ -197,13 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="train a preset over a grid of settings (resumable); results.csv + phases")
     w.add_argument("--preset", default="doshi-mlp", help="preset to vary (default: doshi-mlp)")
     w.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
-                   help="a setting and its values, e.g. --grid weight_decay=0,1,3 (repeatable)")
-    w.add_argument("--out", required=True, help="sweep folder (one run folder per point)")
-    w.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
+                   help="a setting and its values, e.g. --grid weight_decay=0,1,3 (repeatable, once per setting)")
+    w.add_argument("--out", required=True, help="sweep folder (one run folder per point); not a run folder or a file")
+    w.add_argument("--workers", type=int, default=2, help="local worker processes, >= 1 (default 2)")
     w.add_argument("--backend", default="local", choices=["local", "ray"], help="local processes or a Ray cluster")
     w.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    w.add_argument("--x", help="setting on the phase diagram's x axis (writes OUT/phase_diagram.png with --y)")
-    w.add_argument("--y", help="setting on the phase diagram's y axis")
+    w.add_argument("--x", help="grid setting on the phase diagram's x axis (with --y: writes OUT/phase_diagram.png)")
+    w.add_argument("--y", help="grid setting on the phase diagram's y axis (with --x)")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     w.set_defaults(func=_sweep)
 
@@ -215,13 +283,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_OS_HINTS = {  # errno -> what to do
+    errno.ENOSPC: "the disk is full: free some space, or choose a folder on another disk, and rerun "
+                  "(a run resumes from its last checkpoint)",
+    errno.EDQUOT: "the disk quota is used up: free some space, or choose another folder, and rerun",
+    errno.EACCES: "no permission to use this path: choose another folder, or fix its permissions",
+    errno.EPERM: "no permission to use this path: choose another folder, or fix its permissions",
+    errno.EROFS: "the file system is read-only: choose another folder",
+    errno.ENOTDIR: "a part of this path is a file, not a folder: choose another folder",
+    errno.EISDIR: "this is a folder where a file was expected: choose another path",
+    errno.ENOENT: "it does not exist: check the path",
+    errno.EEXIST: "it already exists: choose another path",
+    errno.ENAMETOOLONG: "the name is too long: choose a shorter path",
+}
+
+
+def _error_line(e: BaseException) -> str:
+    """One line for an error the user can act on: what went wrong, on which file, and what to do."""
+    from safetensors import SafetensorError
+
+    if isinstance(e, OSError) and e.errno is not None:  # from the OS: name the file, say what to do
+        files = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        hint = _OS_HINTS.get(e.errno, "check the path and rerun")
+        if e.errno == errno.EEXIST and e.filename is not None and os.path.isfile(e.filename):  # mkdir on a file
+            hint = "this is a file where a folder is needed: move it away, or choose another folder"
+        return f"{files + ': ' if files else ''}{e.strerror or e} [Errno {e.errno}]; {hint}"
+    if isinstance(e, SafetensorError):  # "... I/O error: No space left on device (os error 28) at path "...""
+        code = re.search(r"os error (\d+)", str(e))
+        hint = _OS_HINTS.get(int(code.group(1)), "") if code else ""
+        return (f"a tensor file could not be read or written ({e}); "
+                + (hint or "if it is damaged, delete it (a run falls back to an earlier checkpoint) and rerun"))
+    if isinstance(e, json.JSONDecodeError):  # mechgrok's readers name the file; this is the last resort
+        return f"a JSON file is damaged or truncated ({e}); restore or delete it and rerun"
+    if isinstance(e, UnicodeDecodeError):
+        return f"a text file holds bytes that are not UTF-8 ({e}); it is damaged: restore or delete it and rerun"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``mechgrok`` command. Exit codes: 0 done, 2 an error explained in one line on stderr,
+    130 interrupted (Ctrl-C; rerun the same command to resume)."""
+    from safetensors import SafetensorError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         result = args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, TypeError) as e:
-        print(f"mechgrok: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("mechgrok: interrupted; rerun the same command to resume (finished checkpoints and analyses are kept)",
+              file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, SafetensorError) as e:  # OSError: full disk, permissions, files
+        print(f"mechgrok: error: {_error_line(e)}", file=sys.stderr)
         return 2
     print(result)
     return 0

@@ -27,6 +27,7 @@ from jaxtyping import Float, Int
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from mechgrok._config import check_int
 from mechgrok._io import atomic_dir, atomic_write_text, read_safetensors
 from mechgrok.tasks import Task
 
@@ -42,11 +43,13 @@ with warnings.catch_warnings():
     except ImportError:  # pragma: no cover - transformer-lens 2.x
         from transformer_lens.hook_points import HookedRootModule
     from transformer_lens.hook_points import HookPoint
+    from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
 
 TL_VERSION = importlib.metadata.version("transformer-lens")
 
 __all__ = ["HookedMLP", "HookedRootModule", "HookPoint", "HookedTransformer", "transformer", "mlp",
-           "save", "load", "spec", "build", "final_logits", "training_logits", "patchable", "check_compatible", "mlp_hook", "n_layers", "TL_VERSION"]
+           "save", "load", "spec", "build", "final_logits", "training_logits", "patchable", "check_compatible",
+           "check_inputs", "mlp_hook", "n_layers", "TL_VERSION", "TRANSFORMER_ACTS", "MLP_ACTS"]
 
 _ACTS = {
     "square": lambda x: x * x,
@@ -54,6 +57,20 @@ _ACTS = {
     "gelu": nn.functional.gelu,
     "linear": lambda x: x,
 }
+#: ``act_fn`` names ``transformer`` accepts (transformer-lens's) and ``act`` names ``mlp`` accepts.
+TRANSFORMER_ACTS = tuple(sorted(SUPPORTED_ACTIVATIONS))
+MLP_ACTS = tuple(sorted(_ACTS))
+
+
+def _check_choice(value: Any, name: str, choices: tuple[str, ...], owner: str) -> str:
+    """``value`` if it is one of ``choices``, else a ``ValueError`` listing them (with close matches)."""
+    import difflib
+
+    if not isinstance(value, str) or value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{owner}: unknown {name} {value!r}; choose one of {list(choices)}{hint}")
+    return value
 
 
 def _quiet_build(fn, *args, **kwargs):
@@ -80,13 +97,20 @@ def transformer(task: Task | None = None, *, n_layers: int = 1, d_model: int = 1
     Returns:
         The model; ``model(tokens)`` maps ``[batch, n_ctx]`` ids to logits ``[batch, n_ctx, d_vocab_out]``.
     """
-    d_vocab = d_vocab if d_vocab is not None else _need(task, "d_vocab")
-    d_vocab_out = d_vocab_out if d_vocab_out is not None else _need(task, "d_vocab_out")
-    n_ctx = n_ctx if n_ctx is not None else _need(task, "n_ctx")
+    owner = "models.transformer"
+    _check_task(task, owner)
+    n_layers, d_model, n_heads, d_mlp = (check_int(v, k, low=1, owner=owner) for k, v in (
+        ("n_layers", n_layers), ("d_model", d_model), ("n_heads", n_heads), ("d_mlp", d_mlp)))
+    seed = check_int(seed, "seed", low=0, owner=owner)
+    d_vocab, d_vocab_out, n_ctx = (check_int(v if v is not None else _need(task, k), k, low=1, owner=owner)
+                                   for k, v in (("d_vocab", d_vocab), ("d_vocab_out", d_vocab_out), ("n_ctx", n_ctx)))
+    act_fn = _check_choice(act_fn, "act_fn", TRANSFORMER_ACTS, owner)
     if d_head is None:
         if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}; pass d_head")
+            raise ValueError(f"{owner}: d_model={d_model} is not divisible by n_heads={n_heads}; choose n_heads "
+                             f"among {[h for h in range(1, d_model + 1) if d_model % h == 0]} or pass d_head")
         d_head = d_model // n_heads
+    d_head = check_int(d_head, "d_head", low=1, owner=owner)
     if normalization not in (None, "LN", "RMS"):
         raise ValueError(f"normalization must be None, 'LN' or 'RMS', got {normalization!r}")
     cfg = HookedTransformerConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head,
@@ -105,6 +129,12 @@ def _need(task: Task | None, attr: str) -> int:
     if task is None:
         raise ValueError(f"pass a task or {attr}=...")
     return int(getattr(task, attr))
+
+
+def _check_task(task: Any, owner: str) -> None:
+    if task is not None and not isinstance(task, Task):
+        raise TypeError(f"{owner}: task must be a mechgrok Task (e.g. mg.tasks.modular_arithmetic(p=113)) or None, "
+                        f"got {type(task).__name__}")
 
 
 class _MLPLayer(nn.Module):
@@ -148,11 +178,17 @@ class HookedMLP(HookedRootModule):
     def __init__(self, p: int, width: int, d_out: int, act: str = "square", bias: bool = False,
                  operand_positions: tuple[int, int] = (0, 1), seed: int = 0):
         super().__init__()
-        if act not in _ACTS:
-            raise ValueError(f"unknown act {act!r}; choose one of {sorted(_ACTS)}")
-        if width < 1:
-            raise ValueError(f"width must be positive, got {width}")
-        self.p, self.d_out, self.operand_positions = p, d_out, tuple(operand_positions)
+        owner = "HookedMLP"
+        act = _check_choice(act, "act", MLP_ACTS, owner)
+        p, width, d_out = (check_int(v, k, low=1, owner=owner) for k, v in (("p", p), ("width", width), ("d_out", d_out)))
+        seed = check_int(seed, "seed", low=0, owner=owner)
+        if not isinstance(bias, bool):
+            raise TypeError(f"{owner}: bias must be True or False, got {bias!r}")
+        if (isinstance(operand_positions, (str, bytes)) or not hasattr(operand_positions, "__len__")
+                or len(operand_positions) != 2):
+            raise ValueError(f"{owner}: operand_positions must be two token positions (a, b), got {operand_positions!r}")
+        operand_positions = tuple(check_int(i, "operand_positions", low=0, owner=owner) for i in operand_positions)
+        self.p, self.d_out, self.operand_positions = p, d_out, operand_positions
         g = torch.Generator().manual_seed(seed)
         self.hook_in = HookPoint()
         self.blocks = nn.ModuleList([_Block(_MLPLayer(2 * p, width, d_out, act, bias, g))])
@@ -170,11 +206,18 @@ class HookedMLP(HookedRootModule):
 def mlp(task: Task | None = None, *, width: int = 500, act: str = "square", bias: bool = False, seed: int = 0,
         p: int | None = None, d_out: int | None = None) -> HookedMLP:
     """The Doshi et al. MLP for a single-operation ``task``: ``2p -> width -> act -> d_out``, no biases."""
+    _check_task(task, "models.mlp")
     if task is not None and len(task.task_names) != 1:
         raise ValueError(f"the MLP sees only the two operands; task {task.name!r} mixes several ops "
                          "(use a transformer for multi-task data)")
-    p = p if p is not None else _need(task, "p")
-    d_out = d_out if d_out is not None else _need(task, "d_vocab_out")
+    owner = "models.mlp"
+    width = check_int(width, "width", low=1, owner=owner)
+    p = check_int(p if p is not None else _need(task, "p"), "p", low=1, owner=owner)
+    d_out = check_int(d_out if d_out is not None else _need(task, "d_vocab_out"), "d_out", low=1, owner=owner)
+    act = _check_choice(act, "act", MLP_ACTS, owner)
+    seed = check_int(seed, "seed", low=0, owner=owner)
+    if not isinstance(bias, bool):
+        raise TypeError(f"{owner}: bias must be True or False, got {bias!r}")
     positions = tuple(task.operand_positions) if task is not None else (0, 1)
     model = HookedMLP(p, width, d_out, act=act, bias=bias, operand_positions=positions, seed=seed)
     model.mechgrok_spec = {"kind": "mlp", "kwargs": dict(width=width, act=act, bias=bias, seed=seed, p=p,
@@ -203,6 +246,7 @@ def mlp_hook(layer: int = 0, where: str = "post") -> str:
     """The hook name of an MLP's neurons (same for transformers and HookedMLP)."""
     if where not in ("pre", "post"):
         raise ValueError(f"where must be 'pre' or 'post', got {where!r}")
+    layer = check_int(layer, "layer", low=0)
     return f"blocks.{layer}.mlp.hook_{where}"
 
 
@@ -269,6 +313,8 @@ def patchable(model: nn.Module):
 
 def check_compatible(model: nn.Module, task: Task) -> None:
     """Raise a clear error when ``model`` cannot read ``task``'s tokens or predict its classes."""
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a mechgrok Task, got {type(task).__name__}")
     if isinstance(model, HookedTransformer):
         cfg = model.cfg
         have = {"d_vocab": cfg.d_vocab, "d_vocab_out": cfg.d_vocab_out}
@@ -289,22 +335,78 @@ def check_compatible(model: nn.Module, task: Task) -> None:
                          "this task, e.g. mg.models.transformer(task, ...)")
 
 
+def check_inputs(model: nn.Module, inputs: Any, what: str = "inputs") -> None:
+    """Raise a clear error unless ``inputs`` ``[N, ...]`` (N >= 1) can be fed to ``model``: before
+    it runs, instead of an ``IndexError`` from inside an embedding or a one-hot encoding.
+
+    - ``HookedTransformer``: integer token ids ``[N, pos]`` with ``1 <= pos <= n_ctx`` and every id in
+      ``[0, d_vocab)``.
+    - ``HookedMLP``: integer token ids ``[N, n_ctx]`` whose operands (at ``operand_positions``) lie
+      in ``[0, p)``, or the float one-hot view ``[N, 2p]``.
+    - any other module: a tensor with at least one example (nothing else is known about it).
+    """
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"{what} must be a torch tensor [N, ...], got {type(inputs).__name__} "
+                        "(torch.as_tensor(...) turns a nested list into one)")
+    if inputs.ndim == 0 or inputs.shape[0] == 0:
+        raise ValueError(f"{what} must be a tensor [N, ...] with N >= 1 examples, got shape {tuple(inputs.shape)}")
+    integer = not (inputs.is_floating_point() or inputs.is_complex() or inputs.dtype == torch.bool)
+    if isinstance(model, HookedTransformer):
+        cfg = model.cfg
+        if not integer:
+            raise TypeError(f"{what} must be integer token ids [N, pos] for a HookedTransformer, got dtype "
+                            f"{inputs.dtype} (tokens are indices into the vocabulary: use .long())")
+        if inputs.ndim != 2 or not 1 <= inputs.shape[1] <= cfg.n_ctx:
+            raise ValueError(f"{what} must be token ids [N, pos] with 1 <= pos <= the model's n_ctx={cfg.n_ctx}, "
+                             f"got shape {tuple(inputs.shape)}")
+        _check_ids(inputs, cfg.d_vocab, what, "token ids", "d_vocab")
+    elif isinstance(model, HookedMLP):
+        if not integer:
+            if inputs.ndim != 2 or inputs.shape[1] != 2 * model.p or not inputs.is_floating_point():
+                raise ValueError(f"{what}: a HookedMLP reads integer token ids [N, n_ctx] or the float one-hot view "
+                                 f"[N, 2p={2 * model.p}] (Task.onehot()), got {inputs.dtype} {tuple(inputs.shape)}")
+            return
+        need = max(model.operand_positions) + 1
+        if inputs.ndim != 2 or inputs.shape[1] < need:
+            raise ValueError(f"{what} must be token ids [N, n_ctx] with the operands at positions "
+                             f"{model.operand_positions} (n_ctx >= {need}), got shape {tuple(inputs.shape)}")
+        _check_ids(inputs[:, list(model.operand_positions)], model.p, what, "operands", "p")
+
+
+def _check_ids(ids: Tensor, size: int, what: str, kind: str, name: str) -> None:
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= size:
+        raise ValueError(f"{what} holds {kind} in [{lo}, {hi}] but the model's {name} is {size} (valid: 0 to "
+                         f"{size - 1}); build the model from the task the inputs come from")
+
+
 # ---------------------------------------------------------------------------- save / load
 
 _BUILDERS = {"transformer": transformer, "mlp": mlp}
 
 
 def build(model_spec: dict[str, Any]) -> nn.Module:
-    """Build a fresh model from a ``spec`` dict."""
+    """Build a fresh model from a ``spec`` dict (``{"kind": "transformer" | "mlp", "kwargs": {...}}``)."""
+    import inspect
+
+    if not isinstance(model_spec, dict) or not isinstance(model_spec.get("kwargs", {}), dict):
+        raise ValueError(f"a model spec is a dict {{'kind': ..., 'kwargs': {{...}}}}, got {model_spec!r:.200}")
     kind = model_spec.get("kind")
     if kind not in _BUILDERS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(_BUILDERS)}")
-    return _BUILDERS[kind](None, **model_spec["kwargs"])
+    kwargs = model_spec.get("kwargs", {})
+    known = [k for k in inspect.signature(_BUILDERS[kind]).parameters if k != "task"]
+    if unknown := sorted(set(kwargs) - set(known)):
+        raise ValueError(f"model spec of kind {kind!r} has unknown arguments {unknown}; known: {known}")
+    return _BUILDERS[kind](None, **kwargs)
 
 
 def save(model: nn.Module, path: str | Path) -> Path:
     """Write ``path/model.json`` (spec, versions) and ``path/model.safetensors`` atomically."""
     path = Path(path)
+    if path.exists() and not path.is_dir():  # atomic_dir would replace the file by a folder
+        raise FileExistsError(f"{path} is a file; a model is saved as a folder (model.json + model.safetensors): "
+                              "choose another path")
     meta = {"format": "mechgrok.model/1", "spec": spec(model), "transformer_lens": TL_VERSION,
             "torch": torch.__version__}
     with atomic_dir(path) as tmp:
@@ -337,8 +439,15 @@ def load(path: str | Path) -> nn.Module:
     meta_file, weights = path / "model.json", path / "model.safetensors"
     if not meta_file.exists() or not weights.exists():
         raise FileNotFoundError(f"{path} is not a saved model: expected model.json and model.safetensors")
-    meta = json.loads(meta_file.read_text())
-    model = build(meta["spec"])
+    try:
+        meta = json.loads(meta_file.read_text())
+        spec_ = meta["spec"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta_file} is damaged ({type(e).__name__}: {e}); save the model again") from None
+    try:
+        model = build(spec_)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{meta_file}: {e}") from None
     load_state(model, read_safetensors(weights), source=str(weights))
     return model
 

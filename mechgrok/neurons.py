@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mechgrok import models
+from mechgrok._config import check_float, check_int
 from mechgrok._threads import torch_threads
 from mechgrok.measures import grid_forward, neuron_ipr, task_grid
 from mechgrok.measures.fourier import ipr as _ipr
@@ -33,14 +34,18 @@ from mechgrok.tasks import Task
 from mechgrok.train import metrics_from_logits
 
 __all__ = ["ipr", "memorization_score", "scores", "classify", "NeuronGroups", "prune", "prune_sweep",
-           "otsu_threshold", "direct_logit_map", "SWEEP_ORDERS"]
+           "neuron_indices", "otsu_threshold", "direct_logit_map", "SWEEP_ORDERS"]
 
 SWEEP_ORDERS = ("low-first", "random", "high-first")
 
 
 def _mlp(model: nn.Module, layer: int) -> nn.Module:
+    if not isinstance(model, (models.HookedTransformer, models.HookedMLP)):
+        raise TypeError(f"neuron analyses need a HookedTransformer or HookedMLP, got {type(model).__name__}")
+    check_int(layer, "layer")
     if not 0 <= layer < models.n_layers(model):
-        raise ValueError(f"layer {layer} does not exist; the model has {models.n_layers(model)} layer(s)")
+        raise ValueError(f"layer {layer} does not exist; the model has {models.n_layers(model)} layer(s) "
+                         f"(layer in [0, {models.n_layers(model) - 1}])")
     mlp = model.blocks[layer].mlp
     if not hasattr(mlp, "W_in"):
         raise ValueError(f"blocks.{layer}.mlp has no W_in (gated or expert MLPs are not supported)")
@@ -85,6 +90,7 @@ def ipr(model: nn.Module, task: Task, layer: int = 0) -> Float[Tensor, " d_mlp"]
     Returns ``[d_mlp]`` in [1/(p//2+1), 1]. Limits: IPR sees concentration in frequency only; on a
     1-layer transformer a neuron can be periodic in ``a + b`` while its marginals are flat.
     """
+    models.check_compatible(model, task)  # a model of another p would be sliced silently wrong
     _check_single_op(task)
     p = task.p
     mlp = _mlp(model, layer)
@@ -109,6 +115,7 @@ def memorization_score(model: nn.Module, task: Task, layer: int = 0) -> Float[Te
     Positive: the neuron helps memorize corrupted labels. Task-agnostic (no periodicity), in the
     spirit of the memorization localisation of Doshi et al. 2023. Limits: direct path only.
     """
+    models.check_compatible(model, task)
     c = task.train_corrupted
     if not bool(c.any()):
         raise ValueError(f"task {task.name!r} has no corrupted training labels, so there is nothing to "
@@ -136,7 +143,11 @@ def otsu_threshold(x: Tensor, bins: int = 256) -> tuple[float, float]:
     the gap when several thresholds make the same groups); ``η`` near 1
     means a clearly bimodal sample, near 0 a unimodal one (then the split is arbitrary).
     """
+    bins = check_int(bins, "bins", low=2)
     x = x.detach().double().flatten()
+    if x.numel() == 0 or not bool(torch.isfinite(x).all()):
+        raise ValueError(f"otsu_threshold needs a non-empty sample of finite numbers, got {x.numel()} values"
+                         + ("" if x.numel() == 0 else f", {int((~torch.isfinite(x)).sum())} of them not finite"))
     lo, hi = float(x.min()), float(x.max())
     if hi <= lo:
         return lo, 0.0
@@ -183,10 +194,13 @@ def classify(model: nn.Module, task: Task, score: str = "ipr", threshold: float 
     bimodal IPR distribution Doshi et al. report); ``separability`` says how bimodal the scores are.
     Dead neurons (all-zero weights) count as generalizing under IPR only if their score says so.
     """
+    if threshold is not None:  # IPR lies in (0, 1]; a memorization score is in logit units
+        threshold = (check_float(threshold, "threshold", low=0.0, high=1.0, owner="classify(score='ipr')")
+                     if score == "ipr" else check_float(threshold, "threshold", owner=f"classify(score={score!r})"))
     s = scores(model, task, score, layer)
     t, eta = otsu_threshold(s)
     if threshold is not None:
-        t = float(threshold)
+        t = threshold
     mem = (s < t) if score == "ipr" else (s > t)
     how = "Otsu's threshold" if threshold is None else "a given threshold"
     cmp = "<" if score == "ipr" else ">"
@@ -198,17 +212,43 @@ def classify(model: nn.Module, task: Task, score: str = "ipr", threshold: float 
 def prune(model: nn.Module, neurons: Sequence[int], layer: int = 0) -> nn.Module:
     """A copy of ``model`` with ``neurons`` of ``layer`` removed: their input weights (and input
     bias) and output weights set to zero. The original model is untouched."""
+    idx = neuron_indices(model, neurons, layer)
     pruned = copy.deepcopy(model)
     mlp = _mlp(pruned, layer)
-    idx = torch.as_tensor(list(neurons), dtype=torch.long)
-    if len(idx) and (idx.min() < 0 or idx.max() >= mlp.W_in.shape[1]):
-        raise ValueError(f"neuron indices must lie in [0, {mlp.W_in.shape[1]}), got {idx.tolist()[:10]}")
     with torch.no_grad():
         mlp.W_in[:, idx] = 0
         mlp.W_out[idx, :] = 0
         if getattr(mlp, "b_in", None) is not None:
             mlp.b_in[idx] = 0
     return pruned
+
+
+def neuron_indices(model: nn.Module, neurons: Sequence[int] | Tensor, layer: int = 0) -> Tensor:
+    """``neurons`` as a LongTensor of distinct neuron indices of ``layer``'s MLP, or a clear error.
+
+    Accepts a sequence of ints (numpy ints too) or a 1-D integer tensor / array. Refuses bools,
+    floats (``1.5`` is not neuron 1), negative indices (no counting from the end), indices ≥ the
+    layer's width, and repeats (a list built by concatenating groups that overlap).
+    """
+    width = _mlp(model, layer).W_in.shape[1]
+    size = f"width={width}" if isinstance(model, models.HookedMLP) else f"d_mlp={width}"
+    if isinstance(neurons, (int, float, str, bytes)) or not hasattr(neurons, "__len__"):
+        raise TypeError(f"neurons must be a list of neuron indices, e.g. [{neurons!r}], got {type(neurons).__name__}")
+    if isinstance(neurons, Tensor) or hasattr(neurons, "dtype"):  # a tensor or numpy array
+        t = torch.as_tensor(neurons)
+        if t.ndim != 1 or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise TypeError(f"neurons must be a 1-D tensor of integer indices, got dtype {t.dtype} and shape "
+                            f"{tuple(t.shape)} (for a boolean mask m pass m.nonzero().flatten())")
+        values = t.tolist()
+    else:
+        values = [check_int(i, f"neurons[{j}]") for j, i in enumerate(neurons)]
+    if bad := [i for i in values if not 0 <= i < width]:
+        raise ValueError(f"neuron indices must lie in [0, {width}) (layer {layer} has {size}), got {bad[:10]}")
+    if len(set(values)) < len(values):
+        twice = sorted({i for i in values if values.count(i) > 1})
+        raise ValueError(f"neurons {twice[:10]} are listed more than once; pass each neuron once "
+                         "(e.g. sorted(set(neurons)))")
+    return torch.tensor(values, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -241,17 +281,29 @@ def prune_sweep(model: nn.Module, task: Task, order: str | Tensor = "ipr", *, co
         "<split>_acc", "<split>_loss"}`` for the splits of ``mechgrok.evaluate``. The pruned set of a
         row contains that of every smaller count of the same ordering (nested prefixes).
     """
-    s = order if isinstance(order, Tensor) else scores(model, task, order, layer)
-    name = "custom" if isinstance(order, Tensor) else order
     n = _mlp(model, layer).W_in.shape[1]
-    if s.shape != (n,):
-        raise ValueError(f"scores must have shape [{n}], got {tuple(s.shape)}")
+    if isinstance(orders, str) or not orders:
+        raise ValueError(f"orders must be a non-empty list drawn from {SWEEP_ORDERS}, got {orders!r}"
+                         + (f"; write [{orders!r}]" if isinstance(orders, str) else ""))
     bad = sorted(set(orders) - set(SWEEP_ORDERS))
     if bad:
         raise ValueError(f"unknown orders {bad}; choose from {SWEEP_ORDERS}")
-    counts = sorted({int(round(x)) for x in torch.linspace(0, n, 21).tolist()} if counts is None else set(counts))
-    if counts[0] < 0 or counts[-1] > n:
-        raise ValueError(f"counts must lie in [0, {n}]")
+    if counts is None:
+        counts = sorted({int(round(x)) for x in torch.linspace(0, n, 21).tolist()})
+    else:
+        counts = sorted({check_int(k, "counts", low=0, high=n, owner=f"prune_sweep (layer {layer} has {n} neurons)")
+                         for k in counts})
+        if not counts:
+            raise ValueError(f"counts is empty; give numbers of neurons to prune in [0, {n}], or None for 21 of them")
+    seeds = [check_int(seed, "seeds", low=0) for seed in seeds] if "random" in orders else list(seeds)
+    if "random" in orders and not seeds:
+        raise ValueError("orders include 'random' but seeds is empty; give at least one seed")
+    s = order if isinstance(order, Tensor) else scores(model, task, order, layer)
+    name = "custom" if isinstance(order, Tensor) else order
+    if s.shape != (n,):
+        raise ValueError(f"scores must have shape [{n}], got {tuple(s.shape)}")
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError("the scores that order the neurons must be finite (a NaN would put its neuron anywhere)")
     perms: list[tuple[str, int | None, Tensor]] = []
     for o in orders:
         if o == "random":

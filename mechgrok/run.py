@@ -5,17 +5,26 @@ Layout::
     RUN/
       config.json                      {"format", "task": task config, "model": model spec, "train": TrainConfig}
       task/                            the Task (task.json + tensors.safetensors)
-      checkpoints/step_000100.safetensors   model parameters, optimizer state ("optim/..."), RNG state ("rng/...")
+      checkpoints/step_000100.safetensors   model parameters, optimizer state ("optim/..."), RNG state ("rng/...");
+                                       a content hash in the metadata, checked on every load (mechgrok.checkpoints)
+      checkpoints/damaged/             checkpoints that failed that check, moved here by train(resume="intact")
       history.jsonl                    one JSON object per evaluation (see mechgrok.train.HISTORY_KEYS)
+      .lock                            while a process trains the run: its pid (mechgrok._io.FolderLock)
       analysis/*.json                  results written by later analyses
       report.html, report.md           written by mechgrok.report.build
 
-``Run`` only reads; ``mechgrok.train`` is what writes a run.
+``Run`` only reads; ``mechgrok.train`` is what writes a run. A run folder appears complete
+(``config.json`` and ``task/`` built in a temporary sibling ``.RUN.<pid>.<random>.tmp``, then renamed).
+Damaged files are errors that name the file and what to do, never silently replaced: a checkpoint
+whose content does not match its hash, a missing ``history.jsonl`` in a run with checkpoints, a
+damaged line in it, a ``config.json`` that is not valid JSON. Only the last line of
+``history.jsonl``, when a kill cut it mid-write, is left out (with a warning; ``train`` recomputes it).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,14 +33,21 @@ from typing import Any
 
 from torch import nn
 
-from mechgrok import models
+from mechgrok import checkpoints, models
 from mechgrok import tasks as _tasks
-from mechgrok._io import atomic_write_text, read_safetensors, to_jsonable
+from mechgrok._config import check_int
+from mechgrok._io import atomic_write_text, read_json, to_jsonable
 
-__all__ = ["Run", "checkpoint_name", "RUN_FORMAT"]
+__all__ = ["Run", "checkpoint_name", "read_history", "HistoryFile", "RUN_FORMAT", "RESUME_INTACT"]
+
+log = logging.getLogger(__name__)
 
 RUN_FORMAT = "mechgrok.run/1"
 _CKPT = re.compile(r"^step_(\d+)\.safetensors$")
+# What to do about a damaged checkpoint or history: the one way to resume past it.
+RESUME_INTACT = ("train again with resume='intact' (mg.train(..., resume='intact'), or `mechgrok train ... "
+                 "--resume-intact`): it moves damaged checkpoints to checkpoints/damaged/ and resumes from the "
+                 "newest intact checkpoint whose history is complete (bitwise the same weights as before)")
 
 
 def checkpoint_name(step: int) -> str:
@@ -56,7 +72,11 @@ class Run:
 
     @cached_property
     def config(self) -> dict[str, Any]:
-        cfg = json.loads((self.path / "config.json").read_text())
+        f = self.path / "config.json"
+        cfg = read_json(f, hint="restore it, or recreate the run (mg.train(..., overwrite=True) / "
+                                "`mechgrok train --overwrite`)")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{f} holds {type(cfg).__name__}, not a run config (a JSON object)")
         if cfg.get("format") != RUN_FORMAT:
             raise ValueError(f"{self.path}/config.json has format {cfg.get('format')!r}, expected {RUN_FORMAT!r}")
         return cfg
@@ -69,11 +89,24 @@ class Run:
         return _tasks.load(self.path / "task")
 
     def history(self) -> list[dict[str, Any]]:
-        """One dict per evaluation step, in order (see ``mechgrok.train.HISTORY_KEYS``)."""
+        """One dict per evaluation step, in order (see ``mechgrok.train.HISTORY_KEYS``).
+
+        A run without history and without checkpoints (just created) has ``[]``. A missing
+        ``history.jsonl`` in a run with checkpoints, or a damaged line before its last, is an error
+        naming the file; a cut last line (a kill while it was written) is left out with a warning.
+        """
         f = self.path / "history.jsonl"
         if not f.exists():
+            if steps := self.steps():
+                raise FileNotFoundError(f"{f} is missing, but {self.path} has checkpoints up to step {steps[-1]}: "
+                                        f"restore the file, or {RESUME_INTACT}")
             return []
-        return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        h = read_history(f)
+        if h.damaged:
+            raise ValueError(f"{f} is damaged at {h.damaged}: restore the file, or {RESUME_INTACT}")
+        if h.torn:
+            log.warning("%s: its last line is cut (a write was interrupted); leaving that row out", f)
+        return h.rows
 
     def steps(self) -> list[int]:
         """Steps that have a checkpoint, ascending."""
@@ -90,11 +123,15 @@ class Run:
         steps = self.steps()
         if not steps:
             raise FileNotFoundError(f"{self.path} has no checkpoints yet")
-        step = steps[-1] if step is None else step
+        step = steps[-1] if step is None else check_int(step, "step", low=0, owner="Run.load_model")
         if step not in steps:
             raise ValueError(f"no checkpoint at step {step}; available: {steps}")
         model = models.build(self.config["model"])
-        tensors = read_safetensors(self.checkpoint(step))
+        try:
+            tensors = checkpoints.read(self.checkpoint(step))  # the content hash is checked here
+        except checkpoints.DamagedCheckpoint as e:
+            raise checkpoints.DamagedCheckpoint(e.file, f"{e}; load another step (available: {steps}), or "
+                                                        f"{RESUME_INTACT}") from None
         models.load_state(model, {k: v for k, v in tensors.items() if "/" not in k},
                           source=str(self.checkpoint(step)))
         return model
@@ -108,4 +145,44 @@ class Run:
 
     def read_analysis(self, name: str) -> dict[str, Any] | None:
         f = self.path / "analysis" / f"{name}.json"
-        return json.loads(f.read_text()) if f.exists() else None
+        if not f.exists():
+            return None
+        return read_json(f, hint=f"delete it and run the analysis again (mechgrok analyze {self.path} --only {name})")
+
+
+@dataclass(frozen=True)
+class HistoryFile:
+    """What ``read_history`` found in a ``history.jsonl``."""
+
+    rows: list[dict[str, Any]]  # the rows before the first damaged line, in order
+    torn: bool  # the last line lacks its newline and does not parse: cut by a kill mid-write, left out
+    damaged: str | None  # where an earlier line is damaged ("line 7: ..."), or None
+
+
+def read_history(file: str | Path) -> HistoryFile:
+    """Parse a ``history.jsonl``: every line a JSON object with an integer ``step``, steps increasing."""
+    text = Path(file).read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows: list[dict[str, Any]] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            problem = None
+        except json.JSONDecodeError as e:
+            row, problem = None, f"not valid JSON ({e.msg} at column {e.colno})"
+        if problem is None:
+            step = row.get("step") if isinstance(row, dict) else None
+            if not isinstance(step, int) or isinstance(step, bool):
+                problem = "not a history row (a JSON object with an integer 'step')"
+            elif rows and step <= rows[-1]["step"]:
+                problem = f"step {step} after step {rows[-1]['step']}"
+        if problem is None:
+            rows.append(row)
+            continue
+        if i == last and not text.endswith("\n") and row is None:
+            return HistoryFile(rows, torn=True, damaged=None)
+        return HistoryFile(rows, torn=False, damaged=f"line {i + 1}: {problem}")
+    return HistoryFile(rows, torn=False, damaged=None)

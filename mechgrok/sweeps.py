@@ -12,10 +12,27 @@ of its model (``width``, ``d_model``, ...) or of ``TrainConfig`` (``weight_decay
 ``dropout``, ...); prefix ``task.``, ``model.`` or ``train.`` to say which when a name is in several.
 A bare ``seed`` sets all three seeds (data split and corruption, initialisation, batch order).
 
-**Resumable**: each point trains into ``out/<key=value,...>``; a finished run is read back, not
-retrained, and a killed one resumes from its last checkpoint (``mechgrok.train``), so rerunning the
-same call after an interruption redoes nothing that finished. Results from any machine are
+**Folders**: each point trains into ``out/<key=value,...>`` in grid order, with every value at full
+precision: integers as written, floats as Python's ``repr`` writes them (``lr=0.010000001``,
+``weight_decay=1.0``, ``lr=1e-05``), ``true`` / ``false`` / ``null``, and strings of letters, digits and
+``_ . + -`` as they are (``act=relu``) unless they read as JSON (the string ``"1"`` is not the number 1).
+A point with any other value (a list, a string with other characters, ``..``) or a name over 200
+characters goes into ``out/<key_value,...>-<12 hex digits>``: a readable part (without ``=``, so it never
+equals a plain name) and a SHA-256 prefix of the point's JSON. Every name passes
+``mechgrok._io.safe_name``, so no grid value, and no crafted ``sweep.json``, can place a folder outside
+``out``. Two points of one grid never share a folder: a grid whose points give the same folder or the
+same run (``{"lr": [0.01, 0.01]}``, ``{"lr": [1, 1.0]}``) is refused.
+
+**Resumable**: a point's folder is finished when its ``config.json`` holds exactly the point's task,
+model and train config and its last checkpoint and history row reach ``steps``; it is read back, not
+retrained. A killed one resumes from its last checkpoint (``mechgrok.train``), so rerunning the same
+call after an interruption redoes nothing that finished. A point folder that holds another config (or
+anything that is not a run) is an error naming it, never reused. Results from any machine are
 gathered from the folders alone (``gather``).
+
+**Validated first**: every point's task, model and ``TrainConfig`` are built (which checks every value)
+and every existing point folder is checked before ``sweep.json`` or any folder is written; a sweep
+folder that this call created is removed again if the call fails before any point finished.
 
 **Backends**: ``"local"`` runs ``workers`` processes on this machine (spawned, one torch thread
 each); ``"ray"`` submits one task per point to a Ray cluster (``pip install 'mechgrok[ray]'``;
@@ -41,17 +58,22 @@ and ``confusion`` apply.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
+import numbers
+import re
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from mechgrok._io import atomic_write_text
+from mechgrok._config import check_int
+from mechgrok._io import atomic_write_text, child_path, safe_name
 from mechgrok.train import TrainConfig
 
 __all__ = ["sweep", "gather", "phase", "sweep_figure", "points", "PHASES", "BACKENDS"]
@@ -62,26 +84,68 @@ PHASES = ("coexistence", "partial inversion", "full inversion", "generalization"
           "forgetting")
 BACKENDS = ("local", "ray")
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+_RUN_KEYS = ("task", "model", "train")  # the parts of a run's config.json that a point fixes
+_TOKEN = re.compile(r"^[A-Za-z0-9_.+-]+$")  # a value or key written as is in a folder name
 
 
 def points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """Every combination of the grid's values, in order (the last key varies fastest)."""
-    if not grid:
-        raise ValueError("the grid is empty; give at least one setting, e.g. {'weight_decay': [0, 1]}")
+    if not isinstance(grid, Mapping) or not grid:
+        raise ValueError(f"the grid must be a non-empty dict of setting -> values, e.g. {{'weight_decay': [0, 1]}}, "
+                         f"got {grid!r}")
     for key, values in grid.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"grid keys must be setting names (strings), got {key!r}")
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not len(values):
             raise ValueError(f"grid[{key!r}] must be a non-empty list of values, got {values!r}")
     keys = list(grid)
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
-def _name(point: Mapping[str, Any]) -> str:
-    """A folder name for a point: ``weight_decay=1,corrupt_frac=0.2`` (characters safe on any OS)."""
-    def fmt(v: Any) -> str:
-        return f"{v:g}" if isinstance(v, float) else str(v)
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
-    name = ",".join(f"{k}={fmt(v)}" for k, v in point.items())
-    return "".join(c if c.isalnum() or c in "=,.-_" else "_" for c in name)
+
+def _encode(value: Any) -> str | None:
+    """``value`` as written in a folder name (full precision, distinct types stay distinct), or None
+    when it cannot be written there safely (then the name is hashed)."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)  # null / true / false
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        return json.dumps(float(value))  # repr: the shortest text that reads back as this float
+    if isinstance(value, str) and _TOKEN.match(value) and not _is_json(value):
+        return value  # not a JSON literal, so never the text of a number, true/false or null
+    return None
+
+
+def _label(point: Mapping[str, Any]) -> str:
+    """``key=value,...`` for messages."""
+    return ",".join(f"{k}={v!r}" for k, v in point.items())
+
+
+def _name(point: Mapping[str, Any]) -> str:
+    """The folder name of a point (scheme in the module docstring); always passes ``safe_name``.
+
+    Within one grid (same keys, same order) distinct points get distinct names: keys and plain values
+    hold no ``,`` or ``=``, plain values are injective, and hashed names hold no ``=``.
+    """
+    enc = {k: (_encode(v) if _TOKEN.match(k) else None) for k, v in point.items()}
+    if all(e is not None for e in enc.values()):
+        try:
+            return safe_name(",".join(f"{k}={e}" for k, e in enc.items()), what="sweep point folder")
+        except ValueError:
+            pass  # too long, "..", or a key that starts with "." / "-": hash it
+    blob = json.dumps([[k, v] for k, v in point.items()], default=repr, allow_nan=True)
+    digest = hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
+    readable = ",".join(f"{k}_{v}" for k, v in point.items())
+    readable = re.sub(r"\.{2,}", "_", re.sub(r"[^A-Za-z0-9_.,+-]", "_", readable))[:150].strip(".,+-") or "point"
+    return safe_name(f"{readable}-{digest}", what="sweep point folder")
 
 
 def configure(preset: str, point: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], TrainConfig]:
@@ -112,6 +176,112 @@ def configure(preset: str, point: Mapping[str, Any]) -> tuple[dict[str, Any], di
     return task_cfg, {"kind": p.model["kind"], "kwargs": model_kw}, TrainConfig.from_dict(train_kw)
 
 
+def _build(preset: str, point: Mapping[str, Any]):
+    """The task, a fresh model and the TrainConfig of a point."""
+    from mechgrok import models, tasks
+
+    task_cfg, model_spec, cfg = configure(preset, point)
+    task = tasks.from_config(task_cfg)
+    builder = {"transformer": models.transformer, "mlp": models.mlp}[model_spec["kind"]]
+    return task, builder(task, **model_spec["kwargs"]), cfg
+
+
+@dataclass(frozen=True)
+class _Point:
+    settings: dict[str, Any]  # the grid's values at this point
+    name: str  # its folder name inside the sweep folder
+    config: dict[str, Any]  # {"task", "model", "train"} exactly as mechgrok.train writes them into config.json
+
+
+def _plan(preset: Any, grid: Any, source: Path | None = None) -> list[_Point]:
+    """Every point of the grid with its folder name and run config, each point's task, model and
+    TrainConfig built (so every value is checked); duplicate points are refused. Writes nothing."""
+    from mechgrok import models, presets
+
+    where = f"{source}: " if source is not None else ""
+    if not isinstance(preset, str):
+        raise TypeError(f"{where}preset must be a preset name (a string), got {preset!r}")
+    presets.get(preset)  # an unknown preset fails once, not once per point
+    try:
+        todo = points(grid)
+        json.dumps({k: list(v) for k, v in grid.items()})
+    except TypeError as e:
+        raise TypeError(f"{where}{e}; grid values must be numbers, strings, true/false/null or lists of them") from e
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from None
+    plan, seen_names, seen_runs = [], {}, {}
+    for settings in todo:
+        try:
+            task, model, cfg = _build(preset, settings)
+            config = json.loads(json.dumps({"task": task.config, "model": models.spec(model), "train": cfg.to_dict()}))
+        except TypeError as e:
+            raise TypeError(f"{where}sweep point {_label(settings)}: {e}; change this value in the grid") from e
+        except Exception as e:  # noqa: BLE001 - any builder error becomes one message naming the point
+            raise ValueError(f"{where}sweep point {_label(settings)}: {e}; change this value in the grid") from e
+        name = _name(settings)
+        run_key = json.dumps(_canonical(config), sort_keys=True)
+        for seen, key in ((seen_names, name), (seen_runs, run_key)):
+            if key in seen:
+                raise ValueError(f"{where}the grid has the same point twice ({_label(seen[key])} and "
+                                 f"{_label(settings)} configure the same run); remove the duplicate value")
+            seen[key] = settings
+        plan.append(_Point(dict(settings), name, config))
+    return plan
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` with integral floats as ints, so that configs equal under ``==`` get one JSON text."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def _state(folder: Path, point: _Point) -> str:
+    """``"new"`` (nothing there yet), ``"started"`` (this point's run, not finished) or ``"finished"``;
+    an error for a folder that holds anything else, naming it."""
+    from mechgrok.run import Run
+
+    if not folder.exists():
+        return "new"
+    if not folder.is_dir():
+        raise FileExistsError(f"{folder} (the folder of sweep point {_label(point.settings)}) is a file; "
+                              "move it away or sweep into another folder")
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        if any(folder.iterdir()):
+            raise FileExistsError(f"{folder} (the folder of sweep point {_label(point.settings)}) is not a "
+                                  "mechgrok run (no config.json); move it away or delete it to train the point")
+        return "new"
+    try:
+        saved = json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file} is damaged ({e}); delete {folder} to retrain sweep point "
+                         f"{_label(point.settings)}") from e
+    got = {k: saved.get(k) for k in _RUN_KEYS} if isinstance(saved, dict) else saved
+    if got != point.config:
+        diff = "; ".join(_diff(got, point.config)[:6]) or "not a run config"
+        raise FileExistsError(f"{folder} holds a run with another config than sweep point {_label(point.settings)} "
+                              f"({diff}); delete or move that folder to train the point, or sweep into another folder")
+    run, steps = Run(folder), point.config["train"]["steps"]
+    try:
+        done = bool(run.steps()) and run.steps()[-1] >= steps and bool(hist := run.history()) \
+            and hist[-1]["step"] >= steps
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{folder}: cannot read its history ({e}); delete the folder to retrain sweep point "
+                         f"{_label(point.settings)}") from e
+    return "finished" if done else "started"
+
+
 def phase(final: Mapping[str, Any]) -> str:
     """The phase of a run from its last history row (``train_clean_acc``, ``train_corrupted_acc``,
     ``train_corrupted_true_acc``, ``test_acc``); rule in the module docstring."""
@@ -136,10 +306,10 @@ def phase(final: Mapping[str, Any]) -> str:
 
 
 def _summary(point: Mapping[str, Any], folder: Path, seconds: float | None) -> dict[str, Any]:
+    """The results row of a point, read from its own folder's history."""
     from mechgrok.run import Run
 
-    run = Run(folder)
-    last = run.history()[-1]
+    last = Run(folder).history()[-1]
     row = dict(point) | {"run": folder.name, "step": last["step"]}
     for key in ("train_acc", "train_clean_acc", "train_corrupted_acc", "train_corrupted_true_acc", "test_acc",
                 "test_loss", "weight_norm"):
@@ -149,32 +319,38 @@ def _summary(point: Mapping[str, Any], folder: Path, seconds: float | None) -> d
     return row
 
 
-def _finished(folder: Path, steps: int) -> bool:
-    from mechgrok.run import Run
-
-    if not (folder / "history.jsonl").exists():
-        return False
-    run = Run(folder)
-    return bool(run.steps()) and run.steps()[-1] >= steps and bool(run.history()) and run.history()[-1]["step"] >= steps
-
-
 def _run_point(preset: str, point: dict[str, Any], folder: str) -> dict[str, Any]:
-    """Train one point (or read it back when finished); returns its summary row. Runs in a worker."""
+    """Train one point (``mechgrok.train`` resumes a started one and refuses a folder with another
+    config); returns its summary row. Runs in a worker."""
     import torch
 
-    from mechgrok import models, tasks
     from mechgrok.train import train
 
     torch.set_num_threads(1)
-    folder_ = Path(folder)
-    task_cfg, model_spec, cfg = configure(preset, point)
-    if _finished(folder_, cfg.steps):
-        return _summary(point, folder_, None)
     t = time.perf_counter()
-    task = tasks.from_config(task_cfg)
-    builder = {"transformer": models.transformer, "mlp": models.mlp}[model_spec["kind"]]
-    train(builder(task, **model_spec["kwargs"]), task, cfg, out=folder_, progress=False)
-    return _summary(point, folder_, time.perf_counter() - t)
+    task, model, cfg = _build(preset, point)
+    train(model, task, cfg, out=Path(folder), progress=False)
+    return _summary(point, Path(folder), time.perf_counter() - t)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder; give the sweep a folder (new or a sweep's)")
+    if (out / "config.json").exists():
+        raise FileExistsError(f"{out} is a mechgrok run folder (it has config.json), not a sweep folder; "
+                              "choose another folder for the sweep")
+
+
+def _read_call(meta: Path) -> dict[str, Any]:
+    try:
+        call = json.loads(meta.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta} is damaged ({e}); delete it (the run folders are kept) or choose another "
+                         "folder") from e
+    if not isinstance(call, dict) or not {"preset", "grid"} <= set(call):
+        raise ValueError(f"{meta} is not a sweep description (expected {{'preset': ..., 'grid': {{...}}}}); "
+                         "delete it or choose another folder")
+    return call
 
 
 def sweep(preset: str, grid: Mapping[str, Sequence[Any]], *, out: str | Path, backend: str = "local",
@@ -184,63 +360,90 @@ def sweep(preset: str, grid: Mapping[str, Sequence[Any]], *, out: str | Path, ba
     Args:
         preset: a ``mechgrok.presets`` name (``"doshi-mlp"``, ``"demo"``, ...).
         grid: setting -> list of values (see the module docstring for the names).
-        out: folder of the sweep: one run folder per point, ``sweep.json`` (the call) and
-            ``results.csv`` / ``results.json``. A folder holding another sweep is refused.
+        out: folder of the sweep: one run folder per point (names in the module docstring),
+            ``sweep.json`` (the call) and ``results.csv`` / ``results.json``. A folder holding another
+            sweep, a run folder and a file are refused.
         backend: ``"local"`` (processes on this machine) or ``"ray"``.
-        workers: local worker processes (default 2; 1 runs in this process). Workers are spawned,
-            so a script that calls ``sweep`` must guard it with ``if __name__ == "__main__":``
-            (notebooks need nothing).
+        workers: local worker processes, an integer >= 1 (default 2; 1 runs in this process). Workers
+            are spawned, so a script that calls ``sweep`` must guard it with
+            ``if __name__ == "__main__":`` (notebooks need nothing).
         address: Ray cluster address (``None``: a local Ray instance).
 
     Returns:
         a pandas DataFrame, one row per point in grid order: the settings, the final accuracies per
         split, ``weight_norm``, ``phase``, ``run`` (folder name), ``seconds`` (None if read back).
+
+    Every value, every point folder and ``out`` are checked before anything is written (module docstring).
     """
     import pandas as pd
     from tqdm.auto import tqdm
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    todo = points(grid)
-    for pt in todo:  # validate every point before training any
-        configure(preset, pt)
+    workers = 2 if workers is None else check_int(workers, "workers", low=1, owner="sweep")
+    if address is not None and not isinstance(address, str):
+        raise TypeError(f"sweep: address must be a Ray address string or None, got {address!r}")
     out = Path(out)
-    call = {"preset": preset, "grid": {k: list(v) for k, v in grid.items()}}
+    _check_out(out)
+    plan = _plan(preset, grid)
+    call = json.loads(json.dumps({"preset": preset, "grid": {k: list(v) for k, v in grid.items()}}))
     meta = out / "sweep.json"
-    if meta.exists():
-        before = json.loads(meta.read_text())
-        if before != call:
-            raise FileExistsError(f"{out} holds another sweep ({before}); choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(meta, json.dumps(call, indent=1))
-    folders = [str(out / _name(pt)) for pt in todo]
-    rows: list[dict[str, Any] | None] = [None] * len(todo)
-    for i, (pt, f) in enumerate(zip(todo, folders)):  # finished points are read back here, not in workers
-        if _finished(Path(f), configure(preset, pt)[2].steps):
-            rows[i] = _summary(pt, Path(f), None)
-    left = [i for i, r in enumerate(rows) if r is None]
-    if len(left) < len(todo):
-        log.info("sweep %s: %d of %d points already finished in %s", preset, len(todo) - len(left), len(todo), out)
-    bar = tqdm(total=len(todo), initial=len(todo) - len(left), desc=f"sweep {preset}", disable=not progress)
-    if left and backend == "ray":
-        for i, row in zip(left, _ray_map(preset, [todo[i] for i in left], [folders[i] for i in left], address, bar)):
-            rows[i] = row
-    elif left and min(workers or 2, len(left)) <= 1:
-        for i in left:
-            rows[i] = _run_point(preset, todo[i], folders[i])
-            bar.update()
-    elif left:
-        import multiprocessing as mp
+    if meta.exists() and (before := _read_call(meta)) != call:
+        raise FileExistsError(f"{out} holds another sweep ({before}); choose another folder")
+    folders = [child_path(out, pt.name, what="sweep point folder") for pt in plan]
+    states = [_state(f, pt) for f, pt in zip(folders, plan)]  # refuses foreign folders before anything is written
 
-        with ProcessPoolExecutor(max_workers=min(workers or 2, len(left)), mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_point, preset, todo[i], folders[i]): i for i in left}
-            for fut in as_completed(futures):
-                rows[futures[fut]] = fut.result()
+    created, had_meta = not out.exists(), meta.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write_text(meta, json.dumps(call, indent=1))
+        rows = [_summary(pt.settings, f, None) if s == "finished" else None for pt, f, s in zip(plan, folders, states)]
+        left = [i for i, r in enumerate(rows) if r is None]
+        if len(left) < len(plan):
+            log.info("sweep %s: %d of %d points already finished in %s", preset, len(plan) - len(left), len(plan), out)
+        bar = tqdm(total=len(plan), initial=len(plan) - len(left), desc=f"sweep {preset}", disable=not progress)
+        todo = [(plan[i].settings, str(folders[i])) for i in left]
+        if left and backend == "ray":
+            for i, row in zip(left, _ray_map(preset, [t[0] for t in todo], [t[1] for t in todo], address, bar)):
+                rows[i] = row
+        elif left and min(workers, len(left)) <= 1:
+            for i, (pt, f) in zip(left, todo):
+                rows[i] = _run_point(preset, pt, f)
                 bar.update()
-    bar.close()
+        elif left:
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(max_workers=min(workers, len(left)), mp_context=mp.get_context("spawn")) as pool:
+                futures = {pool.submit(_run_point, preset, pt, f): i for i, (pt, f) in zip(left, todo)}
+                try:
+                    for fut in as_completed(futures):
+                        rows[futures[fut]] = fut.result()
+                        bar.update()
+                except BaseException:
+                    for fut in futures:  # fail fast: points not started yet are not trained
+                        fut.cancel()
+                    raise
+        bar.close()
+    except Exception:
+        if not any(_finished_quietly(f, pt) for f, pt in zip(folders, plan)):  # nothing trained: leave nothing
+            for f, s in zip(folders, states):
+                if s == "new":
+                    shutil.rmtree(f, ignore_errors=True)
+            if not had_meta:
+                meta.unlink(missing_ok=True)
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+        raise
     table = pd.DataFrame(rows)
     _write(out, table)
     return table
+
+
+def _finished_quietly(folder: Path, point: _Point) -> bool:
+    try:
+        return _state(folder, point) == "finished"
+    except (OSError, ValueError):
+        return False
 
 
 def _ray_map(preset: str, todo: list[dict[str, Any]], folders: list[str], address: str | None, bar) -> list:
@@ -275,20 +478,31 @@ def _write(out: Path, table) -> None:
 
 def gather(out: str | Path):
     """The results table of a sweep folder, rebuilt from its run folders alone (finished points
-    only; nothing is trained). Useful when points ran on several machines."""
+    only; nothing is trained). Useful when points ran on several machines.
+
+    Folder names are rebuilt from ``sweep.json`` by the same scheme as ``sweep`` (checked by
+    ``safe_name``, so a crafted file cannot point outside ``out``), and a point folder is read only
+    when its ``config.json`` matches the point; one that holds another config is an error naming it.
+    """
     import pandas as pd
 
     out = Path(out)
     meta = out / "sweep.json"
     if not meta.is_file():
         raise FileNotFoundError(f"{out} is not a sweep folder (no sweep.json)")
-    call = json.loads(meta.read_text())
+    call = _read_call(meta)
     rows = []
-    for pt in points(call["grid"]):
-        folder = out / _name(pt)
-        if _finished(folder, configure(call["preset"], pt)[2].steps):
-            rows.append(_summary(pt, folder, None))
+    for pt in _plan(call["preset"], call["grid"], source=meta):
+        folder = child_path(out, pt.name, what="sweep point folder", source=meta)
+        if _state(folder, pt) == "finished":
+            rows.append(_summary(pt.settings, folder, None))
     return pd.DataFrame(rows)
+
+
+def _ticks(values: list) -> list[str]:
+    """Axis labels: ``:g`` where that tells the values apart, full precision where it does not."""
+    short = [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
+    return short if len(set(short)) == len(short) else [repr(v) if isinstance(v, float) else str(v) for v in values]
 
 
 _PHASE_COLOURS = {"coexistence": "tab:purple", "partial inversion": "tab:blue", "full inversion": "tab:green",
@@ -323,8 +537,8 @@ def sweep_figure(table, x: str, y: str, *, title: str = ""):
             ax.text(j, i, f"{ph}\ntest {np.nanmean(cell['test_acc'].astype(float)):.2f}", ha="center",
                     va="center", fontsize=7)
     ax.set(xlim=(-0.5, len(xs) - 0.5), ylim=(-0.5, len(ys) - 0.5), xlabel=x, ylabel=y, title=title or "phases")
-    ax.set_xticks(range(len(xs)), [f"{v:g}" if isinstance(v, float) else str(v) for v in xs])
-    ax.set_yticks(range(len(ys)), [f"{v:g}" if isinstance(v, float) else str(v) for v in ys])
+    ax.set_xticks(range(len(xs)), _ticks(xs))
+    ax.set_yticks(range(len(ys)), _ticks(ys))
     ax.legend(handles=[Patch(color=_PHASE_COLOURS[p], alpha=0.75, label=p) for p in PHASES if p in seen],
               loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
     return fig

@@ -4,6 +4,11 @@
 folder (see ``mechgrok.run``). Killing it and calling ``train`` again with the same arguments resumes
 from the last checkpoint and ends with bitwise the same weights as an uninterrupted run: the
 checkpoint holds the parameters, the optimizer state and the state of the training RNG.
+
+The run folder is created atomically and locked while training (``mechgrok._runfolder``); every
+checkpoint carries a content hash checked when it is loaded (``mechgrok.checkpoints``). A damaged
+checkpoint or history is an error that says how to resume past it: ``resume="intact"``. A loss that
+stops being finite ends training with an error naming the step (lower the learning rate).
 """
 
 from __future__ import annotations
@@ -11,27 +16,30 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mechgrok import models
+from mechgrok._config import check_float, check_int
 from mechgrok._config import from_dict as config_from_dict
-from mechgrok._io import atomic_path, atomic_write_text, read_safetensors
+from mechgrok._io import atomic_write_text
+from mechgrok._runfolder import open_run, resume_point
 from mechgrok._threads import torch_threads
+from mechgrok.checkpoints import load_training_state, save_training_state
 from mechgrok.losses import loss_fn, softmax_collapse
 from mechgrok.run import RUN_FORMAT, Run, checkpoint_name
 from mechgrok.tasks import Task
 
-__all__ = ["TrainConfig", "train", "evaluate", "metrics_from_logits", "HISTORY_KEYS", "EVAL_SPLITS"]
+__all__ = ["TrainConfig", "train", "evaluate", "metrics_from_logits", "HISTORY_KEYS", "EVAL_SPLITS",
+           "TrainingDiverged"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +52,12 @@ HISTORY_KEYS = ("step", *(f"{s}_{m}" for s in EVAL_SPLITS for m in ("loss", "acc
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Optimisation settings. Defaults follow Nanda et al. 2023 (full batch AdamW, wd 1.0)."""
+    """Optimisation settings. Defaults follow Nanda et al. 2023 (full batch AdamW, wd 1.0).
+
+    Every field is checked on construction (``_FIELD_CHECKS``): integers that are not bools, finite
+    floats, positive counts; a wrong value is a ``TypeError`` / ``ValueError`` saying what the field
+    must be. Numbers are stored as plain ``int`` / ``float`` (``lr=1`` becomes ``1.0``).
+    """
 
     steps: int = 8000  # number of optimizer updates
     lr: float = 1e-3  # peak learning rate
@@ -61,32 +74,27 @@ class TrainConfig:
     threads: int | None = 1  # torch threads while training (None = leave as is); 1 is fastest on 2 cores
 
     def __post_init__(self) -> None:
-        def bad(msg: str) -> None:
-            raise ValueError(f"TrainConfig: {msg}")
-
-        if not isinstance(self.steps, int) or self.steps < 0:
-            bad(f"steps must be a non-negative integer, got {self.steps!r}")
-        if not self.lr > 0:
-            bad(f"lr must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            bad(f"weight_decay must be >= 0, got {self.weight_decay}")
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            bad(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if self.warmup < 0:
-            bad(f"warmup must be >= 0, got {self.warmup}")
-        if self.batch_size is not None and self.batch_size < 1:
-            bad(f"batch_size must be positive or None (full batch), got {self.batch_size}")
-        loss_fn(self.loss)  # raises for unknown names
+        for name, check, what, bounds in _FIELD_CHECKS:
+            value = getattr(self, name)
+            if value is None and name in ("batch_size", "threads"):
+                continue
+            object.__setattr__(self, name, _checked(name, value, check, what, bounds))
+        betas = self.betas
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise (TypeError if not isinstance(betas, (list, tuple)) else ValueError)(
+                f"TrainConfig: betas must be two numbers in [0, 1), e.g. (0.9, 0.98), got {betas!r}")
+        object.__setattr__(self, "betas", tuple(
+            _checked("betas", b, check_float, "two numbers in [0, 1), e.g. (0.9, 0.98)",
+                     dict(low=0, high=1, high_open=True), shown=betas) for b in betas))
+        for name in ("loss", "optimizer"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"TrainConfig: {name} must be a string, got {getattr(self, name)!r}")
+        try:
+            loss_fn(self.loss)
+        except ValueError as e:
+            raise ValueError(f"TrainConfig: {e}") from None
         if self.optimizer not in ("adamw", "adamw_orthograd"):
-            bad(f"optimizer must be 'adamw' or 'adamw_orthograd', got {self.optimizer!r}")
-        if not 0 <= self.dropout < 1:
-            bad(f"dropout must lie in [0, 1), got {self.dropout}")
-        for name in ("eval_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                bad(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            bad(f"threads must be >= 1 or None, got {self.threads}")
+            raise ValueError(f"TrainConfig: optimizer must be 'adamw' or 'adamw_orthograd', got {self.optimizer!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -99,6 +107,31 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+# (field, check, what it must be, bounds): one row per number of TrainConfig; None allowed where noted.
+_FIELD_CHECKS: tuple[tuple[str, Callable, str, dict], ...] = (
+    ("steps", check_int, "a non-negative integer (optimizer updates)", dict(low=0)),
+    ("lr", check_float, "positive and finite (the peak learning rate, e.g. 1e-3)", dict(low=0, low_open=True)),
+    ("weight_decay", check_float, "a finite number >= 0", dict(low=0)),
+    ("warmup", check_int, "an integer >= 0 (steps of linear warm-up)", dict(low=0)),
+    ("batch_size", check_int, "positive (an integer >= 1) or None (full batch)", dict(low=1)),
+    ("dropout", check_float, "a number that lies in [0, 1)", dict(low=0, high=1, high_open=True)),
+    ("eval_every", check_int, "an integer >= 1", dict(low=1)),
+    ("checkpoint_every", check_int, "an integer >= 1", dict(low=1)),
+    ("seed", check_int, "an integer in [0, 2**64)", dict(low=0, high=2**64 - 1)),
+    ("threads", check_int, "an integer >= 1 or None (leave torch's setting)", dict(low=1)),
+)
+
+
+def _checked(name: str, value: Any, check: Callable, what: str, bounds: dict, shown: Any = None) -> Any:
+    """``check(value, name, **bounds)``, re-raised as ``TrainConfig: NAME must be WHAT, got VALUE``."""
+    try:
+        return check(value, name, **bounds)
+    except (TypeError, ValueError) as e:
+        got = value if shown is None else shown
+        kind = f" ({type(got).__name__})" if isinstance(e, TypeError) else ""
+        raise type(e)(f"TrainConfig: {name} must be {what}, got {got!r}{kind}") from None
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -198,92 +231,23 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, g: torch.Generator) -> None:
-    tensors = models.state_tensors(model)
-    names = {id(p): n for n, p in model.named_parameters()}
-    for p, state in opt.state.items():
-        for k, v in state.items():
-            tensors[f"optim/{names[id(p)]}/{k}"] = torch.as_tensor(v).detach().clone().contiguous()
-    tensors["rng/train"] = g.get_state()
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
-
-
-def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, g: torch.Generator) -> None:
-    tensors = read_safetensors(path)
-    models.load_state(model, {k: v for k, v in tensors.items() if "/" not in k}, source=str(path))
-    params = dict(model.named_parameters())
-    for key, v in tensors.items():
-        if key.startswith("optim/"):
-            _, name, k = key.split("/")
-            opt.state[params[name]][k] = v.clone()
-    if "rng/train" not in tensors:
-        raise ValueError(f"{path} has no training RNG state; it was not written by mechgrok.train")
-    g.set_state(tensors["rng/train"])
-
-
-def _prepare_run(out: Path, run_config: dict, task: Task, overwrite: bool) -> int:
-    """Create or reuse ``out``; return the step to start from (0 for a new run)."""
-    cfg_file = out / "config.json"
-    if out.exists() and any(out.iterdir()):
-        if not cfg_file.exists():
-            if not overwrite:
-                raise FileExistsError(f"{out} exists and is not a mechgrok run; choose another folder or "
-                                      "pass overwrite=True (--overwrite) to replace it")
-        else:
-            old = json.loads(cfg_file.read_text())
-            if old == run_config:
-                steps = Run(out).steps()
-                return steps[-1] if steps else 0
-            if not overwrite:
-                diff = _diff(old, run_config)
-                raise FileExistsError(f"{out} holds a run with a different config ({diff}); choose another "
-                                      "folder or pass overwrite=True (--overwrite) to replace it")
-        log.warning("overwriting %s as requested", out)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    task.save(out / "task")
-    atomic_write_text(cfg_file, json.dumps(run_config, indent=2))
-    return 0
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> str:
-    parts = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            sub = _diff(a, b, f"{prefix}{k}.")
-            if sub:
-                parts.append(sub)
-        elif a != b:
-            parts.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return "; ".join(parts[:6])
-
-
-def _has_row(file: Path, step: int) -> bool:
-    """Whether the history file holds the evaluation row of ``step``."""
-    return file.exists() and any(json.loads(line)["step"] == step for line in file.read_text().splitlines()
-                                 if line.strip())
-
-
-def _trim_history(file: Path, upto: int) -> float:
-    """Drop history rows after ``upto`` (written before a crash); return the last elapsed time."""
-    if not file.exists():
-        return 0.0
-    rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["step"] < upto]
-    atomic_write_text(file, "".join(json.dumps(r) + "\n" for r in rows))
-    return rows[-1]["elapsed_s"] if rows else 0.0
-
-
 # ---------------------------------------------------------------------------- train
 
 
+class TrainingDiverged(ValueError):
+    """The training loss stopped being finite (the weights diverged); a lower ``lr`` usually cures it."""
+
+
+def _keep_history(file: Path, rows: list[dict], upto: int) -> float:
+    """Rewrite ``file`` with the ``rows`` before step ``upto`` (later ones are recomputed); return the
+    last kept elapsed time."""
+    rows = [r for r in rows if r["step"] < upto]
+    atomic_write_text(file, "".join(json.dumps(r) + "\n" for r in rows))
+    return float(rows[-1].get("elapsed_s") or 0.0) if rows else 0.0
+
+
 def train(model: nn.Module, task: Task, config: TrainConfig | None = None, out: str | Path | None = None, *,
-          overwrite: bool = False, progress: bool = True, stop_at: int | None = None) -> Run:
+          overwrite: bool = False, progress: bool = True, stop_at: int | None = None, resume: str = "last") -> Run:
     """Train ``model`` on ``task``'s training split, **updating the model in place**.
 
     Args:
@@ -292,35 +256,62 @@ def train(model: nn.Module, task: Task, config: TrainConfig | None = None, out: 
         config: optimisation settings (default ``TrainConfig()``).
         out: run folder. A folder with the same config is resumed from its last checkpoint; one with
             a different config is refused unless ``overwrite=True``. ``None`` trains into a fresh
-            temporary folder.
+            temporary folder. A second process training the same folder is refused (``RUN/.lock``).
         progress: show a tqdm progress bar.
         stop_at: stop after this step (saving a checkpoint) as if killed; for tests and time-boxing.
+        resume: ``"last"`` resumes from the newest checkpoint and refuses a damaged one (a content
+            hash mismatch, a truncated file) or a history that lacks rows before it, saying so;
+            ``"intact"`` moves damaged checkpoints to ``checkpoints/damaged/`` and resumes from the
+            newest intact checkpoint whose history is complete (``mechgrok train --resume-intact``).
+            Either way the result is bitwise what an uninterrupted run gives.
 
     Returns:
         The ``Run`` (its folder holds config, task, checkpoints and ``history.jsonl``).
+
+    Raises:
+        TrainingDiverged: the training loss became NaN or infinite (the error names the step).
     """
-    cfg = config or TrainConfig()
+    cfg = TrainConfig() if config is None else config
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(cfg).__name__}; build one with mg.TrainConfig(...)")
+    if resume not in ("last", "intact"):
+        raise ValueError(f"resume must be 'last' (the newest checkpoint) or 'intact' (the newest intact one), "
+                         f"got {resume!r}")
+    if stop_at is not None:
+        stop_at = check_int(stop_at, "stop_at", low=0, owner="train")
     models.check_compatible(model, task)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="mechgrok-run-"))
+    if out.name in ("", ".", ".."):  # the run folder needs a name (its temporary siblings are named after it)
+        out = out.resolve()
     run_config = {"format": RUN_FORMAT, "task": task.config, "model": models.spec(model), "train": cfg.to_dict()}
-    start = _prepare_run(out, json.loads(json.dumps(run_config)), task, overwrite)
+    lock = open_run(out, json.loads(json.dumps(run_config)), task, overwrite)
+    try:
+        return _train_locked(model, task, cfg, out, progress, stop_at, resume)
+    finally:
+        lock.release()
 
+
+def _train_locked(model: nn.Module, task: Task, cfg: TrainConfig, out: Path, progress: bool,
+                  stop_at: int | None, resume: str) -> Run:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed)
     history_file = out / "history.jsonl"
-    elapsed0 = 0.0
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    if start > 0:
-        _load_checkpoint(Run(out).checkpoint(start), model, opt, g)
-        if start >= end and _has_row(history_file, start):  # nothing left to do: leave the folder untouched
+    start, history = resume_point(out, cfg.eval_every, resume == "intact",
+                                  lambda f: load_training_state(f, model, opt, g))
+    if start is None:  # no checkpoint yet: a fresh start from the model passed in
+        start, elapsed0 = 0, 0.0
+        history_file.unlink(missing_ok=True)
+    else:
+        intact_file = not history.torn and not history.damaged
+        done = start >= end and intact_file and any(r["step"] == start for r in history.rows)
+        if done:  # nothing left to do: leave the folder untouched
             log.info("%s is already trained to step %d", out, start)
             model.eval()
             return Run(out)
-        elapsed0 = _trim_history(history_file, start)
+        elapsed0 = _keep_history(history_file, history.rows, start)
         log.info("resuming %s from step %d", out, start)
-    else:
-        history_file.unlink(missing_ok=True)
 
     x, y = task.inputs[task.train], task.labels[task.train]  # [n_train, n_ctx], [n_train]
     fn = loss_fn(cfg.loss)
@@ -341,7 +332,7 @@ def train(model: nn.Module, task: Task, config: TrainConfig | None = None, out: 
                         hist.flush()
                         bar.set_postfix(train=f"{row['train_acc']:.3f}", test=f"{row['test_acc'] or 0:.3f}")
                     if step == 0 or (step != start and (step % cfg.checkpoint_every == 0 or step == end)):
-                        _save_checkpoint(out / "checkpoints" / checkpoint_name(step), model, opt, g)
+                        save_training_state(out / "checkpoints" / checkpoint_name(step), model, opt, g)
                     if step == end:
                         break
                     lr = _lr_at(step, cfg)
@@ -353,6 +344,12 @@ def train(model: nn.Module, task: Task, config: TrainConfig | None = None, out: 
                         idx = torch.randperm(len(y), generator=g)[: cfg.batch_size]
                         xb, yb = x[idx], y[idx]
                     loss = fn(models.training_logits(model, xb), yb)
+                    if not math.isfinite(value := loss.detach().item()):  # one scalar read a step: cheap on CPU
+                        raise TrainingDiverged(
+                            f"training diverged: the loss became {value} at step {step} (lr {lr:g}, weight decay "
+                            f"{cfg.weight_decay:g}); the weights are no longer usable. Train again with a lower lr "
+                            f"(e.g. lr={cfg.lr / 10:g}, --set lr={cfg.lr / 10:g}) or a warmup, into another folder "
+                            f"or with overwrite=True ({out} keeps the checkpoints written so far)")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.optimizer == "adamw_orthograd":

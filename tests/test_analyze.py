@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,38 @@ def test_influence_analysis(corrupted_run):
     ek = mg.influence.EKFAC.load(corrupted_run.path / data["factors"], corrupted_run.load_model(corrupted_run.steps()[-1]),
                                  task)
     assert ek.fitted
+
+
+@pytest.fixture(scope="module")
+def multi_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("multi") / "run"
+    task = mg.tasks.multi_task([("add", 5), ("sub", 5)], train_frac=0.6, seed=0)
+    model = mg.models.transformer(task, n_layers=1, d_model=8, n_heads=2, d_mlp=16, seed=0)
+    mg.train(model, task, mg.TrainConfig(steps=2, lr=1e-2, eval_every=1, checkpoint_every=1), out=out, progress=False)
+    return mg.Run(out)
+
+
+def test_crafted_sub_task_names_write_nothing_outside_the_run(multi_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(multi_run.path, run)
+    meta_file = run / "task" / "task.json"
+    meta_file.write_text(json.dumps(json.loads(meta_file.read_text()) | {"task_names": ["../../../../x", "/tmp/y"]}))
+    escaped = [(run / "analysis" / "overlap" / "../../../../x.json").resolve(), Path("/tmp/y.json")]
+    before = [f.exists() for f in escaped]
+    assert main(["-q", "analyze", str(run), "--only", "overlap", "--no-report", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("mechgrok: error:") == 1
+    assert f"sub-task name '../../../../x' in {meta_file} cannot be used as a file name" in err
+    assert [f.exists() for f in escaped] == before and not (run / "analysis" / "overlap").exists()
+
+
+def test_overlap_analysis_checks_names_itself(multi_run, monkeypatch):
+    """Defense in depth: a Task that skipped its own checks still cannot make the analysis write outside."""
+    from mechgrok.analyze import overlap_analysis
+
+    task = multi_run.task()
+    object.__setattr__(task, "task_names", ("add", "../../escape"))  # bypasses Task's validation
+    monkeypatch.setattr(mg.Run, "task", lambda self: task)
+    with pytest.raises(ValueError, match=r"sub-task name '\.\./\.\./escape' in .*task\.json cannot be used"):
+        overlap_analysis(multi_run, features=False, progress=False)
+    assert not (multi_run.path / "escape.json").exists() and not (multi_run.path / "analysis" / "overlap").exists()

@@ -85,6 +85,8 @@ def test_prune_returns_a_copy(task, kind):
     keep = torch.ones(mlp.W_in.shape[1], dtype=torch.bool)
     keep[[1, 4]] = False
     masked = neurons._masked_metrics(m, task, 0, keep, "cross_entropy")
+    # bitwise on purpose: the two paths differ only by products with exact zeros (a zeroed weight
+    # against a zeroed activation), in the same kernels and the same order, so no rounding differs
     assert masked == mg.evaluate(pruned, task)
     with pytest.raises(ValueError, match="neuron indices"):
         neurons.prune(m, [999])
@@ -120,18 +122,44 @@ def test_otsu():
 
 
 def test_doshi_effect_on_a_small_mlp(tmp_path):
-    """Doshi et al. 2023 in miniature (p=47, width 96, x², MSE, no weight decay, 35% corrupted): the
-    IPR scores are bimodal, and pruning the low-IPR group forgets the corrupted labels, recovers the
-    true labels of those examples and keeps test accuracy."""
-    task = mg.tasks.modular_arithmetic(p=47, op="add", train_frac=0.5, corrupt_frac=0.35, seed=0)
-    model = models.mlp(task, width=96, act="square", seed=0)
-    cfg = mg.TrainConfig(steps=1500, lr=1e-2, weight_decay=0.0, loss="mse", eval_every=500, checkpoint_every=1500)
+    """Doshi et al. 2023 in miniature (p=41, width 128, x², MSE, 70% train, 30% of it corrupted,
+    AdamW lr 1e-2, weight decay 1.0, 700 full-batch steps): the network memorizes the corrupted
+    labels *and* generalizes; its IPR scores are bimodal; pruning the low-IPR group forgets the
+    corrupted labels, answers those examples with their true labels instead, and does not cost
+    test accuracy (it raises it).
+
+    The thresholds hold for the claim, not for one float trajectory: measured over seeds 0-7 (task
+    split, corruption, init and training seed all = s) under each row of
+    ``../shared/tools/portability-check`` (avx2-kernels and two-threads gave the same numbers;
+    generic kernels moved each by <= 0.03), mean [min, max] over the 24 runs:
+
+    =========================================  =======================  ========
+    quantity                                   measured                 asserted
+    =========================================  =======================  ========
+    Otsu separability of the IPR scores        0.953 [0.928, 0.974]     > 0.85
+    corrupted train acc (corrupted labels)     0.898 [0.864, 0.932]     > 0.8
+    test acc                                   0.966 [0.950, 0.978]     > 0.9
+    corrupted acc after pruning                0.017 [0.003, 0.040]     < 0.1
+    drop of corrupted acc                      0.881 [0.824, 0.918]     > 0.7
+    gain of true-label acc on those examples   0.865 [0.822, 0.909]     > 0.7
+    change of test acc                         +0.027 [+0.012, +0.040]  > -0.02
+    =========================================  =======================  ========
+
+    (The low-IPR group held 64-69 of the 128 neurons.) Float32 training takes about 4 s here; the
+    earlier setting (p=47, width 96, no weight decay, 1500 steps) generalized only for seed 0
+    (test acc 0.28-0.55 for seeds 1-7), so its thresholds described one trajectory.
+    """
+    task = mg.tasks.modular_arithmetic(p=41, op="add", train_frac=0.7, corrupt_frac=0.3, seed=0)
+    model = models.mlp(task, width=128, act="square", seed=0)
+    cfg = mg.TrainConfig(steps=700, lr=1e-2, weight_decay=1.0, loss="mse", eval_every=700, checkpoint_every=700)
     mg.train(model, task, cfg, out=tmp_path / "run", progress=False)
     before = mg.evaluate(model, task)
-    assert before["train_corrupted"]["acc"] > 0.8 and before["test"]["acc"] > 0.6  # memorizes and generalizes
+    assert before["train_corrupted"]["acc"] > 0.8 and before["test"]["acc"] > 0.9  # memorizes and generalizes
     groups = neurons.classify(model, task, score="ipr")
-    assert groups.separability > 0.8
+    assert groups.separability > 0.85  # two well-separated IPR modes
     after = mg.evaluate(neurons.prune(model, groups.memorizing), task)
-    assert after["train_corrupted"]["acc"] < before["train_corrupted"]["acc"] - 0.5
-    assert after["train_corrupted_true"]["acc"] > before["train_corrupted_true"]["acc"] + 0.3
-    assert after["test"]["acc"] > before["test"]["acc"] - 0.05
+    # forgets the corrupted labels and answers those examples with their true labels instead
+    assert after["train_corrupted"]["acc"] < 0.1
+    assert after["train_corrupted"]["acc"] < before["train_corrupted"]["acc"] - 0.7
+    assert after["train_corrupted_true"]["acc"] > before["train_corrupted_true"]["acc"] + 0.7
+    assert after["test"]["acc"] > before["test"]["acc"] - 0.02  # and keeps what it generalized

@@ -155,7 +155,8 @@ def test_failing_section_becomes_error_box(tmp_path):
     data = json.loads((run / "report.json").read_text())
     assert data["sections"]["boom"]["error"] == "RuntimeError: deliberate failure <b>"
     assert data["sections"]["training"]["error"] is None
-    assert "This section failed to build" in (run / "report.md").read_text()
+    md = (run / "report.md").read_text()
+    assert "This section failed to build" in md and "> <pre>RuntimeError: deliberate failure &lt;b&gt;</pre>" in md
 
 
 def test_registry_register_and_unregister(tmp_path):
@@ -241,3 +242,45 @@ def test_no_summary_without_headlines(tmp_path):
     run = make_run(tmp_path)  # only the run configuration, which has no headline
     report.build(run)
     assert 'id="summary"' not in (run / "report.html").read_text()
+
+
+def test_names_with_html_are_inert_in_html_and_markdown(tmp_path):
+    """Folder and config names end up in both reports: no raw HTML, no links but in-page ones, in either."""
+    outer = make_run(tmp_path / "<script>alert(1)", _history())  # a folder name cannot hold "/"
+    cfg = json.loads((outer / "config.json").read_text())
+    cfg["task"]["op"] = "<script>alert(2)</script>"
+    cfg["model"]["kind"] = "<img src=x onerror=alert(3)>"
+    cfg["train"]["optimizer"] = "[click](javascript:alert(4))"
+    (outer / "config.json").write_text(json.dumps(cfg))
+    inner = make_run(outer / "$\\bad$ <b>inner", _history())  # nested: its name titles sections, and a plot
+    report.build(outer)
+    html, md = (outer / "report.html").read_text(), (outer / "report.md").read_text()
+    for text in (html, md):
+        assert "<script" not in text and "<img src=x" not in text and "<b>" not in text
+    assert not re.search(r"(?<!\\)\]\(javascript:", md) and '="javascript' not in html
+    assert "&lt;script&gt;alert(2)&lt;/script&gt;" in md and "# mechgrok report: &lt;script&gt;alert(1)" in md
+    assert "[click\\](javascript:alert(4))" in md  # shown as text, not a link
+    assert "## $\\bad$ &lt;b&gt;inner: Training" in md and "&lt;b&gt;inner: Training</h2>" in html
+    sections = json.loads((outer / "report.json").read_text())["sections"]
+    assert sections["summary"]["error"] is None and f"{inner.name}: Training" in [s["title"] for s in sections.values()]
+
+
+def test_damaged_nested_run_is_one_error_box(tmp_path):
+    outer = make_run(tmp_path / "outer", _history())
+    (make_run(outer / "inner") / "config.json").write_text('{"format": "mechgrok.run/1", "task": {"ki')
+    report.build(outer)  # the report is still written
+    html = (outer / "report.html").read_text()
+    assert html.count('class="error"') == 1 and f"the nested run {outer / 'inner'} cannot be read" in html
+    assert '<section id="training">' in html and '<section id="summary">' in html
+
+
+@pytest.mark.parametrize("file", ["../outside.json", "/etc/passwd", "analysis/../../outside.json", 7])
+def test_circuit_files_outside_the_run_are_refused(tmp_path, file):
+    run = Run(make_run(tmp_path / "run", _history()))
+    (tmp_path / "outside.json").write_text("{}")
+    run.write_analysis("circuits", {"method": "eap-ig", "level": "neuron", "step": 1, "evaluate": {},
+                                    "generalizing": {"file": file, "size": 1, "n_components": 2, "faithfulness": 0.9}})
+    report.build(run)
+    error = json.loads((run.path / "report.json").read_text())["sections"]["circuits"]["error"]
+    assert "analysis/circuits.json" in error and ("cannot be used as a file name" in error
+                                                   or "not a path inside the run" in error), error

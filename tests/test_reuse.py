@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 
 import mechgrok as mg
@@ -83,11 +85,14 @@ def test_disjoint_halves_overlap_above_baseline():
     assert res["spearman"]["value"] > 0.5
 
 
-def test_overlap_analysis_and_report(tmp_path):
+def test_overlap_analysis_and_report(tmp_path, monkeypatch):
     task = mg.tasks.multi_task([("add", 7), ("sub", 7)], train_frac=0.6, seed=0)
     model = mg.models.transformer(task, n_layers=1, d_model=16, n_heads=2, d_mlp=32, seed=0)
     run = mg.train(model, task, mg.TrainConfig(steps=60, lr=1e-2, eval_every=20, checkpoint_every=20),
                    out=tmp_path / "multi", progress=False)
+    # this 60-step model has learned neither operation: by default nothing would be compared
+    # (test_overlap_skips_unlearned_operations); here every operation counts as learned, to test the machinery
+    monkeypatch.setattr(sys.modules["mechgrok.analyze"], "LEARNED_ACC", 0.0)  # mg.analyze is the function
     written = mg.analyze(run, only=["overlap", "circuits", "progress"], progress=False)
     assert set(written) == {"overlap", "circuits", "progress"}
     import json
@@ -112,3 +117,34 @@ def test_overlap_analysis_and_report(tmp_path):
     r2 = mg.train(mg.models.transformer(single, d_model=16, n_heads=2, d_mlp=32), single,
                   mg.TrainConfig(steps=4, eval_every=2), out=tmp_path / "single", progress=False)
     assert "overlap" not in mg.analyze(r2, only=["overlap"], progress=False)
+
+
+def test_overlap_skips_unlearned_operations(tmp_path):
+    """Circuits of an operation the model has not generalized are not presented as findings: an
+    operation under the learned threshold is left out, and with fewer than two learned nothing is compared."""
+    import json
+
+    from mechgrok.analyze import overlap_analysis
+
+    task = mg.tasks.multi_task([("add", 7), ("sub", 7), ("mul", 7)], train_frac=0.6, seed=0)
+    model = mg.models.transformer(task, n_layers=1, d_model=16, n_heads=2, d_mlp=32, seed=0)
+    run = mg.train(model, task, mg.TrainConfig(steps=40, lr=1e-2, eval_every=20, checkpoint_every=20),
+                   out=tmp_path / "multi", progress=False)
+    acc = {k: v["test"]["acc"] for k, v in mg.evaluate(run.load_model(40), task, by_task=True).items()}
+    assert max(acc.values()) < 0.95  # 40 steps: nothing learned
+    data = overlap_analysis(run, features=False, progress=False)
+    assert data["names"] == [] and data["not_learned"] == ["add", "sub", "mul"] and "skipped" in data
+    assert "pairs" not in data and not (run.path / "analysis" / "overlap").exists()
+    run.write_analysis("overlap", data)
+    html = mg.report.build(run).read_text()
+    assert "Not computed" in html and 'class="error"' not in html
+    # a threshold between the operations' accuracies: only those above it are compared
+    order = sorted(acc, key=acc.get)
+    cut = (acc[order[0]] + acc[order[1]]) / 2
+    if acc[order[0]] < cut < acc[order[1]]:
+        data = overlap_analysis(run, features=False, learned_acc=cut, progress=False)
+        assert data["not_learned"] == [order[0]] and set(data["names"]) == set(order[1:])
+        assert set(data["pairs"]) == {"|".join(n for n in task.task_names if n in order[1:])}
+        assert json.dumps(data, default=str)  # JSON-ready
+    with pytest.raises(ValueError, match="learned_acc"):
+        overlap_analysis(run, learned_acc=1.5, progress=False)

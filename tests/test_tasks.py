@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -128,3 +130,91 @@ def test_unknown_split():
     t = modular_arithmetic(p=5, train_frac=0.5)
     with pytest.raises(ValueError, match="unknown split"):
         t.mask("validation")
+
+
+# ------------------------------------------------------------------ damaged or crafted task folders
+def _saved(tmp_path, task=None):
+    task = task or multi_task([("add", 5), ("sub", 5), ("mul", 5)], train_frac=0.5, seed=0)
+    folder = task.save(tmp_path / "task")
+    return folder, json.loads((folder / "task.json").read_text())
+
+
+def _edit(folder, **meta):
+    data = json.loads((folder / "task.json").read_text()) | meta
+    (folder / "task.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("names, match", [
+    (["../../../../x", "/tmp/y", "mul"], r"sub-task name '\.\./\.\./\.\./\.\./x' in .*task\.json cannot be used as a "
+                                         "file name"),
+    (["add", "/tmp/y", "mul"], r"sub-task name '/tmp/y' in .*task\.json"),
+    (["add", ".hidden", "mul"], "cannot be used as a file name"),
+    (["add", "add", "mul"], "task_names must be unique"),
+    (["add", "sub"], r"names 2 sub-tasks .* but its config describes 3"),
+    (["add", 3, "mul"], "sub-task name 3"),
+    ("add", r"wrong types for task_names \(expected list\)"),
+])
+def test_load_refuses_unsafe_or_inconsistent_task_names(tmp_path, names, match):
+    folder, _ = _saved(tmp_path)
+    _edit(folder, task_names=names)
+    with pytest.raises(ValueError, match=match):
+        mg.tasks.load(folder)
+
+
+def test_task_ids_must_index_task_names(tmp_path):
+    folder, meta = _saved(tmp_path)
+    _edit(folder, task_names=["add", "sub"], config=meta["config"] | {"kind": "custom"})  # no spec count to compare
+    with pytest.raises(ValueError, match=r"task\.json and tensors\.safetensors\) do not agree: Task\.task_ids must "
+                                         r"lie in \[0, the number of task_names \(2\)\)"):
+        mg.tasks.load(folder)
+
+
+def test_constructing_a_task_checks_names_shapes_and_ranges():
+    import dataclasses
+
+    t = multi_task([("add", 5), ("sub", 5)], train_frac=0.5, seed=0)
+    for changes, err, match in [
+        (dict(task_names=("a/b", "c")), ValueError, "cannot be used as a file name"),
+        (dict(task_names=()), ValueError, "non-empty tuple"),
+        (dict(labels=t.labels.float()), TypeError, "labels must be an integer tensor"),
+        (dict(train=t.train.long()), TypeError, "train must be bool"),
+        (dict(inputs=t.inputs[:, 0]), ValueError, r"inputs must have shape \[N, n_ctx\]"),
+        (dict(true_labels=t.true_labels[:-1]), ValueError, r"true_labels must have shape \[50\]"),
+        (dict(d_vocab=5), ValueError, r"inputs must lie in \[0, d_vocab\)"),
+        (dict(d_vocab_out=True), ValueError, "d_vocab_out must be a positive integer"),
+        (dict(operand_positions=(0, 9)), ValueError, "operand_positions must be two different positions"),
+    ]:
+        with pytest.raises(err, match=match):
+            dataclasses.replace(t, **changes)
+
+
+def test_load_names_the_file_whose_tensors_disagree(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = _saved(tmp_path)
+    tensors = load_file(folder / "tensors.safetensors")
+    save_file(tensors | {"labels": tensors["labels"][:-3]}, folder / "tensors.safetensors")
+    with pytest.raises(ValueError, match=r"task\.json and tensors\.safetensors\) do not agree: Task\.labels must have "
+                                         r"shape \[75\], got \(72,\)"):
+        mg.tasks.load(folder)
+    save_file(tensors | {"train": tensors["train"].float()}, folder / "tensors.safetensors")
+    with pytest.raises(ValueError, match="do not agree: Task.train must be bool, got torch.float32"):
+        mg.tasks.load(folder)
+    save_file(tensors, folder / "tensors.safetensors")
+    _edit(folder, d_vocab_out=3)  # labels up to 4 no longer fit
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, d_vocab_out\) = \[0, 3\)"):
+        mg.tasks.load(folder)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda f: f.write_text(f.read_text()[:40]), r"task\.json is damaged or truncated \(not valid JSON: "),
+    (lambda f: f.write_bytes(b"\xff\xfe\x00garbage"), r"task\.json is damaged \(not UTF-8 text: invalid start byte at byte 0\)"),
+    (lambda f: f.write_text("[]"), r"task\.json: unknown task format 'list'"),
+    (lambda f: _edit(f.parent, d_vocab="7"), r"task\.json lacks or has wrong types for d_vocab \(expected int\)"),
+    (lambda f: (f.parent / "tensors.safetensors").write_bytes(b"garbage" * 30), "tensors.safetensors is damaged"),
+])
+def test_damaged_task_files_are_named(tmp_path, damage, match):
+    folder, _ = _saved(tmp_path)
+    damage(folder / "task.json")
+    with pytest.raises(ValueError, match=match):
+        mg.tasks.load(folder)

@@ -11,7 +11,7 @@ import torch
 
 import mechgrok as mg
 from mechgrok import losses, models
-from mechgrok.train import HISTORY_KEYS, _orthogonalize_grads
+from mechgrok.train import HISTORY_KEYS, TrainingDiverged, _orthogonalize_grads
 
 
 @pytest.fixture(scope="module")
@@ -151,31 +151,78 @@ def test_refuses_foreign_folder(tmp_path, task):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_truncated_checkpoint_is_a_clear_error(tmp_path, task):
-    out = tmp_path / "r"
-    cfg = mg.TrainConfig(steps=20, lr=1e-2, checkpoint_every=10)
-    mg.train(tiny(task), task, cfg, out=out, progress=False, stop_at=10)
-    ckpt = mg.Run(out).checkpoint(10)
-    ckpt.write_bytes(ckpt.read_bytes()[:200])
-    with pytest.raises(ValueError, match="step_000010.safetensors is damaged or truncated"):
-        mg.train(tiny(task), task, cfg, out=out, progress=False)
-    with pytest.raises(ValueError, match="damaged or truncated"):
-        mg.Run(out).load_model(10)
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(steps=-1), "steps must be a non-negative integer"),
-    (dict(lr=0), "lr must be positive"),
-    (dict(betas=(0.9, 1.2)), "betas must be two numbers"),
-    (dict(loss="hinge"), "unknown loss 'hinge'"),
-    (dict(optimizer="sgd"), "optimizer must be"),
-    (dict(dropout=1.0), "dropout must lie in"),
-    (dict(batch_size=0), "batch_size must be positive"),
-    (dict(eval_every=0), "eval_every must be >= 1"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(steps=-1), ValueError, "steps must be a non-negative integer"),
+    (dict(steps=True), TypeError, r"steps must be a non-negative integer .*, got True \(bool\)"),
+    (dict(steps=10.0), TypeError, "steps must be a non-negative integer"),
+    (dict(lr=0), ValueError, "lr must be positive"),
+    (dict(lr=math.inf), ValueError, "lr must be positive and finite"),
+    (dict(lr=math.nan), ValueError, "lr must be positive and finite"),
+    (dict(lr="1e-3"), TypeError, r"lr must be positive and finite .*, got '1e-3' \(str\)"),
+    (dict(weight_decay=-1.0), ValueError, "weight_decay must be a finite number >= 0"),
+    (dict(weight_decay=math.inf), ValueError, "weight_decay must be a finite number >= 0"),
+    (dict(betas=(0.9, 1.2)), ValueError, "betas must be two numbers"),
+    (dict(betas=(0.9,)), ValueError, r"betas must be two numbers in \[0, 1\), e.g. \(0.9, 0.98\), got \(0.9,\)"),
+    (dict(betas=(0.9, 0.98, 0.99)), ValueError, "betas must be two numbers"),
+    (dict(betas="0.9,0.98"), TypeError, "betas must be two numbers"),
+    (dict(betas=(0.9, "0.98")), TypeError, r"betas must be two numbers .*got \(0.9, '0.98'\)"),
+    (dict(betas=(0.9, math.nan)), ValueError, "betas must be two numbers"),
+    (dict(warmup=-1), ValueError, "warmup must be an integer >= 0"),
+    (dict(warmup=0.5), TypeError, "warmup must be an integer >= 0"),
+    (dict(loss="hinge"), ValueError, "unknown loss 'hinge'"),
+    (dict(loss=3), TypeError, "loss must be a string"),
+    (dict(optimizer="sgd"), ValueError, "optimizer must be"),
+    (dict(dropout=1.0), ValueError, r"dropout must be a number that lies in \[0, 1\)"),
+    (dict(dropout=math.nan), ValueError, "dropout must be a number that lies in"),
+    (dict(dropout="0.1"), TypeError, "dropout must be a number"),
+    (dict(batch_size=0), ValueError, "batch_size must be positive"),
+    (dict(batch_size=1.5), TypeError, "batch_size must be positive"),
+    (dict(batch_size=True), TypeError, "batch_size must be positive"),
+    (dict(eval_every=0), ValueError, "eval_every must be an integer >= 1"),
+    (dict(eval_every=2.5), TypeError, r"eval_every must be an integer >= 1, got 2.5 \(float\)"),
+    (dict(checkpoint_every=0), ValueError, "checkpoint_every must be an integer >= 1"),
+    (dict(checkpoint_every=False), TypeError, "checkpoint_every must be an integer >= 1"),
+    (dict(threads=0), ValueError, "threads must be an integer >= 1 or None"),
+    (dict(threads=True), TypeError, "threads must be an integer >= 1 or None"),
+    (dict(seed=-1), ValueError, "seed must be an integer in"),
+    (dict(seed=1.5), TypeError, "seed must be an integer in"),
 ])
-def test_config_validation(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_config_validation(kwargs, error, match):
+    with pytest.raises(error, match=f"TrainConfig: {match}"):
         mg.TrainConfig(**kwargs)
+
+
+def test_config_normalises_numbers():
+    """Numbers of other types become plain int / float, so config.json is plain JSON."""
+    import numpy as np
+
+    cfg = mg.TrainConfig(lr=1, steps=np.int64(5), dropout=np.float32(0.25), betas=[0, np.float64(0.5)],
+                         batch_size=None, threads=None)
+    assert type(cfg.lr) is float and type(cfg.steps) is int and type(cfg.dropout) is float
+    assert cfg.betas == (0.0, 0.5) and all(type(b) is float for b in cfg.betas)
+    assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()
+
+
+def test_cli_set_with_a_bad_value_is_one_clear_line(tmp_path, capsys):
+    from mechgrok.cli import main
+
+    assert main(["-q", "train", "--preset", "test", "--set", "lr=abc", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "TrainConfig: lr must be positive and finite" in err and "got 'abc' (str)" in err
+    assert "not supported" not in err and not (tmp_path / "r").exists()
+
+
+def test_diverging_loss_stops_with_the_step(tmp_path, task):
+    """A loss that is no longer finite ends training at once, naming the step and a lower lr."""
+    out = tmp_path / "r"
+    cfg = mg.TrainConfig(steps=200, lr=1e6, eval_every=10, checkpoint_every=10)
+    with pytest.raises(TrainingDiverged,
+                       match=r"loss became (nan|inf) at step \d+ .*lower lr \(e.g. lr=100000"):
+        mg.train(tiny(task), task, cfg, out=out, progress=False)
+    run = mg.Run(out)
+    assert run.steps()[-1] < 50  # it stopped, rather than training on to step 200
+    assert not (out / ".lock").exists()  # the lock is released on the error
+    mg.train(tiny(task), task, cfg.replace(lr=1e-2, steps=10), out=out, overwrite=True, progress=False)
 
 
 def test_config_roundtrip_and_unknown_field():
@@ -206,3 +253,225 @@ def test_orthograd_projection():
     _orthogonalize_grads([p])
     assert abs(float((p.grad * p.detach()).sum())) < 1e-5
     assert torch.allclose(p.grad.norm(), g.norm())
+
+
+# ---------------------------------------------------------------------------- damaged checkpoints
+
+
+def flip_payload_byte(file, where=0.5):
+    """Flip one bit in the tensor bytes of a safetensors file, leaving its header intact."""
+    data = bytearray(file.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    i = start + int((len(data) - start) * where)
+    data[i] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+def test_checkpoint_records_its_content_hash(tmp_path, task):
+    from safetensors import safe_open
+
+    from mechgrok import checkpoints
+
+    run = mg.train(tiny(task), task, mg.TrainConfig(steps=5, lr=1e-2), out=tmp_path / "r", progress=False)
+    with safe_open(str(run.checkpoint(5)), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["format"] == checkpoints.CHECKPOINT_FORMAT
+    assert meta["sha256"] == checkpoints.content_hash(tensors)
+    tensors["rng/train"] = tensors["rng/train"].clone()
+    tensors["rng/train"][0] ^= 1
+    assert checkpoints.content_hash(tensors) != meta["sha256"]
+
+
+def test_bit_flipped_checkpoint_is_refused_then_resumed_past(tmp_path, task):
+    """A bit flipped in the newest checkpoint's tensors is an error naming the file and saying how to
+    resume; resume="intact" moves it aside and retrains from the newest intact one, bitwise."""
+    from mechgrok.checkpoints import DamagedCheckpoint
+
+    cfg = mg.TrainConfig(steps=40, lr=1e-2, eval_every=10, checkpoint_every=20)
+    full = tiny(task)
+    ref = mg.train(full, task, cfg, out=tmp_path / "full", progress=False)
+    out = tmp_path / "r"
+    mg.train(tiny(task), task, cfg, out=out, progress=False)
+    ckpt = mg.Run(out).checkpoint(40)
+    flip_payload_byte(ckpt)
+    damaged = ckpt.read_bytes()
+    with pytest.raises(DamagedCheckpoint, match=r"step_000040.safetensors is damaged: its tensors do not match the "
+                                                r"sha256.*load another step \(available: \[0, 20, 40\]\)"):
+        mg.Run(out).load_model()
+    with pytest.raises(DamagedCheckpoint, match=r"step_000040.safetensors is damaged.*resume='intact'.*"
+                                                r"--resume-intact.*newest intact checkpoint: step 20"):
+        mg.train(blank(task), task, cfg, out=out, progress=False)
+    assert ckpt.read_bytes() == damaged  # nothing moved without being asked
+    resumed = blank(task)
+    run = mg.train(resumed, task, cfg, out=out, progress=False, resume="intact")
+    assert (out / "checkpoints" / "damaged" / "step_000040.safetensors").read_bytes() == damaged
+    assert run.steps() == [0, 20, 40] and mg.Run(out).load_model() is not None
+    for k, v in weights(full).items():
+        assert torch.equal(v, weights(resumed)[k]), k
+    no_time = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in ref.history()]
+    assert [{k: v for k, v in r.items() if k != "elapsed_s"} for r in run.history()] == no_time
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path, task):
+    out = tmp_path / "r"
+    cfg = mg.TrainConfig(steps=20, lr=1e-2, checkpoint_every=10)
+    mg.train(tiny(task), task, cfg, out=out, progress=False, stop_at=10)
+    ckpt = mg.Run(out).checkpoint(10)
+    ckpt.write_bytes(ckpt.read_bytes()[:200])
+    with pytest.raises(ValueError, match="step_000010.safetensors is damaged or truncated.*newest intact "
+                                         "checkpoint: step 0"):
+        mg.train(tiny(task), task, cfg, out=out, progress=False)
+    with pytest.raises(ValueError, match="damaged or truncated"):
+        mg.Run(out).load_model(10)
+    run = mg.train(blank(task), task, cfg, out=out, progress=False, resume="intact")
+    assert run.steps() == [0, 10, 20] and (out / "checkpoints" / "damaged" / "step_000010.safetensors").exists()
+
+
+def test_checkpoint_without_a_hash_loads_with_a_warning(tmp_path, task, caplog):
+    """Checkpoints written before hashes existed are read unverified, and say so."""
+    from safetensors.torch import save_file
+
+    from mechgrok._io import read_safetensors
+
+    run = mg.train(tiny(task), task, mg.TrainConfig(steps=5, lr=1e-2), out=tmp_path / "r", progress=False)
+    tensors = read_safetensors(run.checkpoint(5))
+    save_file(tensors, str(run.checkpoint(5)))  # no metadata, as an older mechgrok wrote it
+    with caplog.at_level("WARNING"):
+        model = run.load_model(5)
+    assert "step_000005.safetensors has no content hash" in caplog.text and "unverified" in caplog.text
+    assert torch.equal(dict(model.named_parameters())["embed.W_E"], tensors["embed.W_E"])
+
+
+def test_status_line_scores_the_weights_not_the_history(tmp_path, caplog):
+    """`mechgrok train`'s closing line evaluates the loaded checkpoint: a history claiming 100% changes nothing."""
+    from mechgrok.cli import main
+
+    out = tmp_path / "r"
+    argv = ["train", "--preset", "test", "--steps", "20", "--set", "eval_every=10", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    rows[-1].update(train_acc=1.0, test_acc=1.0)
+    (out / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mechgrok"):
+        assert main(argv) == 0
+    run = mg.Run(out)
+    ev = mg.evaluate(run.load_model(), run.task())
+    assert ev["test"]["acc"] < 0.9
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("done:"))
+    assert line.startswith(f"done: train acc {ev['train']['acc']:.3f}, test acc {ev['test']['acc']:.3f} at step 20")
+    assert "step_000020.safetensors" in line
+
+
+def test_cli_resume_intact(tmp_path):
+    """`_train` passes --resume-intact on as resume="intact"."""
+    import argparse
+
+    from mechgrok import cli
+
+    out = tmp_path / "r"
+    ns = argparse.Namespace(preset="test", out=str(out), steps=20, set=["checkpoint_every=10"], overwrite=False,
+                            no_progress=True)
+    cli._train(ns)
+    flip_payload_byte(mg.Run(out).checkpoint(20))
+    with pytest.raises(ValueError, match="--resume-intact"):
+        cli._train(ns)
+    cli._train(argparse.Namespace(**vars(ns), resume_intact=True))
+    assert (out / "checkpoints" / "damaged" / "step_000020.safetensors").exists()
+    assert mg.Run(out).steps() == [0, 10, 20]
+
+
+# ---------------------------------------------------------------------------- history integrity
+
+
+def _rows(run):
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in run.history()]
+
+
+@pytest.fixture
+def finished(tmp_path, task):
+    """A finished run of 40 steps (rows every 10, checkpoints every 20) and a copy of its files."""
+    cfg = mg.TrainConfig(steps=40, lr=1e-2, eval_every=10, checkpoint_every=20)
+    model = tiny(task)
+    run = mg.train(model, task, cfg, out=tmp_path / "r", progress=False)
+    return run, cfg, weights(model), _rows(run)
+
+
+def test_deleted_history_is_detected_not_replaced(finished, task):
+    run, cfg, final, rows = finished
+    (run.path / "history.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match=r"history.jsonl is missing, but .* has checkpoints up to step 40: "
+                                                r"restore the file, or train again with resume='intact'"):
+        mg.train(blank(task), task, cfg, out=run.path, progress=False)
+    assert not (run.path / "history.jsonl").exists()  # not replaced by a one-row history
+    with pytest.raises(FileNotFoundError, match="history.jsonl is missing"):
+        mg.Run(run.path).history()
+    model = blank(task)
+    mg.train(model, task, cfg, out=run.path, progress=False, resume="intact")  # recomputed from step 0
+    assert _rows(mg.Run(run.path)) == rows
+    assert all(torch.equal(v, weights(model)[k]) for k, v in final.items())
+
+
+def test_torn_last_history_line_is_recomputed(finished, task):
+    """A kill while the last row was written leaves a cut line; training the complete run again
+    restores that row instead of refusing with a JSONDecodeError."""
+    run, cfg, final, rows = finished
+    f = run.path / "history.jsonl"
+    f.write_bytes(f.read_bytes()[:-25])
+    ckpts = {p: p.read_bytes() for p in (run.path / "checkpoints").iterdir()}
+    assert len(mg.Run(run.path).history()) == 4  # readers leave the cut row out
+    model = blank(task)
+    mg.train(model, task, cfg, out=run.path, progress=False)
+    assert _rows(mg.Run(run.path)) == rows and f.read_text().endswith("\n")
+    assert {p: p.read_bytes() for p in (run.path / "checkpoints").iterdir()} == ckpts
+    assert all(torch.equal(v, weights(model)[k]) for k, v in final.items())
+
+
+def test_damaged_middle_history_line_is_refused(finished, task):
+    run, cfg, final, rows = finished
+    f = run.path / "history.jsonl"
+    lines = f.read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:30] + "\n"
+    f.write_text("".join(lines))
+    with pytest.raises(ValueError, match=r"history.jsonl is damaged at line 2: not valid JSON.*resume='intact'"):
+        mg.train(blank(task), task, cfg, out=run.path, progress=False)
+    with pytest.raises(ValueError, match=r"history.jsonl is damaged at line 2"):
+        mg.Run(run.path).history()
+    model = blank(task)
+    mg.train(model, task, cfg, out=run.path, progress=False, resume="intact")  # from step 0: rows 10.. are lost
+    assert _rows(mg.Run(run.path)) == rows
+    assert all(torch.equal(v, weights(model)[k]) for k, v in final.items())
+
+
+def test_cut_history_lacking_rows_is_refused(finished, task):
+    run, cfg, final, rows = finished
+    f = run.path / "history.jsonl"
+    f.write_text("".join(f.read_text().splitlines(keepends=True)[:2]))  # rows of steps 0 and 10 only
+    with pytest.raises(ValueError, match=r"lacks the rows of steps \[20, 30\]"):
+        mg.train(blank(task), task, cfg, out=run.path, progress=False)
+    model = blank(task)
+    mg.train(model, task, cfg, out=run.path, progress=False, resume="intact")  # from step 20
+    assert _rows(mg.Run(run.path)) == rows
+    assert all(torch.equal(v, weights(model)[k]) for k, v in final.items())
+
+
+def test_truncated_config_names_the_file(finished, task):
+    run, cfg, _, _ = finished
+    f = run.path / "config.json"
+    f.write_text(f.read_text()[:120])
+    with pytest.raises(ValueError, match=r"config.json is damaged or truncated \(not valid JSON: .* at line \d+ "
+                                         r"column \d+\); restore it"):
+        mg.Run(run.path).config
+    with pytest.raises(ValueError, match=r"config.json is damaged or truncated .*overwrite=True"):
+        mg.train(tiny(task), task, cfg, out=run.path, progress=False)
+    again = mg.train(tiny(task), task, cfg, out=run.path, progress=False, overwrite=True)
+    assert again.config["train"]["steps"] == 40 and again.steps() == [0, 20, 40]
+
+
+def test_damaged_analysis_json_names_the_file(finished):
+    run = finished[0]
+    (run.path / "analysis").mkdir()
+    (run.path / "analysis" / "neurons.json").write_text('{"a": ')
+    with pytest.raises(ValueError, match=r"neurons.json is damaged or truncated.*--only neurons"):
+        run.read_analysis("neurons")

@@ -28,8 +28,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mechgrok._config import check_float, check_int
 from mechgrok._threads import torch_threads
 from mechgrok.circuits.graph import Graph, graph as build_graph
+from mechgrok.circuits.metrics import check_metric, scalar
 from mechgrok.circuits.patching import Patcher, receiver_hook
 
 __all__ = ["attribute", "METHODS", "acdc_kept", "acdc_default_tau"]
@@ -57,9 +59,8 @@ def attribute(model: nn.Module, clean: Tensor, corrupted: Tensor | None, metric:
     Returns:
         ``{component: score}`` in graph order.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    g = graph or build_graph(model, level)
+    steps, tau = check_args(method, metric, steps, tau)
+    g = build_graph(model, level) if graph is None else _check_graph(model, graph, level)
     with torch_threads(threads):
         p = Patcher(model, g, clean, corrupted, corruption)
         if method == "exact":
@@ -69,6 +70,36 @@ def attribute(model: nn.Module, clean: Tensor, corrupted: Tensor | None, metric:
         else:
             scores = _acdc(p, metric, tau, progress)
     return {c: float(scores[c]) for c in g.components}
+
+
+def check_args(method: str, metric: Callable, steps: int, tau: float | None) -> tuple[int, float | None]:
+    """Check ``attribute``'s method, metric, ``steps`` (an integer >= 1) and ``tau`` (None or a finite
+    number >= 0) before anything runs; return ``steps`` and ``tau`` as ``int`` / ``float``."""
+    if method not in METHODS:
+        import difflib
+
+        close = difflib.get_close_matches(str(method), METHODS, n=1)
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}"
+                         + (f"; did you mean {close[0]!r}?" if close else ""))
+    check_metric(metric)
+    steps = check_int(steps, "steps", low=1, owner="EAP-IG interpolation")
+    if tau is not None:  # ACDC keeps an edge when removing it costs at least tau: tau < 0 keeps everything
+        tau = check_float(tau, "tau", low=0.0, owner="ACDC threshold")
+    return steps, tau
+
+
+def _check_graph(model: nn.Module, g: Graph, level: str) -> Graph:
+    """``g`` if it is ``model``'s graph (same nodes), else a ValueError: scores of another model's
+    graph would be computed on whatever hooks happen to share its names."""
+    if not isinstance(g, Graph):
+        raise TypeError(f"graph must be a mechgrok.circuits.Graph (from graph(model, level)), got {type(g).__name__}")
+    mine = build_graph(model, g.level, positions=bool(g.positions))
+    if mine.nodes != g.nodes:
+        raise ValueError(f"graph= is not this model's {g.level}-level graph ({len(g.nodes)} nodes vs {len(mine.nodes)}); "
+                         "pass graph(model, level) of the model being attributed, or leave graph=None")
+    if g.level != level:
+        raise ValueError(f"graph= is at level {g.level!r} but level={level!r}; pass one level")
+    return g
 
 
 def _ablate_component(p: Patcher, comp: str) -> dict:
@@ -85,10 +116,10 @@ def _ablate_component(p: Patcher, comp: str) -> dict:
 
 @torch.no_grad()
 def _exact(p: Patcher, metric, progress: bool) -> dict[str, float]:
-    base = float(metric(p.run()[0]))
+    base = float(scalar(metric, p.run()[0]))
     out = {}
     for c in tqdm(p.graph.components, disable=not progress, desc="exact patching"):
-        out[c] = float(metric(p.run(**_ablate_component(p, c))[0])) - base
+        out[c] = float(scalar(metric, p.run(**_ablate_component(p, c))[0])) - base
     return out
 
 
@@ -112,7 +143,7 @@ def _gradient(p: Patcher, metric, steps: int | None) -> dict[str, float]:
         for alpha in alphas:
             with torch.enable_grad():
                 logits, kept = p.run(interpolate=alpha, retain=retain)
-                metric(logits).backward()
+                scalar(metric, logits).backward()
             for k, t in kept.items():
                 grads[k] = grads.get(k, 0) + t.grad.detach() / len(alphas)
     finally:
@@ -142,13 +173,13 @@ def _gradient(p: Patcher, metric, steps: int | None) -> dict[str, float]:
 @torch.no_grad()
 def _acdc(p: Patcher, metric, tau: float | None, progress: bool) -> dict[str, float]:
     higher = getattr(metric, "higher_is_better", True)
-    m_full = float(metric(p.run()[0]))
+    m_full = float(scalar(metric, p.run()[0]))
     g = p.graph
     edge_level = g.level == "edge" and g.kind == "transformer"
     if edge_level:
-        m_empty = float(metric(p.run(masks=p.all_masks(0.0))[0]))
+        m_empty = float(scalar(metric, p.run(masks=p.all_masks(0.0))[0]))
     else:
-        m_empty = float(metric(p.run(ablate_nodes=list(g.components))[0]))
+        m_empty = float(scalar(metric, p.run(ablate_nodes=list(g.components))[0]))
     tau = acdc_default_tau(m_full, m_empty) if tau is None else float(tau)
     masks = p.all_masks(1.0)
     ablated: list[str] = []
@@ -166,10 +197,10 @@ def _acdc(p: Patcher, metric, tau: float | None, progress: bool) -> dict[str, fl
             i = p.receivers[e.receiver].index(e.src)
             trial = {r: m.clone() for r, m in masks.items()}
             trial[e.receiver][i] = 0.0
-            new = float(metric(p.run(masks=trial, start_layer=start)[0]))
+            new = float(scalar(metric, p.run(masks=trial, start_layer=start)[0]))
         else:
             trial = ablated + [c]
-            new = float(metric(p.run(ablate_nodes=trial, start_layer=start)[0]))
+            new = float(scalar(metric, p.run(ablate_nodes=trial, start_layer=start)[0]))
         damage = (current - new) if higher else (new - current)
         scores[c] = damage
         if damage < tau:  # removing it costs little: leave it out

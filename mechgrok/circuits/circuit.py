@@ -27,6 +27,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
+from mechgrok._config import check_float
 from mechgrok._io import atomic_path, atomic_write_text, to_jsonable
 from mechgrok.circuits.graph import LEVELS, Graph
 
@@ -188,6 +189,8 @@ class Circuit:
     def save(self, path: str | Path) -> Path:
         """Write the circuit atomically as ``.json`` (networkx node-link) or ``.graphml``."""
         path = _check_suffix(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder; give the circuit a file name, e.g. {path / 'circuit.json'}")
         g = self.to_networkx()
         if path.suffix.lower() == ".json":
             atomic_write_text(path, json.dumps(nx.node_link_data(g, edges="edges"), indent=1, allow_nan=False))
@@ -345,9 +348,8 @@ def select(graph: Graph, scores: Mapping[str, float], *, top_k: int | None = Non
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 0 <= top_k <= len(ranked):
             raise ValueError(f"top_k must be an integer in [0, {len(ranked)}] (the graph's size), got {top_k!r}")
         chosen, rule = ranked[:top_k], f"top_k={int(top_k)}"
-    elif not math.isfinite(threshold):
-        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
     else:
+        threshold = check_float(threshold, "threshold")
         chosen = [c for c in ranked if (abs(scores[c]) if absolute else scores[c]) >= threshold]
         rule = f"threshold={threshold:g}"
     return Circuit.from_graph(graph, chosen, scores, {**(provenance or {}), "selection": rule, "absolute": absolute})
@@ -365,6 +367,10 @@ def select_greedy(graph: Graph, scores: Mapping[str, float], evaluate: Callable[
     ``[k, value]`` pairs evaluated are kept in ``provenance["greedy_trace"]``.
     Raises ValueError when even the full graph stays below ``target``.
     """
+    target = check_float(target, "target", owner="select_greedy")  # NaN would compare False everywhere
+    if not callable(evaluate):
+        raise TypeError(f"evaluate must be a function Circuit -> float (e.g. its faithfulness), got "
+                        f"{type(evaluate).__name__}")
     scores, ranked = _ranked(graph, scores)
     n, seen = len(ranked), {}
     prov = {**(provenance or {}), "selection": "greedy", "target": target, "absolute": True}
@@ -400,7 +406,13 @@ def faithfulness_curve(graph: Graph, scores: Mapping[str, float], evaluate: Call
     """
     scores, ranked = _ranked(graph, scores)
     n = len(ranked)
-    sizes = sorted({int(k) for k in (np.round(np.linspace(0, n, 21)) if sizes is None else sizes)})
+    if sizes is None:
+        sizes = np.round(np.linspace(0, n, 21)).astype(int).tolist()
+    elif isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
+        raise TypeError(f"sizes must be a list of circuit sizes in [0, {n}], got {sizes!r}")
+    elif bad := [k for k in sizes if isinstance(k, bool) or not isinstance(k, (int, np.integer))]:
+        raise TypeError(f"sizes must be integers (numbers of components) in [0, {n}], got {bad[:5]}")
+    sizes = sorted({int(k) for k in sizes})
     if not sizes or sizes[0] < 0 or sizes[-1] > n:
         raise ValueError(f"sizes must be a non-empty set of integers in [0, {n}], got {sizes}")
     faith = [float(evaluate(Circuit.from_graph(graph, ranked[:k], scores, {"selection": f"top_k={k}"}))) for k in sizes]

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,8 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from mechgrok import models
+from mechgrok._config import check_float, check_int
 from mechgrok.circuits import metrics as _metrics
-from mechgrok.circuits.attribution import acdc_default_tau, acdc_kept, attribute
+from mechgrok.circuits.attribution import acdc_default_tau, acdc_kept, attribute, check_args
 from mechgrok.circuits.circuit import Circuit, faithfulness_curve as _curve, select, select_greedy
 from mechgrok.circuits.circuit import faithfulness as _faithfulness
 from mechgrok.circuits.graph import graph as build_graph
@@ -35,6 +37,9 @@ def _run_kwargs(p: Patcher, circuit: Circuit | None) -> dict[str, Any]:
     """``Patcher.run`` arguments that keep exactly ``circuit`` (None: keep nothing)."""
     g = p.graph
     kept = set() if circuit is None else set(circuit.components)
+    if unknown := kept - set(g.components):  # they would be ignored: the circuit is of another graph
+        raise ValueError(f"{len(unknown)} of the circuit's components are not in this model's {g.level}-level graph, "
+                         f"e.g. {sorted(unknown)[:3]}; evaluate a circuit on the model it was found on")
     if g.level == "edge" and g.kind == "transformer":
         masks = p.all_masks(1.0)
         for e in g.edges:
@@ -49,19 +54,38 @@ def _run_kwargs(p: Patcher, circuit: Circuit | None) -> dict[str, Any]:
 @torch.no_grad()
 def circuit_metric(p: Patcher, metric: Callable[[Tensor], Tensor], circuit: Circuit | None) -> float:
     """The metric with only ``circuit`` kept (everything else ablated); None keeps nothing."""
-    return float(metric(p.run(**_run_kwargs(p, circuit))[0]))
+    return float(_metrics.scalar(metric, p.run(**_run_kwargs(p, circuit))[0]))
 
 
 def _endpoints(p: Patcher, metric) -> tuple[float, float]:
+    _metrics.check_metric(metric)
     with torch.no_grad():
-        full = float(metric(p.run()[0]))
-    return full, circuit_metric(p, metric, None)
+        full = float(_metrics.scalar(metric, p.run()[0]))
+    empty = circuit_metric(p, metric, None)
+    if not (math.isfinite(full) and math.isfinite(empty)):
+        raise ValueError(f"the metric is {full} on the clean run and {empty} with everything ablated; it must be "
+                         "finite (check its labels: they index the logits of the clean batch)")
+    return full, empty
+
+
+def _circuit_patcher(model: nn.Module, circuit: Circuit, clean: Tensor, corrupted: Tensor | None,
+                     corruption: str) -> Patcher:
+    """A Patcher over ``model``'s graph at ``circuit``'s level, refusing a circuit of another graph
+    (whose components would otherwise be silently ignored)."""
+    if not isinstance(circuit, Circuit):
+        raise TypeError(f"circuit must be a mechgrok Circuit (from discover or select), got {type(circuit).__name__}")
+    g = build_graph(model, circuit.level)
+    if tuple(g.nodes) != tuple(circuit.graph_nodes):
+        raise ValueError(f"the circuit was found on another graph ({len(circuit.graph_nodes)} nodes, e.g. "
+                         f"{list(circuit.graph_nodes[:4])}) than this model's {circuit.level}-level graph "
+                         f"({len(g.nodes)} nodes, e.g. {list(g.nodes[:4])}); evaluate it on the model it came from")
+    return Patcher(model, g, clean, corrupted, corruption)
 
 
 def faithfulness(model: nn.Module, circuit: Circuit, clean: Tensor, corrupted: Tensor | None,
                  metric: Callable[[Tensor], Tensor], corruption: str = "resample") -> float:
     """``(m(C) − m(∅)) / (m(full) − m(∅))``: 1 for the full model, 0 with everything ablated."""
-    p = Patcher(model, build_graph(model, circuit.level), clean, corrupted, corruption)
+    p = _circuit_patcher(model, circuit, clean, corrupted, corruption)
     full, empty = _endpoints(p, metric)
     return _faithfulness(circuit_metric(p, metric, circuit), empty, full)
 
@@ -70,7 +94,7 @@ def faithfulness_curve(model: nn.Module, circuit: Circuit, clean: Tensor, corrup
                        metric: Callable[[Tensor], Tensor], corruption: str = "resample",
                        sizes=None) -> dict[str, Any]:
     """Faithfulness of the top-k circuits by ``circuit.scores`` over sizes k, and its area."""
-    p = Patcher(model, build_graph(model, circuit.level), clean, corrupted, corruption)
+    p = _circuit_patcher(model, circuit, clean, corrupted, corruption)
     full, empty = _endpoints(p, metric)
     return _curve(p.graph, dict(circuit.scores),
                   lambda c: _faithfulness(circuit_metric(p, metric, c), empty, full), sizes)
@@ -97,7 +121,17 @@ def discover(model: nn.Module, clean: Tensor, corrupted: Tensor | None, metric: 
     """
     if method != "acdc" and sum(x is not None for x in (top_k, threshold, target)) != 1:
         raise ValueError("give exactly one of top_k=, threshold= or target= (ACDC may use none)")
+    steps, tau = check_args(method, metric, steps, tau)
+    if provenance is not None and not isinstance(provenance, dict):
+        raise TypeError(f"provenance must be a dict of JSON values, got {type(provenance).__name__}")
     g = build_graph(model, level)
+    if top_k is not None:
+        top_k = check_int(top_k, "top_k", low=1, high=len(g), owner=f"discover ({level}-level graph of {len(g)} "
+                          "components)")
+    if threshold is not None:  # on |score|: a negative threshold would select everything
+        threshold = check_float(threshold, "threshold", low=0.0, owner="discover (|score| >= threshold)")
+    if target is not None:  # faithfulness: 1 is the full model, 0 everything ablated
+        target = check_float(target, "target", low=0.0, high=1.0, low_open=True, owner="discover (faithfulness)")
     p = Patcher(model, g, clean, corrupted, corruption)
     full, empty = _endpoints(p, metric)
     if method == "acdc" and tau is None:
@@ -137,7 +171,11 @@ def contrast(task: Task, split: str, n: int | None = 256, seed: int = 0,
     random other example of the same sub-task as its counterfactual, so resample ablation
     replaces the operands and keeps the op.
     """
-    g = torch.Generator().manual_seed(seed)
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a mechgrok Task, got {type(task).__name__}")
+    if n is not None:
+        n = check_int(n, "n", low=1, owner="contrast (examples; None for all)")
+    g = torch.Generator().manual_seed(check_int(seed, "seed", low=0))
     mask = task.mask(split)
     if task_name is not None:
         if task_name not in task.task_names:

@@ -120,6 +120,8 @@ def graph(model: nn.Module, level: str = "edge", positions: bool = False) -> Gra
     """
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}; choose one of {LEVELS}")
+    if not isinstance(positions, bool):
+        raise TypeError(f"positions must be True or False, got {positions!r}")
     if isinstance(model, models.HookedMLP):
         return _mlp_graph(model, level, positions)
     if not isinstance(model, models.HookedTransformer):

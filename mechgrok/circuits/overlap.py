@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from mechgrok._config import check_int
 from mechgrok._stats import average_ranks
 from mechgrok.circuits.circuit import Circuit
 
@@ -254,6 +255,8 @@ def _compare(sa: np.ndarray, sb: np.ndarray, ka: int, kb: int, inter: int, basel
              stats: Sequence[str], absolute: bool) -> dict[str, Any]:
     """The statistics of two selections of sizes ka, kb sharing ``inter`` of n = len(sa) scored
     components, with their random baselines."""
+    baseline = check_int(0 if baseline is None else baseline, "baseline", low=0)
+    seed = check_int(seed, "seed", low=0)
     if baseline and baseline < 20:
         raise ValueError(f"baseline={baseline} draws is too few for percentiles and p-values; use at least 20 "
                          "(or 0 for no baseline)")
@@ -294,11 +297,19 @@ def score_overlap(scores_a, scores_b, selected_a: Iterable[int], selected_b: Ite
     sa, sb = (np.asarray(x, dtype=float).reshape(-1) for x in (scores_a, scores_b))
     if sa.shape != sb.shape:
         raise ValueError(f"score vectors must have the same length, got {sa.size} and {sb.size}")
-    ia, ib = ({int(i) for i in np.asarray(list(x), dtype=np.int64).reshape(-1)} for x in (selected_a, selected_b))
+    ia, ib = (_indices(x, name) for x, name in ((selected_a, "selected_a"), (selected_b, "selected_b")))
     bad = sorted(i for i in ia | ib if not 0 <= i < sa.size)
     if bad:
         raise ValueError(f"selected indices must lie in [0, {sa.size}); got {bad[:5]}")
     return _compare(sa, sb, len(ia), len(ib), len(ia & ib), baseline, seed, SET_STATS + SCORE_STATS, absolute)
+
+
+def _indices(x: Iterable[int], name: str) -> set[int]:
+    """Integer indices (a list, array or tensor), refusing floats and bools rather than truncating them."""
+    arr = np.asarray(x.detach().cpu() if hasattr(x, "detach") else list(x)).reshape(-1)
+    if arr.size and (arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"{name} must be integer component indices, got dtype {arr.dtype} (e.g. {arr[:3].tolist()})")
+    return {int(i) for i in arr}
 
 
 def overlap(a: Circuit, b: Circuit, *, by: str = "components", baseline: int = 1000, seed: int = 0,
@@ -329,6 +340,7 @@ def expected_jaccard(size_a: int, size_b: int, n: int) -> float:
     Exact: the sum over the hypergeometric law of i = |A∩B| (mean size_a·size_b/n) of
     i / (size_a + size_b - i). For size_a = size_b = k, close to (k²/n) / (2k - k²/n) = k / (2n - k).
     """
+    size_a, size_b, n = (check_int(v, k, low=0) for k, v in (("size_a", size_a), ("size_b", size_b), ("n", n)))
     if not 0 <= size_a <= n or not 0 <= size_b <= n:
         raise ValueError(f"sizes must lie in [0, n={n}], got {size_a} and {size_b}")
     if size_a == 0 or size_b == 0:
@@ -348,6 +360,9 @@ def overlap_vs_k(a: Circuit, b: Circuit, ks: Iterable[int] | None = None, *, by:
     """
     sa, sb = _score_vectors(project(a, by), project(b, by))
     n = len(sa)
+    ks = None if ks is None else list(ks)
+    if ks is not None and (bad := [k for k in ks if isinstance(k, bool) or not isinstance(k, (int, np.integer))]):
+        raise TypeError(f"ks must be integer circuit sizes in [0, n={n}], got {bad[:5]}")
     ks = sorted({int(k) for k in (np.round(np.linspace(1, n, min(n, 21))) if ks is None else ks)})
     if ks and (ks[0] < 0 or ks[-1] > n):
         raise ValueError(f"ks must lie in [0, n={n}], got {ks}")

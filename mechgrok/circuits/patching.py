@@ -90,9 +90,13 @@ class Patcher:
                  corruption: str = "resample"):
         if corruption not in CORRUPTIONS:
             raise ValueError(f"unknown corruption {corruption!r}; choose one of {CORRUPTIONS}")
+        if not isinstance(model, (models.HookedTransformer, models.HookedMLP)):
+            raise TypeError(f"patching needs a HookedTransformer or HookedMLP, got {type(model).__name__}")
+        models.check_inputs(model, clean, "clean")
         if corruption == "resample":
             if corrupted is None:
                 raise ValueError("resample ablation needs a corrupted batch; or use corruption='mean' or 'zero'")
+            models.check_inputs(model, corrupted, "corrupted")
             if corrupted.shape != clean.shape:
                 raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} inputs differ in shape")
         if graph.positions:

@@ -39,6 +39,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from mechgrok._config import check_float, check_int
 from mechgrok.circuits.graph import graph
 from mechgrok.models import HookedTransformer, HookedTransformerConfig
 
@@ -62,8 +63,14 @@ def induction_model(d_vocab: int = 16, n_ctx: int = 8, seed: int | None = 0, n_h
     Returns:
         ``(model, planted_edges(model))``.
     """
-    if n_heads < 2 or n_ctx < 4 or d_vocab < n_ctx:
-        raise ValueError("need n_heads >= 2, n_ctx >= 4 and d_vocab >= n_ctx (distinct tokens per sequence)")
+    owner = "induction_model"
+    n_heads = check_int(n_heads, "n_heads", low=2, owner=owner)
+    n_ctx = check_int(n_ctx, "n_ctx", low=4, owner=owner)
+    d_vocab = check_int(d_vocab, "d_vocab", low=n_ctx, owner=f"{owner} (distinct tokens per sequence: d_vocab >= n_ctx)")
+    if seed is not None:
+        seed = check_int(seed, "seed", low=0, owner=owner)
+    qk_scale, logit_scale = (check_float(v, k, low=0.0, low_open=True, owner=owner)
+                             for k, v in (("qk_scale", qk_scale), ("logit_scale", logit_scale)))
     V, T = d_vocab, n_ctx
     tok, pos, prev, out = 0, V, V + T, 2 * V + T  # subspace offsets
     d_model, d_head = 3 * V + T, max(V, T)
@@ -169,8 +176,12 @@ def induction_data(model: HookedTransformer, n: int = 64, seed: int = 0) -> tupl
     Returns:
         ``clean [n, n_ctx]``, ``corrupted [n, n_ctx]``, ``labels [n]`` (= ``induction_answers(clean)``).
     """
+    n = check_int(n, "n", low=1, owner="induction_data")
     V, T = model.cfg.d_vocab, model.cfg.n_ctx
-    g = torch.Generator().manual_seed(seed)
+    if T < 4 or V < T:
+        raise ValueError(f"induction_data needs n_ctx >= 4 and d_vocab >= n_ctx, got n_ctx={T}, d_vocab={V} "
+                         "(build the model with induction_model)")
+    g = torch.Generator().manual_seed(check_int(seed, "seed", low=0, owner="induction_data"))
     clean = _sequences(n, V, T, g)
     corrupted = _sequences(n, V, T, g)
     labels = induction_answers(clean)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mechgrok._config import check_int
 from mechgrok._threads import torch_threads
 from mechgrok.circuits import metrics as _metrics
 from mechgrok.circuits.circuit import Circuit
@@ -28,6 +29,8 @@ __all__ = ["cross_faithfulness", "overlap_over_training", "split_for"]
 def split_for(task: Task, name: str, split: str = "test") -> str:
     """``split``, or "train" when sub-task ``name`` has no ``split`` examples (e.g. the atomic facts
     of a knowledge task, which are all training data)."""
+    if name not in task.task_names:
+        raise ValueError(f"unknown task {name!r}; this task has {task.task_names}")
     i = task.task_names.index(name)
     return split if bool((task.mask(split) & (task.task_ids == i)).any()) else "train"
 
@@ -49,13 +52,24 @@ def cross_faithfulness(model: nn.Module, circuits: dict[str, Circuit], task: Tas
         ``{"names", "faithfulness": F[A][B] = F_B(C_A), "random_mean": [A][B], "random_std": [A][B],
         "sizes": {A: |C_A|}}``; the diagonal is each circuit on its own task.
     """
+    if not isinstance(circuits, dict) or not circuits:
+        raise ValueError(f"circuits must be a non-empty dict sub-task name -> Circuit, got {circuits!r:.100}")
+    if bad := [k for k, c in circuits.items() if not isinstance(c, Circuit)]:
+        raise TypeError(f"circuits must map sub-task names to Circuits; {bad[:3]} do not")
+    if unknown := [k for k in circuits if k not in task.task_names]:
+        raise ValueError(f"unknown tasks {unknown}: circuits are keyed by sub-task name, and this task has "
+                         f"{task.task_names}")
+    n_random = check_int(n_random, "n_random", low=1, owner="cross_faithfulness (random circuits per pair)")
     names = list(circuits)
     levels = {c.level for c in circuits.values()}
     if len(levels) != 1:
         raise ValueError(f"circuits must share one level, got {sorted(levels)}")
     g = build_graph(model, levels.pop())
+    if other := [k for k, c in circuits.items() if tuple(c.graph_nodes) != tuple(g.nodes)]:
+        raise ValueError(f"circuits {other} were found on another graph than this model's; evaluate circuits on "
+                         "the model they came from")
     comps = list(g.components)
-    rng = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(check_int(seed, "seed", low=0))
     F = {a: {} for a in names}
     R_mean = {a: {} for a in names}
     R_std = {a: {} for a in names}
@@ -104,9 +118,18 @@ def overlap_over_training(run, task: str | None = None, *, method: str = "eap-ig
     from mechgrok.circuits.overlap import expected_jaccard, jaccard
     from mechgrok.report.sections import MEMORIZED_ACC, first_step
 
+    if top_k is not None:
+        top_k = check_int(top_k, "top_k", low=1, owner="overlap_over_training")
     data = run.task()
+    if task is not None and task not in data.task_names:
+        raise ValueError(f"unknown task {task!r}; this run's task has {data.task_names}")
     available = run.steps()
-    steps = available if steps is None else sorted(set(int(s) for s in steps) & set(available))
+    if steps is not None:
+        asked = {check_int(s, "steps", low=0, owner="overlap_over_training (checkpoint steps)") for s in steps}
+        if missing := sorted(asked - set(available)):
+            raise ValueError(f"no checkpoints at steps {missing[:5]}; this run has {available[:5]}..."
+                             f"{available[-3:]}")
+    steps = available if steps is None else sorted(asked)
     if not steps:
         raise ValueError(f"no checkpoints to analyse in {run.path}")
     mem_seen = first_step(run.history(), "train_acc", MEMORIZED_ACC)

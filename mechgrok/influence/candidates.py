@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechgrok._config import check_int
 from mechgrok.influence._index import as_index
 from mechgrok.tasks import Task
 
@@ -69,8 +70,10 @@ def tfidf_candidates(task: Task, query_idx, train_idx="train", k: int = 100, *, 
         answers: count the answer as a term (queries use ``query_labels``, training examples
             their training labels).
     """
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    try:
+        k = check_int(k, "k", low=1)
+    except (TypeError, ValueError):
+        raise ValueError(f"k must be a positive integer, got {k!r}") from None
     t = as_index(train_idx, task, "train_idx")
     q = as_index(query_idx, task, "query_idx")
     train_v = tfidf_vectors(task, t, t, answers=answers, labels="labels")
@@ -90,6 +93,7 @@ def candidate_recall(S: Float[Tensor, "q t"], train_idx, candidates: Int[Tensor,
         ``{"recall": mean share of the top-``top`` found among the candidates, "random": k / n,
         "k": k, "top": top}``.
     """
+    top = check_int(top, "top", low=1, owner="candidate_recall")
     t = as_index(train_idx, task, "train_idx")
     if S.shape != (candidates.shape[0], t.numel()):
         raise ValueError(f"S has shape {tuple(S.shape)}; expected [{candidates.shape[0]}, {t.numel()}] (queries × "

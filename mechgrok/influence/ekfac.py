@@ -33,6 +33,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mechgrok._config import check_float, check_int
 from mechgrok._config import from_dict as config_from_dict
 from mechgrok._threads import torch_threads
 from mechgrok.influence import distributed as D
@@ -72,17 +73,29 @@ class EKFACConfig:
             raise ValueError(f"EKFAC: {msg}")
 
         if not isinstance(self.modules, str):
+            if not isinstance(self.modules, (list, tuple)):
+                bad(f"modules must be 'all' or a list of map names, got {self.modules!r}")
             object.__setattr__(self, "modules", tuple(self.modules))
         if self.fisher not in FISHERS:
             bad(f"fisher must be one of {FISHERS}, got {self.fisher!r}")
         if self.damping_mode not in DAMPING_MODES:
             bad(f"damping_mode must be one of {DAMPING_MODES}, got {self.damping_mode!r} "
                 "('relative' scales damping by each map's mean corrected eigenvalue)")
-        if not (isinstance(self.damping, (int, float)) and self.damping > 0):
-            bad(f"damping must be a positive number, got {self.damping!r} (0.1 with damping_mode='relative' "
+        try:  # finite: inf would make every score 0, NaN every score NaN
+            check_float(self.damping, "damping", low=0.0, low_open=True)
+        except (TypeError, ValueError):
+            bad(f"damping must be a positive finite number, got {self.damping!r} (0.1 with damping_mode='relative' "
                 "is the usual heuristic)")
-        if not isinstance(self.n_samples, int) or self.n_samples < 1:
+        try:
+            check_int(self.n_samples, "n_samples", low=1)
+        except (TypeError, ValueError):
             bad(f"n_samples must be a positive integer, got {self.n_samples!r}")
+        check_int(self.seed, "seed", low=0, owner="EKFAC")
+        if not isinstance(self.per_head, bool):
+            bad(f"per_head must be True or False, got {self.per_head!r}")
+        if not isinstance(self.modules, (str, tuple)) or (isinstance(self.modules, tuple) and not all(
+                isinstance(m, str) for m in self.modules)):
+            bad(f"modules must be 'all' or a list of map names, got {self.modules!r}")
         if self.loss not in LOSSES:
             bad(f"loss must be one of {LOSSES}, got {self.loss!r}")
 
@@ -126,8 +139,7 @@ class EKFAC:
                                   n_samples=n_samples, seed=seed, loss=loss, per_head=per_head)
         if not isinstance(task, Task):
             raise TypeError(f"task must be a mechgrok Task, got {type(task).__name__}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = check_int(batch_size, "batch_size", low=1, owner="EKFAC")
         self.model, self.task = model, task
         self.batch_size, self.progress, self.distributed, self.threads = batch_size, progress, distributed, threads
         self.maps: list[LinearMap] = select_maps(linear_maps(model, per_head), self.config.modules)
@@ -275,7 +287,7 @@ class EKFAC:
             query_labels: the queries' labels: ``"labels"`` (training labels) or ``"true_labels"``.
         """
         self._check_fitted()
-        if low_rank is not None and (not isinstance(low_rank, int) or low_rank < 1):
+        if low_rank is not None and (isinstance(low_rank, bool) or not isinstance(low_rank, int) or low_rank < 1):
             raise ValueError(f"low_rank must be a positive integer or None, got {low_rank!r}")
         q = as_index(query_idx, self.task, "query_idx")
         t = self.fit_idx_ if train_idx is None else as_index(train_idx, self.task, "train_idx")

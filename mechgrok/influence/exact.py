@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from mechgrok._config import check_float, check_int
 from mechgrok.influence._index import as_index
 from mechgrok.influence.factors import DAMPING_MODES
 from mechgrok.influence.grads import LOSSES, fisher_noise, output_grads
@@ -141,6 +142,8 @@ def exact_curvature(model: nn.Module, task: Task, fit_idx, *, modules="all", per
         raise ValueError(f"fisher must be one of {CURVATURES}, got {fisher!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    n_samples = check_int(n_samples, "n_samples", low=1, owner="exact_curvature")
+    seed = check_int(seed, "seed", low=0, owner="exact_curvature")
     maps = _maps(model, modules, per_head)
     fit = as_index(fit_idx, task, "fit_idx")
     if fisher == "hessian":
@@ -170,6 +173,10 @@ def exact_influence(model: nn.Module, task: Task, query_idx, train_idx, *, fit_i
     """
     if damping_mode not in DAMPING_MODES:
         raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
+    if isinstance(damping, dict):  # absolute λ per map, e.g. EKFAC.damping_
+        damping = {k: check_float(v, f"damping[{k!r}]", low=0.0, low_open=True) for k, v in damping.items()}
+    else:  # NaN / inf / <= 0 would give NaN, zero or indefinite scores
+        damping = check_float(damping, "damping", low=0.0, low_open=True, owner="exact_influence")
     fit = as_index(train_idx if fit_idx is None else fit_idx, task, "fit_idx")
     F, maps = exact_curvature(model, task, fit, modules=modules, per_head=per_head, fisher=fisher,
                               n_samples=n_samples, seed=seed, loss=loss)

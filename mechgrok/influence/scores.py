@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechgrok._config import check_int
 from mechgrok._stats import average_ranks
 from mechgrok.influence._index import as_index
 from mechgrok.tasks import Task
@@ -118,8 +119,7 @@ def top_influences(S: Float[Tensor, "q t"], task: Task, train_idx, k: int = 20, 
             raise ValueError(f"S has shape {tuple(S.shape)} but train_idx selects {t.numel()} examples; pass the "
                              "train_idx used to compute S")
         rows = t.expand(S.shape[0], -1)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    k = check_int(k, "k", low=1, owner="top_influences")
     key = {"positive": S, "negative": -S, "abs": S.abs()}[sign]
     order = key.topk(min(k, S.shape[1]), dim=1).indices  # [q, k]
     idx = rows.gather(1, order)
@@ -154,9 +154,12 @@ def ranking_agreement(S_ref: Tensor, S: Tensor, k: int = 10) -> dict[str, float]
         the Spearman correlation of each row) and ``top{k}_overlap`` (mean fraction of each query's
         ``k`` largest scores that both share).
     """
+    k = check_int(k, "k", low=1, owner="ranking_agreement")
     a, b = S_ref.detach().double().cpu().numpy(), S.detach().double().cpu().numpy()
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    if a.ndim != 2 or a.size == 0:
+        raise ValueError(f"ranking_agreement needs non-empty score matrices [n_query, n_train], got shape {a.shape}")
     k = min(k, a.shape[1])
     ra, rb = _rank(a), _rank(b)
     per_query = [_pearson(ra[i], rb[i]) for i in range(a.shape[0])]

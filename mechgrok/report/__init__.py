@@ -79,9 +79,10 @@ def _describe(config: dict[str, Any]) -> str:
 
 def _summary_section(groups: Sequence[tuple[Run, Sequence[Section]]]) -> Section | None:
     """The report's first section: each section's headline, per run, linked to the section."""
-    paragraphs = []
+    paragraphs, own = [], groups[0][0]
+    groups = [(r, group) for r, group in groups if any(s.error is None for s in group)]  # a damaged run: none
     for r, group in groups:
-        lines = [f"- [{s.title.split(': ', 1)[-1] if r is not groups[0][0] else s.title}](#{s.anchor}): {s.headline}"
+        lines = [f"- [{s.title.split(': ', 1)[-1] if r is not own else s.title}](#{s.anchor}): {s.headline}"
                  for s in group if s.headline and s.error is None]
         if lines:
             paragraphs += [f"**{r.name}**: {_describe(r.config)}.", "\n".join(lines)]
@@ -89,11 +90,19 @@ def _summary_section(groups: Sequence[tuple[Run, Sequence[Section]]]) -> Section
         return None
     intro = ("What each analysis found, one line each, with its key numbers (also in `report.json`); the linked "
              "sections show the settings, figures and tables behind them.")
-    runs = [r for r, _ in groups if r.history()]
+    runs = [r for r, _ in groups if _history(r)]
     figures = [Figure.from_mpl(_curves(runs), "Train and test accuracy of each run (corrupted training examples "
                                "against their corrupted labels where there are any); log step axis.",
                                name="summary-accuracy")] if runs else []
     return Section("Summary", anchor="summary", text="\n\n".join([intro, *paragraphs]), figures=figures)
+
+
+def _history(run: Run) -> list[dict[str, Any]]:
+    """The run's history, or none when it cannot be read (its Training section shows the error)."""
+    try:
+        return run.history()
+    except (OSError, ValueError):
+        return []
 
 
 def _curves(runs: Sequence[Run]):
@@ -112,7 +121,7 @@ def _curves(runs: Sequence[Run]):
                 ax.plot(x, y, label=label, linewidth=1.5)
         ax.set_xscale("log")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(r.name, fontsize="medium")
+        ax.set_title(r.name, fontsize="medium", parse_math=False)  # a folder name is not mathtext
         ax.set_xlabel("step + 1")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small", framealpha=0.85, edgecolor="none")
@@ -159,6 +168,15 @@ def build(run: Run | str | Path, sections: Sequence[SectionFn] | None = None) ->
     fns = SECTIONS if sections is None else sections
     groups = [(run, [s for s in (_run_section(fn, run) for fn in fns) if s is not None])]
     for sub in nested_runs(run):  # e.g. the demo's runs/demo/doshi-mlp: its sections follow, prefixed
+        try:
+            sub.config  # noqa: B018  (a damaged nested run: one error box, not one per section)
+        except (OSError, ValueError) as e:
+            log.warning("report: cannot read the nested run %s: %s", sub.path, e)
+            error = Section(f"{sub.name}: run", error=f"the nested run {sub.path} cannot be read: {e}; repair its "
+                            "config.json or move the folder out of this run")
+            error.group = sub.name
+            groups.append((sub, [error]))
+            continue
         group = []
         for s in (_run_section(fn, sub) for fn in fns):
             if s is not None:

@@ -12,7 +12,7 @@ import numpy as np
 
 from mechgrok.report.figures import line_figure, new_figure
 from mechgrok.report.sections import (GENERALIZED_ACC, MEMORIZED_ACC, Figure, Section, Table, first_step,
-                                      section)
+                                      read_analysis, run_file, section)
 from mechgrok.run import Run
 
 __all__ = ["progress_measures", "neuron_analysis", "circuit_section", "overlap_section", "phase_boundaries"]
@@ -58,7 +58,7 @@ def phase_boundaries(prog: dict[str, Any], history: list[dict[str, Any]]) -> dic
 @section(order=30, title="Progress measures", analysis="progress")
 def progress_measures(run: Run) -> Section | None:
     """Report section: the progress measures over checkpoints (``analysis/progress.json``)."""
-    prog = run.read_analysis("progress")
+    prog = read_analysis(run, "progress")
     if prog is None:
         return None
     history = run.history()
@@ -167,7 +167,7 @@ def _spectrum(data: dict[str, Any]):
 @section(order=40, title="Neurons", analysis="neurons")
 def neuron_analysis(run: Run) -> Section | None:
     """Report section: memorizing / generalizing neurons and pruning sweeps (``analysis/neurons.json``)."""
-    data = run.read_analysis("neurons")
+    data = read_analysis(run, "neurons")
     if data is None:
         return None
     groups, sweeps = data["groups"], data["sweeps"]
@@ -221,7 +221,7 @@ def _acc(ev: dict[str, Any], key: str) -> Any:
 @section(order=50, title="Circuits", analysis="circuits")
 def circuit_section(run: Run) -> Section | None:
     """Report section: generalizing vs memorizing circuits (``analysis/circuits.json``)."""
-    data = run.read_analysis("circuits")
+    data = read_analysis(run, "circuits")
     if data is None:
         return None
     from mechgrok.circuits import Circuit
@@ -235,7 +235,7 @@ def circuit_section(run: Run) -> Section | None:
         if role not in data:
             continue
         info = data[role]
-        circ = Circuit.load(run.path / info["file"])
+        circ = Circuit.load(run_file(run, info["file"], source="analysis/circuits.json"))
         text.append(f"**{role.capitalize()} circuit** ({metric}): {info['size']} of {info['n_components']} "
                     f"components, faithfulness {info['faithfulness']:.3f}.")
         figs.append(Figure.from_mpl(circ.draw(), f"The {role} circuit.", name=f"circuit-{role}"))
@@ -268,13 +268,21 @@ def circuit_section(run: Run) -> Section | None:
 @section(order=60, title="Circuit overlap across tasks", analysis="overlap")
 def overlap_section(run: Run) -> Section | None:
     """Report section: circuit overlap across the sub-tasks of a multi-task run (``analysis/overlap.json``)."""
-    data = run.read_analysis("overlap")
+    data = read_analysis(run, "overlap")
     if data is None:
         return None
     from mechgrok.circuits import Circuit, draw_shared, overlap_heatmap, overlap_vs_k_figure
     from mechgrok.report.figures import line_figure
 
     names = data["names"]
+    learned_acc = data.get("learned_acc")
+    if "skipped" in data:
+        acc = ", ".join(f"{k} {_two(v['test'])}" for k, v in data["accuracy"].items())
+        return Section("Circuit overlap across tasks",
+                       text=f"Not computed: {data['skipped']}. Test accuracy at step {data['step']:,}: {acc}.",
+                       headline=f"Not computed: the model learned {len(names)} of {len(data['accuracy'])} operations "
+                                f"(test accuracy {acc}; learned means ≥ {learned_acc:g}).",
+                       numbers={"accuracy": data["accuracy"], "not_learned": data["not_learned"]})
     text = [f"One circuit per operation ({data['method']}, {data['level']} level, smallest top-|score| circuit with "
             f"faithfulness ≥ {data['target']}, generalization metric on each operation's held-out examples, resample "
             "ablation within the operation). Baselines: random circuits of the same sizes from the same graph "
@@ -284,7 +292,9 @@ def overlap_section(run: Run) -> Section | None:
         text.append(f"The model at step {data['step']:,}: " + ", ".join(
             f"{k} train {_two(v['train'])} / test {_two(v['test'])}" for k, v in data["accuracy"].items())
             + " accuracy. Circuits of an operation that has not generalized describe its memorization as much "
-            "as its algorithm.")
+            "as its algorithm" + (f", so only operations with test accuracy ≥ {learned_acc:g} are compared"
+                                  + (f" ({', '.join(data['not_learned'])} left out)." if data.get("not_learned") else ".")
+                                  if learned_acc is not None else "."))
     text.append("Sizes: " + ", ".join(f"{k} {v} (F = {data['faithfulness'][k]:.2f})" for k, v in data["sizes"].items())
                 + ".")
     rows = []
@@ -314,7 +324,8 @@ def overlap_section(run: Run) -> Section | None:
                                         title=f"The {ot['task']} circuit over training (top {ot['top_k']})"),
                             "How the circuit of the first operation changes over training.", name="overlap-training")]
     if "files" in data:  # analyses written before the circuits were listed have no side-by-side figure
-        circs = {name: Circuit.load(run.path / f) for name, f in data["files"].items()}
+        circs = {name: Circuit.load(run_file(run, f, source="analysis/overlap.json"))
+                 for name, f in data["files"].items()}
         figs.insert(1, Figure.from_mpl(draw_shared(circs), "The circuits side by side; components that another "
                                        "operation's circuit also holds are outlined in orange.", name="overlap-circuits"))
     tables = [Table(["pair", "statistic", "value", "random mean", "random 95th pct", "p-value"], rows),

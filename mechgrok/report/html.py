@@ -7,7 +7,9 @@ the same figures as PNG files next to it (``report_files/``).
 Section text is *Markdown-lite*: paragraphs separated by blank lines, bullet lists whose lines
 start with ``- ``, inline ``**bold**`` and ```code```, and links within the page,
 ``[text](#anchor)``. Nothing else is interpreted (a link to anything but an anchor stays text), and
-all text is escaped with ``html.escape`` before it enters the HTML.
+all text is escaped with ``html.escape`` before it enters the HTML. The Markdown twin is made just as
+inert (``inline_md``): run-folder, config and sub-task names end up in section text, and Markdown
+viewers render raw HTML, so ``< > &`` are escaped there too and only in-page links stay links.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mechgrok.report.sections import Section, Table
 
-__all__ = ["render_html", "render_markdown", "fmt", "inline_html"]
+__all__ = ["render_html", "render_markdown", "fmt", "inline_html", "inline_md"]
 
 CSS = """
 body { margin: 0; background: #f4f5f7; color: #1f2328;
@@ -194,12 +196,53 @@ def render_html(title: str, meta: Sequence[tuple[str, str]], sections: Sequence[
 
 
 # --------------------------------------------------------------------------------- Markdown
+_NOT_ANCHOR_LINK = re.compile(r"\]\((?!#[\w\-]+\))")  # "](" that does not open an in-page link
+
+
+def _md_plain(text: str) -> str:
+    """Text outside code spans: no raw HTML, no links but in-page ones, no reference definitions."""
+    text = escape(text, quote=False)
+    return _NOT_ANCHOR_LINK.sub(r"\\](", text).replace("]:", "\\]:").replace("`", "\\`")
+
+
+def _md_code(text: str) -> str:
+    # a code span shows its content literally, entities included; content with HTML characters goes
+    # into <code> with the characters escaped, which Markdown viewers render as the same text
+    if not text:
+        return ""
+    return f"<code>{escape(text, quote=False)}</code>" if any(c in text for c in "<>&") else f"`{text}`"
+
+
+def inline_md(text: str) -> str:
+    """Markdown-lite ``text`` as inert Markdown: ```code``` and ``**bold**`` kept, in-page links
+    ``[text](#anchor)`` kept, ``< > &`` escaped, any other link or raw HTML left as plain text.
+
+    >>> print(inline_md("run `<b>` <script>alert(1)</script> [x](javascript:alert(1)) [ok](#training)"))
+    run <code>&lt;b&gt;</code> &lt;script&gt;alert(1)&lt;/script&gt; [x\\](javascript:alert(1)) [ok](#training)
+    """
+    parts = text.split("`")
+    if len(parts) % 2 == 0:  # an unbalanced backtick: no code spans at all (as in inline_html)
+        return _md_plain(text)
+    return "".join(_md_code(part) if i % 2 else _md_plain(part) for i, part in enumerate(parts))
+
+
+def _md_text(text: str) -> str:
+    """A section's text: blocks as in ``text_html`` (bullets one per line), each made inert."""
+    out = []
+    for lines in _blocks(text):
+        if all(line.lstrip().startswith("- ") for line in lines):
+            out.append("\n".join(f"- {inline_md(line.lstrip()[2:])}" for line in lines))
+        else:
+            out.append("\n".join(inline_md(line.strip()) for line in lines))
+    return "\n\n".join(out)
+
+
 def _md_cell(value: Any) -> str:
-    return fmt(value).replace("|", "\\|").replace("\n", " ")
+    return inline_md(fmt(value)).replace("|", "\\|").replace("\n", " ")
 
 
 def _table_md(table: Table) -> str:
-    lines = [f"**{table.caption}**", ""] if table.caption else []
+    lines = [f"**{inline_md(table.caption)}**", ""] if table.caption else []
     lines.append("| " + " | ".join(_md_cell(h) for h in table.header) + " |")
     numeric = _numeric_columns(table)
     lines.append("|" + "|".join("---:" if n else "---" for n in numeric) + "|")
@@ -210,31 +253,37 @@ def _table_md(table: Table) -> str:
 def render_markdown(title: str, meta: Sequence[tuple[str, str]], sections: Sequence[Section],
                     figure_paths: Sequence[Sequence[str]]) -> str:
     """The Markdown twin; ``figure_paths[i][j]`` is the relative path of section i's figure j."""
-    out = [f"# {title}", ""]
-    out += [f"- **{k}:** {v}" for k, v in meta] + ["", "## Contents", ""]
+    def name(text: str) -> str:  # a title or name: one line of plain text (no code spans, no bold)
+        return _md_plain(" ".join(text.split())).replace("*", "\\*")
+
+    out = [f"# {name(title)}", ""]
+    out += [f"- **{name(k)}:** {inline_md(' '.join(v.split()))}" for k, v in meta] + ["", "## Contents", ""]
     n = 0
     for group, members in _groups(sections):
         if group:
             n += 1
-            out.append(f"{n}. {group}")
-            out += [f"   - [{s.title[len(group) + 2:]}](#{s.anchor})" for s in members]
+            out.append(f"{n}. {name(group)}")
+            out += [f"   - [{name(s.title[len(group) + 2:])}](#{s.anchor})" for s in members]
         else:
             for s in members:
                 n += 1
-                out.append(f"{n}. [{s.title}](#{s.anchor})")
+                out.append(f"{n}. [{name(s.title)}](#{s.anchor})")
     out.append("")
     n_fig = 0
     for s, paths in zip(sections, figure_paths):
-        out += [f"## {s.title}", ""]
-        if s.error is not None:
+        out += [f"## {name(s.title)}", ""]
+        if s.error is not None:  # as preformatted HTML: the message may carry names, and keeps its lines
             out += ["> **This section failed to build.** The traceback is in the log.", ">"]
-            out += [f">     {line}" for line in s.error.splitlines()] + [""]
+            lines = escape(s.error, quote=False).splitlines() or [""]
+            lines[0] = "<pre>" + lines[0]
+            lines[-1] += "</pre>"
+            out += [f"> {line}" for line in lines] + [""]
         if s.text:
-            out += ["\n\n".join("\n".join(b) for b in _blocks(s.text)), ""]
+            out += [_md_text(s.text), ""]
         for t in s.tables:
             out += [_table_md(t), ""]
         for fig, path in zip(s.figures, paths):
             n_fig += 1
-            alt = _alt(fig.caption).replace("[", "(").replace("]", ")")
-            out += [f"![{alt}]({path})", "", f"*Figure {n_fig}.* {fig.caption}", ""]
+            alt = escape(_alt(fig.caption), quote=False).replace("[", "(").replace("]", ")")
+            out += [f"![{alt}]({path})", "", f"*Figure {n_fig}.* {inline_md(fig.caption)}", ""]
     return "\n".join(out)

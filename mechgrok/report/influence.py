@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from mechgrok.report.figures import new_figure
-from mechgrok.report.sections import Figure, Section, Table, section
+from mechgrok.report.sections import Figure, Section, Table, read_analysis, section
 from mechgrok.run import Run
 
 __all__ = ["influence_section"]
@@ -58,7 +58,7 @@ def _self_influence_figure(row: dict[str, Any], step: str):
 @section(order=80, title="Influential training examples", analysis="influence")
 def influence_section(run: Run) -> Section | None:
     """Report section: influential training examples via EK-FAC (``analysis/influence.json``)."""
-    data = run.read_analysis("influence")
+    data = read_analysis(run, "influence")
     if data is None:
         return None
     st = data["settings"]

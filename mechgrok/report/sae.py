@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from mechgrok.report.figures import line_figure, new_figure
-from mechgrok.report.sections import Figure, Section, Table, section
+from mechgrok.report.sections import Figure, Section, Table, read_analysis, section
 from mechgrok.run import Run
 
 __all__ = ["sae_section"]
@@ -67,7 +67,7 @@ def _ablation_figure(ablation: dict[str, Any], splits: list[str]):
 @section(order=70, title="SAE features", analysis="sae")
 def sae_section(run: Run) -> Section | None:
     """Report section: SAE reconstruction, feature labels and ablations (``analysis/sae.json``)."""
-    data = run.read_analysis("sae")
+    data = read_analysis(run, "sae")
     if data is None:
         return None
     ev, st, counts = data["evaluate"], data["settings"], data["counts"]

@@ -9,7 +9,7 @@ How to add a section for a new analysis that writes ``analysis/ipr.json`` (``run
 
     @section(order=40, analysis="ipr")
     def neuron_ipr(run):
-        data = run.read_analysis("ipr")
+        data = read_analysis(run, "ipr")
         if data is None:
             return None
         return Section("Neuron IPR", text=f"Mean IPR: **{data['mean']:.3f}**.", numbers={"mean": data["mean"]})
@@ -28,15 +28,17 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mechgrok._io import child_path
 from mechgrok.report.figures import fig_to_png, line_figure
 from mechgrok.run import Run
 
 __all__ = ["Section", "Figure", "Table", "section", "unregister", "SECTIONS", "first_step", "series",
-           "slugify", "MEMORIZED_ACC", "GENERALIZED_ACC"]
+           "slugify", "read_analysis", "run_file", "MEMORIZED_ACC", "GENERALIZED_ACC"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,28 @@ def unregister(fn: SectionFn) -> None:
     """Remove ``fn`` (matched by module and qualified name) from the registry, if present."""
     key = (fn.__module__, fn.__qualname__)
     SECTIONS[:] = [f for f in SECTIONS if (f.__module__, f.__qualname__) != key]
+
+
+# ----------------------------------------------------------------------- reading the run folder
+def read_analysis(run: Run, name: str) -> dict[str, Any] | None:
+    """``run.read_analysis(name)``, with a damaged file named in the error (and how to rebuild it)."""
+    try:
+        return run.read_analysis(name)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{run.path / 'analysis' / f'{name}.json'} is damaged or truncated ({e}); rebuild it "
+                         f"with: mechgrok analyze {run.path} --only {name}") from e
+
+
+def run_file(run: Run, relative: Any, *, source: str) -> Path:
+    """``run.path / relative`` for a path read from a run's file (``source``, e.g. ``analysis/circuits.json``),
+    after checking that it stays inside the run: relative, and every part a plain name (``safe_name``)."""
+    if not isinstance(relative, str) or not relative or relative.startswith("/") or "\\" in relative:
+        raise ValueError(f"{run.path / source} refers to {relative!r}, which is not a path inside the run; "
+                         f"rebuild {source} (mechgrok analyze {run.path})")
+    path = run.path
+    for part in relative.split("/"):
+        path = child_path(path, part, what="file name", source=run.path / source)
+    return path
 
 
 # ---------------------------------------------------------------------------- history helpers

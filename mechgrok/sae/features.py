@@ -47,6 +47,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from mechgrok._config import check_float, check_int
 from mechgrok.capture import capture
 from mechgrok.measures import frequency_fractions, frequency_power, task_grid
 from mechgrok.sae.train import _at, activations, site
@@ -98,6 +99,8 @@ class FeatureStats:
 
     def top_examples(self, feature: int, k: int = 10) -> Tensor:
         """Indices (into the task's examples) of the ``k`` examples feature ``feature`` fires on most."""
+        feature = check_int(feature, "feature", low=0, high=self.acts.shape[1] - 1)
+        k = check_int(k, "k", low=1)
         return torch.argsort(self.acts[:, feature], descending=True, stable=True)[:k]
 
     def table(self, k: int | None = None) -> list[dict[str, Any]]:
@@ -194,6 +197,7 @@ def _frequencies(model: nn.Module, sae, task: Task, hook: str, position: int | N
 @torch.no_grad()
 def features(model: nn.Module, sae, task: Task, *, threshold: float = 0.5) -> FeatureStats:
     """Statistics and a memorizing / generalizing / other label for every feature of ``sae`` on ``task``."""
+    threshold = check_float(threshold, "threshold", low=0.0, high=1.0, owner="sae.features (a share)")
     hook, position = site(sae)
     x = activations(model, task, hook, -1 if position is None else position)
     acts = sae.encode(x)  # [N, d_sae]

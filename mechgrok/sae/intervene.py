@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mechgrok._config import check_float, check_int
 from mechgrok.sae.train import site
 from mechgrok.tasks import Task
 from mechgrok.train import evaluate as evaluate_model
@@ -57,7 +58,13 @@ def splice(model: nn.Module, sae) -> nn.Module:
 
 
 def _indices(features: Sequence[int] | Tensor, d_sae: int) -> Tensor:
-    idx = torch.as_tensor(np.asarray(features, dtype=np.int64).reshape(-1))
+    if isinstance(features, (int, float, str, bytes)):
+        raise TypeError(f"features must be a list of feature indices, e.g. [{features!r}], got {type(features).__name__}")
+    arr = np.asarray(features.detach().cpu() if isinstance(features, Tensor) else list(features)).reshape(-1)
+    if arr.size and (arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"feature indices must be integers, got dtype {arr.dtype} (e.g. {arr[:3].tolist()}); for a "
+                        "boolean mask m pass m.nonzero().flatten()")
+    idx = torch.as_tensor(arr.astype(np.int64))
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= d_sae):
         raise ValueError(f"feature indices must be in [0, {d_sae}); got {idx.tolist()[:10]}")
     return idx.unique()
@@ -66,6 +73,7 @@ def _indices(features: Sequence[int] | Tensor, d_sae: int) -> Tensor:
 def ablate(model: nn.Module, sae, features: Sequence[int] | Tensor, scale: float = 0.0) -> nn.Module:
     """A copy of ``model`` with the contribution of ``features`` multiplied by ``scale`` (0: removed)."""
     idx = _indices(features, sae.cfg.d_sae)
+    scale = check_float(scale, "scale", owner="ablate (0 removes the features, 1 changes nothing)")
     W = sae.W_dec.detach()[idx]  # [n_features, d]
 
     def replace(x: Tensor) -> Tensor:
@@ -105,6 +113,8 @@ def ablation_study(model: nn.Module, sae, task: Task, groups: Mapping[str, Seque
         "draws": [accuracies per draw]}}}}``; splits without
         examples are left out of the random means.
     """
+    n_random = check_int(n_random, "n_random", low=0, owner="ablation_study")
+    seed = check_int(seed, "seed", low=0, owner="ablation_study")
     pool = _indices(range(sae.cfg.d_sae) if alive is None else alive, sae.cfg.d_sae)
     out: dict[str, Any] = {"none": evaluate_model(model, task, loss), "spliced": evaluate_model(splice(model, sae), task, loss),
                            "n_random": n_random, "pool": int(pool.numel()), "groups": {}}

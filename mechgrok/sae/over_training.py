@@ -7,6 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from mechgrok._config import check_int
 from mechgrok.run import Run
 from mechgrok.sae.evaluate import evaluate
 from mechgrok.sae.features import features
@@ -17,8 +18,9 @@ __all__ = ["over_training", "pick_steps"]
 
 def pick_steps(steps: list[int], n: int) -> list[int]:
     """``n`` checkpoints spread evenly over ``steps`` (first and last included)."""
-    if n < 1:
-        raise ValueError(f"n must be ≥ 1, got {n}")
+    n = check_int(n, "n", low=1, owner="pick_steps")
+    if not steps:
+        raise ValueError("pick_steps: there are no checkpoint steps to pick from")
     return sorted({steps[round(i * (len(steps) - 1) / max(1, n - 1))] for i in range(n)})
 
 
@@ -34,7 +36,8 @@ def over_training(run: Run, hook: str, checkpoints: Iterable[int] | None = None,
     """
     run = run if isinstance(run, Run) else Run(run)
     available = run.steps()
-    chosen = pick_steps(available, n_checkpoints) if checkpoints is None else sorted(set(checkpoints))
+    chosen = (pick_steps(available, n_checkpoints) if checkpoints is None else
+              sorted({check_int(s, "checkpoints", low=0, owner="sae.over_training") for s in checkpoints}))
     missing = sorted(set(chosen) - set(available))
     if missing:
         raise ValueError(f"no checkpoints at steps {missing}; this run has {available[:5]}...{available[-3:]}")

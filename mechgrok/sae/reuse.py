@@ -29,10 +29,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from mechgrok._config import check_float, check_int
 from mechgrok.circuits.overlap import score_overlap
 from mechgrok.circuits.reuse import split_for
 from mechgrok.sae.features import _site_gradient
-from mechgrok.sae.intervene import ablate
+from mechgrok.sae.intervene import _indices, ablate
 from mechgrok.sae.train import activations, site
 from mechgrok.tasks import Task
 from mechgrok.train import evaluate
@@ -82,8 +83,7 @@ def select_features(scores: Float[Tensor, " d_sae"], target: float = 0.8) -> tup
 
     Returns ``(indices by decreasing |score|, share)``; when the total is not positive (the
     features do not raise the metric: nothing to explain) every feature, and share 1.0."""
-    if not 0 < target <= 1:
-        raise ValueError(f"target must be in (0, 1], got {target}")
+    target = check_float(target, "target", low=0.0, high=1.0, low_open=True, owner="select_features (share of the total)")
     scores = torch.as_tensor(scores, dtype=torch.float64)
     total = float(scores.sum())
     order = torch.sort(-scores.abs(), stable=True).indices
@@ -134,6 +134,9 @@ def cross_ablation(model: nn.Module, sae, task: Task, features: dict[str, Any], 
         "ablated": {set: {task: acc}}, "random_mean" / "random_std": {set: {task: acc}}, "n": {set: size},
         "split"}``.
     """
+    n_random = check_int(n_random, "n_random", low=1, owner="cross_ablation")
+    seed = check_int(seed, "seed", low=0, owner="cross_ablation")
+    features = {name: _indices(idx, sae.cfg.d_sae) for name, idx in features.items()}
     hook, position = site(sae)
     with torch.no_grad():
         alive = (sae.encode(activations(model, task, hook, position)) > 0).any(0).nonzero().flatten()
@@ -146,7 +149,6 @@ def cross_ablation(model: nn.Module, sae, task: Task, features: dict[str, Any], 
     out: dict[str, Any] = {"names": list(task.task_names), "sets": list(features), "split": split,
                            "original": accuracy(model), "ablated": {}, "random_mean": {}, "random_std": {}, "n": {}}
     for name, idx in features.items():
-        idx = torch.as_tensor(idx, dtype=torch.long)
         out["n"][name] = int(idx.numel())
         out["ablated"][name] = accuracy(ablate(model, sae, idx))
         draws = [accuracy(ablate(model, sae, alive[torch.randperm(alive.numel(), generator=g)[: idx.numel()]]))

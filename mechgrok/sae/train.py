@@ -31,6 +31,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from mechgrok._config import check_float, check_int
 from mechgrok._config import from_dict as config_from_dict
 from mechgrok._io import atomic_dir, atomic_write_text
 from mechgrok.capture import capture, load_cache
@@ -76,6 +77,7 @@ def _at(act: Tensor, position: int | None, hook: str) -> tuple[Tensor, int | Non
     if act.ndim == 2:
         return act, None
     if act.ndim == 3 and position is not None:
+        position = check_int(position, "position")
         if not -act.shape[1] <= position < act.shape[1]:
             raise ValueError(f"position {position} is outside the {act.shape[1]} positions of {hook!r}")
         return act[:, position], position
@@ -134,16 +136,25 @@ class SAEConfig:
         if self.architecture not in ARCHITECTURES:
             bad(f"unknown architecture {self.architecture!r}; choose one of {sorted(ARCHITECTURES)}")
         for name in ("d_sae", "steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            try:
+                check_int(getattr(self, name), name, low=1)
+            except (TypeError, ValueError):
                 bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            bad(f"lr must be positive, got {self.lr}")
-        if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
+        own, put = "SAEConfig", lambda name, value: object.__setattr__(self, name, value)  # frozen
+        put("lr", check_float(self.lr, "lr", low=0.0, low_open=True, owner=own))  # a numpy value becomes a
+        put("l1", check_float(self.l1, "l1", low=0.0, owner=own))  # Python number, so to_dict stays JSON
+        put("l0", check_float(self.l0, "l0", low=0.0, owner=own))
+        for name in ("d_sae", "steps", "warmup", "seed"):
+            put(name, check_int(getattr(self, name), name, low=0, owner=own))
+        k = check_float(self.k, "k", low=0.0, low_open=True, owner=own)
+        if self.architecture in ("topk", "batchtopk") and not k <= self.d_sae:
             bad(f"k={self.k} must be in (0, d_sae={self.d_sae}] for {self.architecture}")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            bad(f"batch_size must be a positive integer or None, got {self.batch_size!r}")
-        if self.warmup < 0:
-            bad(f"warmup must be >= 0, got {self.warmup}")
+        if self.architecture == "topk" and not k.is_integer():
+            bad(f"k={self.k} must be a whole number for topk (each example keeps exactly k latents); "
+                "batchtopk takes a fractional average k")
+        if self.batch_size is not None:
+            put("batch_size", check_int(self.batch_size, "batch_size (None: min(256, number of activations))", low=1,
+                                        owner=own))
         if not isinstance(self.options, dict):
             bad(f"options must be a dict of sae-lens config fields, got {type(self.options).__name__}")
 
@@ -201,6 +212,11 @@ def train(model: nn.Module | None = None, task: Task | None = None, hook: str | 
     if config is not None and not isinstance(config, SAEConfig):
         raise TypeError(f"config must be a mechgrok.sae.SAEConfig, got {type(config).__name__}")
     cfg = (config or SAEConfig()).replace(**overrides) if overrides else (config or SAEConfig())
+    log_every = check_int(log_every, "log_every", low=1)
+    if position is not None:
+        position = check_int(position, "position")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise FileExistsError(f"{out} is a file; an SAE is saved as a folder (cfg.json + weights): choose another path")
     x, position = _source(model, task, hook, acts, position, split)
     batch_size = min(256, len(x)) if cfg.batch_size is None else cfg.batch_size
     if batch_size > len(x):

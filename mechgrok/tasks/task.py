@@ -8,16 +8,18 @@ round-trips through ``save``/``load`` as ``task.json`` (config and metadata) plu
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
-from mechgrok._io import atomic_dir, atomic_write_text, read_safetensors
+from mechgrok._io import atomic_dir, atomic_write_text, read_json, read_safetensors, safe_name
 
 __all__ = ["Task", "load"]
 
@@ -62,12 +64,7 @@ class Task:
     config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        n = self.inputs.shape[0]
-        for name in _TENSOR_FIELDS[1:]:
-            if getattr(self, name).shape != (n,):
-                raise ValueError(f"Task.{name} must have shape [{n}], got {tuple(getattr(self, name).shape)}")
-        if bool((self.train_corrupted & ~self.train).any()):
-            raise ValueError("Task.train_corrupted marks examples outside the training split")
+        _check(self)
 
     # ------------------------------------------------------------------ views
     @property
@@ -130,33 +127,124 @@ class Task:
             "config": self.config,
         }
         with atomic_dir(path) as tmp:
-            save_file({k: getattr(self, k).contiguous() for k in _TENSOR_FIELDS},
-                      str(tmp / "tensors.safetensors"))
+            try:
+                save_file({k: getattr(self, k).contiguous() for k in _TENSOR_FIELDS},
+                          str(tmp / "tensors.safetensors"))
+            except SafetensorError as e:  # e.g. a full disk: "I/O error: ... (os error 28)"
+                raise OSError(f"cannot write {path / 'tensors.safetensors'} ({e}); free space on that disk or "
+                              "choose another folder") from e
             atomic_write_text(tmp / "task.json", json.dumps(meta, indent=2))
         return path
 
 
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check(task: Task) -> None:
+    """Every invariant of a Task (shapes, dtypes, index ranges, sub-task names), with what to fix."""
+    if not isinstance(task.name, str):
+        raise TypeError(f"Task.name must be a string, got {type(task.name).__name__}")
+    for f in _TENSOR_FIELDS:
+        if not isinstance(getattr(task, f), Tensor):
+            raise TypeError(f"Task.{f} must be a torch.Tensor, got {type(getattr(task, f)).__name__}")
+    if task.inputs.ndim != 2:
+        raise ValueError(f"Task.inputs must have shape [N, n_ctx], got {tuple(task.inputs.shape)}")
+    n = task.inputs.shape[0]
+    for f in _TENSOR_FIELDS[1:]:
+        if getattr(task, f).shape != (n,):
+            raise ValueError(f"Task.{f} must have shape [{n}], got {tuple(getattr(task, f).shape)}")
+    for f in _TENSOR_FIELDS:
+        want = (torch.bool,) if f in ("train", "train_corrupted") else _INT_DTYPES
+        if getattr(task, f).dtype not in want:
+            raise TypeError(f"Task.{f} must be {'bool' if len(want) == 1 else 'an integer tensor'}, "
+                            f"got {getattr(task, f).dtype}")
+    for f in ("d_vocab", "d_vocab_out", "p"):
+        if not _is_int(getattr(task, f)) or getattr(task, f) < 1:
+            raise ValueError(f"Task.{f} must be a positive integer, got {getattr(task, f)!r}")
+    pos = task.operand_positions
+    if (not isinstance(pos, tuple) or len(pos) != 2 or not all(_is_int(i) and 0 <= i < task.n_ctx for i in pos)
+            or pos[0] == pos[1]):
+        raise ValueError(f"Task.operand_positions must be two different positions in [0, {task.n_ctx}), got {pos!r}")
+    if not isinstance(task.config, dict):
+        raise TypeError(f"Task.config must be a dict, got {type(task.config).__name__}")
+    names = task.task_names
+    if not isinstance(names, tuple) or not names:
+        raise ValueError(f"Task.task_names must be a non-empty tuple of names, got {names!r}")
+    for name in names:  # they become file names (analysis/overlap/NAME.json)
+        safe_name(name, what="sub-task name")
+    if len(set(names)) != len(names):
+        raise ValueError(f"Task.task_names must be unique, got {list(names)}")
+    for f, hi, what in (("inputs", task.d_vocab, "d_vocab"), ("labels", task.d_vocab_out, "d_vocab_out"),
+                        ("true_labels", task.d_vocab_out, "d_vocab_out"),
+                        ("task_ids", len(names), f"the number of task_names ({len(names)})")):
+        t = getattr(task, f)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= hi):
+            raise ValueError(f"Task.{f} must lie in [0, {what}) = [0, {hi}), got values in "
+                             f"[{int(t.min())}, {int(t.max())}]")
+    if bool((task.train_corrupted & ~task.train).any()):
+        raise ValueError("Task.train_corrupted marks examples outside the training split")
+
+
+def _n_subtasks(config: dict[str, Any]) -> int | None:
+    """How many sub-tasks a task config describes (None when the config does not say)."""
+    kind = config.get("kind")
+    if kind == "modular_arithmetic":
+        return 1
+    if kind == "multi_task" and isinstance(config.get("specs"), list):
+        return len(config["specs"])
+    if kind == "knowledge":
+        return 3
+    return None
+
+
+_META_KEYS = {"name": str, "task_names": list, "d_vocab": int, "d_vocab_out": int, "p": int,
+              "operand_positions": list, "config": dict}
+
+
 def load(path: str | Path) -> Task:
-    """Load a task written by ``Task.save``."""
+    """Load a task written by ``Task.save``; a damaged or inconsistent folder raises ``ValueError`` naming
+    the file and what is wrong with it."""
     path = Path(path)
     meta_file, tensor_file = path / "task.json", path / "tensors.safetensors"
     if not meta_file.exists() or not tensor_file.exists():
         raise FileNotFoundError(f"{path} is not a saved task: expected task.json and "
                                 "tensors.safetensors (write one with Task.save)")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != "mechgrok.task/1":
-        raise ValueError(f"{meta_file}: unknown task format {meta.get('format')!r}")
+    fix = "restore it, or write the task again with Task.save (a run's task: retrain the run into a new folder)"
+    try:
+        meta = read_json(meta_file, hint=fix)  # a damaged file: a ValueError naming it
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{meta_file} is damaged (not UTF-8 text: {e.reason} at byte {e.start}); {fix}") from e
+    if not isinstance(meta, dict) or meta.get("format") != "mechgrok.task/1":
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{meta_file}: unknown task format {got!r}, expected 'mechgrok.task/1'; {fix}")
+    bad = [f"{k} (expected {t.__name__})" for k, t in _META_KEYS.items()
+           if not isinstance(meta.get(k), t) or (t is int and isinstance(meta.get(k), bool))]
+    if bad:
+        raise ValueError(f"{meta_file} lacks or has wrong types for {', '.join(bad)}; {fix}")
+    for name in meta["task_names"]:
+        safe_name(name, what="sub-task name", source=meta_file)
+    n_sub = _n_subtasks(meta["config"])
+    if n_sub is not None and n_sub != len(meta["task_names"]):
+        raise ValueError(f"{meta_file} names {len(meta['task_names'])} sub-tasks ({meta['task_names']}) but its "
+                         f"config describes {n_sub}; {fix}")
     tensors = read_safetensors(tensor_file)
     missing = [k for k in _TENSOR_FIELDS if k not in tensors]
     if missing:
-        raise ValueError(f"{tensor_file} lacks tensors {missing}")
-    return Task(
-        name=meta["name"],
-        task_names=tuple(meta["task_names"]),
-        d_vocab=int(meta["d_vocab"]),
-        d_vocab_out=int(meta["d_vocab_out"]),
-        p=int(meta["p"]),
-        operand_positions=tuple(meta["operand_positions"]),
-        config=meta["config"],
-        **{k: tensors[k] for k in _TENSOR_FIELDS},
-    )
+        raise ValueError(f"{tensor_file} lacks tensors {missing}; {fix}")
+    try:
+        return Task(
+            name=meta["name"],
+            task_names=tuple(meta["task_names"]),
+            d_vocab=meta["d_vocab"],
+            d_vocab_out=meta["d_vocab_out"],
+            p=meta["p"],
+            operand_positions=tuple(meta["operand_positions"]),
+            config=meta["config"],
+            **{k: tensors[k] for k in _TENSOR_FIELDS},
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} (task.json and tensors.safetensors) do not agree: {e}; {fix}") from e
