@@ -27,8 +27,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mechgrok demo --out runs/demo
 
+# one pytest worker per core (pytest-xdist; an idle worker takes tests from a busy one)
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 # The real-browser test needs Chromium: install Debian's package where we can (root with apt-get);
 # elsewhere tests/test_browser.py skips and says why.
