@@ -16,10 +16,11 @@ export MPLBACKEND ?= Agg
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --progress-bar off -e '.[dev]'
+	$(PY) -m pip install --quiet --progress-bar off --no-compile -e '.[dev]'
+	# --no-compile: Python compiles what it imports on first use (saves byte-compiling all of torch)
 	# kronfluence (tests/benchmarks only) without its dependencies: its torchvision requirement breaks
 	# imports here; what it really imports is in the dev extra of pyproject.toml
-	$(PY) -m pip install --quiet --progress-bar off --no-deps 'kronfluence==1.0.1'
+	$(PY) -m pip install --quiet --progress-bar off --no-compile --no-deps 'kronfluence==1.0.1'
 	touch $(STAMP)
 
 install: $(STAMP)

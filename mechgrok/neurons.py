@@ -252,9 +252,35 @@ def neuron_indices(model: nn.Module, neurons: Sequence[int] | Tensor, layer: int
 
 
 @torch.no_grad()
-def _masked_metrics(model: nn.Module, task: Task, layer: int, keep: Tensor, loss: str) -> dict:
+def _mlp_post(model: nn.Module, task: Task) -> Tensor | None:
+    """A HookedMLP's ``hook_post`` activations on every example ``[N, width]`` (computed once for a
+    pruning sweep: what follows them is one matmul), or None for other models."""
+    if not isinstance(model, models.HookedMLP):
+        return None
+    seen: dict[str, Tensor] = {}
+
+    def grab(act, hook):
+        seen["post"] = act
+        return act
+
+    with model.hooks(fwd_hooks=[(models.mlp_hook(0), grab)]):
+        model(task.inputs)
+    return seen["post"]
+
+
+@torch.no_grad()
+def _masked_metrics(model: nn.Module, task: Task, layer: int, keep: Tensor, loss: str,
+                    post: Tensor | None = None) -> dict:
     """Per-split metrics with the neurons where ``keep`` is False zeroed at ``hook_post``
-    (equivalent to ``prune``: zeroing a neuron's output removes all of its effect)."""
+    (equivalent to ``prune``: zeroing a neuron's output removes all of its effect). ``post``: a
+    HookedMLP's cached ``hook_post`` (``_mlp_post``); the rest of its forward is then the same
+    arithmetic as ``_MLPLayer.forward`` after the hook, so the numbers are the same."""
+    if post is not None:
+        mlp = _mlp(model, 0)
+        logits = (post * keep.to(post.dtype)) @ mlp.W_out
+        logits = logits + mlp.b_out if mlp.b_out is not None else logits
+        return metrics_from_logits(logits, task, loss)
+
     def hook(act, hook):  # act: [batch, (pos,) d_mlp]
         return act * keep.to(act.dtype)
 
@@ -312,11 +338,12 @@ def prune_sweep(model: nn.Module, task: Task, order: str | Tensor = "ipr", *, co
             perms.append((o, None, torch.argsort(s, descending=(o == "high-first"), stable=True)))
     rows = []
     with torch_threads(threads), tqdm(total=len(perms) * len(counts), disable=not progress, desc="prune sweep") as bar:
+        post = _mlp_post(model, task)  # a HookedMLP: its first layer once, not once per row
         for o, seed, perm in perms:
             for k in counts:
                 keep = torch.ones(n, dtype=torch.bool)
                 keep[perm[:k]] = False
-                metrics = _masked_metrics(model, task, layer, keep, loss)
+                metrics = _masked_metrics(model, task, layer, keep, loss, post)
                 row = {"order": o, "seed": seed, "n_pruned": k, "frac_pruned": k / n, "score": name}
                 for split, m in metrics.items():
                     row[f"{split}_acc"], row[f"{split}_loss"] = m["acc"], m["loss"]
