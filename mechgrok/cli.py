@@ -88,8 +88,8 @@ def _analyze(args: argparse.Namespace) -> Path:
 
 
 # The demo's runs: (preset, folder inside --out, analyses; None = all), longest first so that two
-# workers finish together (measured in two workers on 2 cores: doshi-mlp ~350 s; demo ~200 s, then
-# demo-multi ~105 s).
+# workers finish together (measured in two workers on a slow 2-core machine, 2026-12-01: doshi-mlp
+# 418 s; demo 237 s, then demo-multi 158 s).
 DEMO_RUNS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("doshi-mlp", "doshi-mlp", None),
     ("demo", "", None),
@@ -159,7 +159,7 @@ def _demo(args: argparse.Namespace) -> Path:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        log.info("training and analysing %d runs in %d worker processes (about 6 minutes on 2 cores)",
+        log.info("training and analysing %d runs in %d worker processes (about 5-8 minutes on 2 cores)",
                  len(jobs), workers)
         from concurrent.futures.process import BrokenProcessPool
 
