@@ -9,6 +9,7 @@ is a function plus an entry in ``ANALYSES``, and a report section in ``mechgrok/
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -396,7 +397,10 @@ def analyze(run: Run | str | Path, only: Sequence[str] | None = None, progress: 
     with torch_threads(threads):
         for name in names:
             log.info("analysis %r on %s", name, run.path)
+            t0 = time.perf_counter()
             result = ANALYSES[name](run, progress)
             if result is not None:
                 written[name] = run.write_analysis(name, result)
+            log.info("analysis %r on %s: %s in %.0f s", name, run.path, "done" if result is not None else "not applicable",
+                     time.perf_counter() - t0)
     return written

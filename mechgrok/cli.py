@@ -19,6 +19,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger("mechgrok")
 
@@ -87,17 +88,26 @@ def _analyze(args: argparse.Namespace) -> Path:
     return Path(args.run)
 
 
-# The demo's runs: (preset, folder inside --out, analyses; None = all), longest first so that two
-# workers finish together (measured in two workers on a slow 2-core machine, 2026-12-01: doshi-mlp
-# 418 s; demo 237 s, then demo-multi 158 s).
-DEMO_RUNS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
-    ("doshi-mlp", "doshi-mlp", None),
-    ("demo", "", None),
-    ("demo-multi", "multi", ("progress", "overlap")),
+class DemoRun(NamedTuple):
+    """One run of ``mechgrok demo``: a preset, its folder inside ``--out`` ("" = the outer run), the
+    analyses to run (None = all) and, for quick checks, a step budget replacing the preset's."""
+
+    preset: str
+    folder: str
+    only: tuple[str, ...] | None = None
+    steps: int | None = None
+
+
+# The demo's runs, longest first so that two workers finish together (the doshi-mlp run on one
+# worker; demo, then demo-multi on the other; times in docs/benchmarks.md).
+DEMO_RUNS: tuple[DemoRun, ...] = (
+    DemoRun("doshi-mlp", "doshi-mlp"),
+    DemoRun("demo", ""),
+    DemoRun("demo-multi", "multi", ("progress", "overlap")),
 )
 
 
-def _demo_run(preset: str, folder: str, only: tuple[str, ...] | None, progress: bool,
+def _demo_run(preset: str, folder: str, only: tuple[str, ...] | None, steps: int | None, progress: bool,
               level: int | None = None) -> str:
     """Train (or resume) one demo run and run the analyses it lacks (those written after its last
     checkpoint are kept); a worker process's job (hence the logging setup)."""
@@ -106,7 +116,7 @@ def _demo_run(preset: str, folder: str, only: tuple[str, ...] | None, progress: 
 
     if level is not None:  # a worker process: log at the parent's level, saying which run each line is about
         logging.basicConfig(level=level, format=f"[{preset}] %(message)s", force=True)
-    ns = argparse.Namespace(preset=preset, out=folder, steps=None, set=[], overwrite=False, no_progress=not progress)
+    ns = argparse.Namespace(preset=preset, out=folder, steps=steps, set=[], overwrite=False, no_progress=not progress)
     t0 = time.perf_counter()
     run = Run(_train(ns))
     last = run.checkpoint(run.steps()[-1]).stat().st_mtime
@@ -132,7 +142,7 @@ def _demo(args: argparse.Namespace) -> Path:
 
     out = Path(args.out)
     workers = check_int(args.workers, "--workers", low=1) if args.workers is not None else min(2, os.cpu_count() or 1)
-    for sub in ["", *(sub for _, sub, _ in DEMO_RUNS if sub)]:  # before anything trains: say what is in the way
+    for sub in ["", *(r.folder for r in DEMO_RUNS if r.folder)]:  # before anything trains: say what is in the way
         folder = out / sub
         if folder.exists() and not folder.is_dir():
             what = "a nested run" if sub else "its run"
@@ -148,9 +158,10 @@ def _demo(args: argparse.Namespace) -> Path:
                 where = "" if str(folder / "config.json") in str(e) else f"{folder / 'config.json'}: "
                 raise ValueError(f"{where}{e}; repair the file, or delete {folder} to train it again") from e
     if not (out / "config.json").exists():  # the outer run folder first: the nested runs then live inside it
-        task, model, cfg = presets.build(next(preset for preset, sub, _ in DEMO_RUNS if not sub))
+        outer = next(r for r in DEMO_RUNS if not r.folder)
+        task, model, cfg = presets.build(outer.preset, **({} if outer.steps is None else {"steps": outer.steps}))
         train(model, task, cfg, out=out, progress=False, stop_at=0)
-    jobs = [(preset, str(out / sub) if sub else str(out), only) for preset, sub, only in DEMO_RUNS]
+    jobs = [(r.preset, str(out / r.folder) if r.folder else str(out), r.only, r.steps) for r in DEMO_RUNS]
     level = logging.getLogger().getEffectiveLevel()
     if workers == 1:
         for job in jobs:

@@ -19,8 +19,16 @@ def corrupted_run(tmp_path_factory):
     return mg.Run(out)
 
 
-def test_analyze_writes_json_and_report(corrupted_run):
-    written = analyze(corrupted_run, progress=False)
+@pytest.fixture(scope="module")
+def analysed(corrupted_run):
+    """``corrupted_run`` with every analysis written (name -> file); tests needing them ask for this,
+    so none depends on the order tests run in."""
+    return analyze(corrupted_run, progress=False)
+
+
+@pytest.mark.slow(seconds=10)
+def test_analyze_writes_json_and_report(corrupted_run, analysed):
+    written = analysed
     assert set(written) == {"progress", "neurons", "circuits", "sae", "influence"}
     prog = json.loads(written["progress"].read_text())
     assert prog["step"] == corrupted_run.steps()
@@ -35,7 +43,8 @@ def test_analyze_writes_json_and_report(corrupted_run):
     assert numbers["sections"]["neurons"]["error"] is None and numbers["sections"]["progress-measures"]["error"] is None
 
 
-def test_nested_run_sections(corrupted_run, tmp_path):
+@pytest.mark.slow(seconds=8)
+def test_nested_run_sections(corrupted_run, analysed, tmp_path):
     outer = tmp_path / "outer"
     task, model, cfg = mg.presets.build("test", steps=10)
     mg.train(model, task, cfg.replace(eval_every=5), out=outer, progress=False)

@@ -135,6 +135,7 @@ def test_contrast_resamples_within_task():
     assert (labels != true).all()
 
 
+@pytest.mark.slow(seconds=8)
 def test_generalizing_vs_memorizing_on_doshi_mlp(tmp_path):
     """On a small corrupted-label MLP the two neuron circuits differ, and zeroing the neurons only the
     memorizing circuit has hurts corrupted-label accuracy more than test accuracy (measured: -0.52 vs

@@ -33,14 +33,16 @@ def test_bad_input_exit_codes(tmp_path, capsys):
     assert "not a mechgrok run" in capsys.readouterr().err
 
 
+@pytest.mark.slow(seconds=45)
 def test_demo_runs_nested_runs_in_worker_processes(tmp_path, monkeypatch, capsys):
     from mechgrok import cli
 
-    # the demo's structure (an outer run, a nested one, some analyses) on the few-second test preset
-    monkeypatch.setattr(cli, "DEMO_RUNS", (("test", "inner", ("progress",)), ("test", "", ("progress", "neurons"))))
+    # the demo's structure (an outer run, a nested one, some analyses) on the test preset, shortened
+    monkeypatch.setattr(cli, "DEMO_RUNS", (cli.DemoRun("test", "inner", ("progress",), steps=300),
+                                           cli.DemoRun("test", "", ("progress", "neurons"), steps=300)))
     out = tmp_path / "demo"
     assert main(["-q", "demo", "--out", str(out), "--workers", "2", "--no-progress"]) == 0
-    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 1500
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 300
     assert sorted(p.name for p in (out / "analysis").glob("*.json")) == ["neurons.json", "progress.json"]
     assert [p.name for p in (out / "inner" / "analysis").glob("*.json")] == ["progress.json"]
     html = (out / "report.html").read_text()
@@ -160,7 +162,7 @@ def test_demo_refuses_bad_workers_and_damaged_nested_runs(tmp_path, monkeypatch,
 
     from mechgrok import cli
 
-    monkeypatch.setattr(cli, "DEMO_RUNS", (("test", "inner", ("progress",)), ("test", "", ("progress",))))
+    monkeypatch.setattr(cli, "DEMO_RUNS", (cli.DemoRun("test", "inner", ("progress",)), cli.DemoRun("test", "", ("progress",))))
     out = tmp_path / "demo"
     for workers, err, match in [(True, TypeError, "--workers must be an integer, got True"),
                                 (1.5, TypeError, "--workers must be an integer"),

@@ -43,6 +43,7 @@ def test_link_check_catches_a_missing_file(tmp_path):
         "docs/nope.md", "img/p.png"]
 
 
+@pytest.mark.slow(seconds=16)
 @pytest.mark.filterwarnings("ignore")
 def test_api_reference_builds_a_page_per_public_module(tmp_path):
     names = api["build"](tmp_path)

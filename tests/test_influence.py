@@ -274,6 +274,7 @@ def _worker(rank, world, init_file, out_dir):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow(seconds=22)
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 def test_two_gloo_processes_give_the_single_process_factors_and_scores(task, tf):
     ek = EKFAC(tf, task, fisher="true", n_samples=2, batch_size=7, progress=False).fit("train")

@@ -147,6 +147,7 @@ def test_tiny_model_builds_and_evaluates_per_subtask(cfg):
     assert 0 <= out["atomic"]["train"]["acc"] <= 1
 
 
+@pytest.mark.slow(seconds=5)
 def test_analyze_a_knowledge_run(tmp_path):
     """Every analysis either applies to a knowledge task or steps aside; the report builds."""
     import mechgrok as mg

@@ -14,8 +14,13 @@ def test_there_are_notebooks():
     assert len(NOTEBOOKS) >= 6
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+# seconds each took in `make test` on a 2-core machine (for conftest's spreading over workers)
+SECONDS = {"01_grokking_tour": 26, "02_memorizing_neurons": 17, "03_circuits": 21, "04_circuit_overlap": 35,
+           "05_sae_features": 20, "06_influence": 14, "07_ablation_study": 20}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow(seconds=SECONDS.get(p.stem, 20)))
+                                  for p in NOTEBOOKS], ids=lambda p: p.stem)
 def test_notebook_executes(path, tmp_path, monkeypatch):
     monkeypatch.setenv("MECHGROK_NOTEBOOK_SCALE", "small")
     monkeypatch.setenv("MECHGROK_NOTEBOOK_OUT", str(tmp_path / "runs"))

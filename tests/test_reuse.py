@@ -85,6 +85,7 @@ def test_disjoint_halves_overlap_above_baseline():
     assert res["spearman"]["value"] > 0.5
 
 
+@pytest.mark.slow(seconds=7)
 def test_overlap_analysis_and_report(tmp_path, monkeypatch):
     task = mg.tasks.multi_task([("add", 7), ("sub", 7)], train_frac=0.6, seed=0)
     model = mg.models.transformer(task, n_layers=1, d_model=16, n_heads=2, d_mlp=32, seed=0)

@@ -87,6 +87,7 @@ def test_interrupted_point_resumes(tmp_path):
     assert table.test_acc.tolist() == whole.test_acc.tolist() and table.step.tolist() == [30]
 
 
+@pytest.mark.slow(seconds=70)
 def test_ray_backend_matches_local(tmp_path):
     pytest.importorskip("ray")
     grid = TINY | {"corrupt_frac": [0.0, 0.3]}

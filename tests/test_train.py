@@ -36,6 +36,7 @@ def weights(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
+@pytest.mark.slow(seconds=37)
 def test_preset_test_groks(tmp_path):
     """The `test` preset shows grokking: train accuracy 100% long before test accuracy passes 95%."""
     task, model, cfg = mg.presets.build("test")
@@ -111,9 +112,10 @@ mg.train(model, task, mg.TrainConfig(steps=int(sys.argv[2]), lr=1e-2, eval_every
 """
 
 
+@pytest.mark.slow(seconds=26)
 def test_killed_process_resumes_bitwise(tmp_path, task):
     """SIGKILL a training process after its first checkpoints; resuming matches an uninterrupted run."""
-    steps = 1000
+    steps = 500  # the child is killed at step ~100; 400 more steps are seconds of margin
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(out), str(steps)])
     deadline = time.time() + 120

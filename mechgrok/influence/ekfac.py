@@ -39,7 +39,7 @@ from mechgrok._threads import torch_threads
 from mechgrok.influence import distributed as D
 from mechgrok.influence._index import as_index
 from mechgrok.influence.factors import (DAMPING_MODES, covariance_sums, damping_values, eigenbasis, precondition,
-                                        rotated_gradients)
+                                        rotated_square_dot, rotated_square_sum)
 from mechgrok.influence.grads import LOSSES, fisher_noise, map_inputs_and_grads, output_grads, per_example_G
 from mechgrok.influence.maps import LinearMap, linear_maps, select_maps
 from mechgrok.influence.scores import low_rank as _low_rank
@@ -219,9 +219,9 @@ class EKFAC:
             n_ex = torch.zeros(1, **f64)
             for _, a, gs in self._passes(mine, labels, noise, "EK-FAC eigenvalue correction", rank):
                 for m in self.maps:
-                    for g in gs:
-                        R = rotated_gradients(a[m.name], g[m.name], QS[m.name], None if m.onehot else QA[m.name])
-                        lam_sum[m.name] += (R * R).sum(0)  # R: [b, o, i]
+                    for g in gs:  # Σ_b R_b², R_b = Q_Sᵀ G_b Q_A
+                        lam_sum[m.name] += rotated_square_sum(a[m.name], g[m.name], QS[m.name],
+                                                              None if m.onehot else QA[m.name])
                 n_ex += a[self.maps[0].name].shape[0] * len(gs)
             D.all_reduce_([*lam_sum.values(), n_ex], size)
 
@@ -340,10 +340,10 @@ class EKFAC:
             out = {m.name: torch.zeros(1, mine.numel(), dtype=torch.float64, device=self.device) for m in self.maps}
             for start, a, gs in self._passes(mine, self.task.labels, None, "self-influence", rank):
                 for m in self.maps:
-                    R = rotated_gradients(a[m.name], gs[0][m.name], self.QS_[m.name],
-                                          None if m.onehot else self.QA_[m.name])  # [b, o, i]
-                    val = (R * R / (self.lambda_[m.name] + self.damping_[m.name])).sum((-1, -2))
-                    out[m.name][0, start:start + R.shape[0]] = val
+                    val = rotated_square_dot(a[m.name], gs[0][m.name], self.QS_[m.name],
+                                             None if m.onehot else self.QA_[m.name],
+                                             1 / (self.lambda_[m.name] + self.damping_[m.name]))
+                    out[m.name][0, start:start + val.shape[0]] = val
             out = {k: D.all_gather_columns(v, t.numel(), size)[0] for k, v in out.items()}
         return out if by_module else torch.stack(list(out.values())).sum(0)
 
