@@ -8,6 +8,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mechgrok-installed
 
+# pip installs with --no-compile, so Python caches the modules it imports in .venv as it goes; where
+# the environment sets PYTHONDONTWRITEBYTECODE (many container images do), nothing would be cached and
+# every process (each demo worker, pytest worker, notebook kernel) would compile torch & co. again:
+# 36 s instead of 14 s per import on the slow 2-core machine (2026-12-01).
+unexport PYTHONDONTWRITEBYTECODE
 export WANDB_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
