@@ -471,3 +471,29 @@ def test_tfidf_candidates_and_candidate_scores(task, tf):
         ek.candidate_scores(q, cand[:2])
     with pytest.raises(ValueError, match="k must be a positive integer"):
         tfidf_candidates(task, q, "train", k=0)
+
+
+@pytest.mark.parametrize("T", [1, 3, 12])  # 12 > PAIR_POSITIONS: the path that forms R
+def test_squared_rotated_gradients_and_scores_by_either_contraction(T):
+    """The contractions that avoid forming per-example gradients give the same float64 sums as
+    forming them (reordered sums: ~1e-15 relative), with and without a rotation of the inputs."""
+    from mechgrok.influence.factors import rotated_gradients, rotated_square_dot, rotated_square_sum
+    from mechgrok.influence.scores import pairwise_full
+
+    g0 = torch.Generator().manual_seed(T)
+    b, o, i = 7, 5, 6
+    a = torch.randn(b, T, i, generator=g0, dtype=torch.float64)
+    g = torch.randn(b, T, o, generator=g0, dtype=torch.float64)
+    QS = torch.linalg.qr(torch.randn(o, o, generator=g0, dtype=torch.float64))[0]
+    QA = torch.linalg.qr(torch.randn(i, i, generator=g0, dtype=torch.float64))[0]
+    M = torch.rand(o, i, generator=g0, dtype=torch.float64)
+    for qa in (QA, None):
+        R = torch.einsum("bto,bti->boi", g @ QS, a if qa is None else a @ qa)  # by definition
+        assert torch.allclose(rotated_gradients(a, g, QS, qa), R, rtol=1e-12, atol=0)
+        assert torch.allclose(rotated_square_sum(a, g, QS, qa), (R * R).sum(0), rtol=1e-12, atol=1e-14)
+        assert torch.allclose(rotated_square_dot(a, g, QS, qa, M), (R * R * M).sum((-1, -2)), rtol=1e-12, atol=1e-14)
+    G = torch.einsum("bto,bti->boi", g, a)
+    for q in (1, 64 // T + 1):  # the GEMM path (q·T <= 64) and the per-example-gradient path
+        P = torch.randn(q, o, i, generator=g0, dtype=torch.float64)
+        want = torch.einsum("qoi,boi->qb", P, G)
+        assert torch.allclose(pairwise_full(P, a, g), want, rtol=1e-12, atol=1e-12)

@@ -44,6 +44,26 @@ def test_mlp_matches_its_definition(task):
     assert torch.allclose(cache["blocks.0.mlp.hook_post"], cache["blocks.0.mlp.hook_pre"] ** 2)
 
 
+def test_mlp_row_sums_equal_the_one_hot_matmul_and_hooks_still_see_the_input(task):
+    """Token ids skip the one-hot matmul (W_in's two rows are added) only while nothing hooks the input:
+    the same values bitwise (adding exact zeros changes no sum), and a hook on ``hook_in`` still reads
+    and can edit the one-hot input."""
+    m = models.mlp(task, width=16, act="square", bias=True, seed=1)
+    with torch.no_grad():
+        m.blocks[0].mlp.b_in.normal_()
+    fast = m(task.inputs)
+    assert torch.equal(fast, m(task.onehot()))  # the matmul path, bitwise
+    seen = []
+    with m.hooks(fwd_hooks=[("hook_in", lambda x, hook: seen.append(x) or x * 0)]):
+        zeroed = m(task.inputs)
+    assert torch.equal(seen[0], task.onehot()) and not torch.equal(zeroed, fast)
+    assert torch.equal(zeroed, m.blocks[0].mlp(torch.zeros_like(task.onehot())).expand_as(zeroed))
+    assert torch.equal(m(task.inputs), fast)  # the hook is gone again
+    x = task.onehot().requires_grad_(True)  # gradients with respect to the input still flow
+    m(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("build", [
     lambda t: models.transformer(t, d_model=16, n_heads=2, d_mlp=32, seed=3),
     lambda t: models.mlp(t, width=8, act="relu", bias=True, seed=3),
