@@ -15,6 +15,11 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
 
+def _seconds(item) -> float:
+    """The time a test marked ``@pytest.mark.slow(seconds=N)`` takes (10 when the mark gives none)."""
+    return item.get_closest_marker("slow").kwargs.get("seconds", 10)
+
+
 def pytest_collection_modifyitems(config, items):
     """Spread the slow tests (``@pytest.mark.slow(seconds=...)``) over the pytest-xdist workers.
 
@@ -26,8 +31,7 @@ def pytest_collection_modifyitems(config, items):
     ones moved around. The order is a pure function of the collection, the same in every worker.
     """
     k = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    slow = sorted(((i, it) for i, it in enumerate(items) if it.get_closest_marker("slow")),
-                  key=lambda p: (-p[1].get_closest_marker("slow").kwargs.get("seconds", 10), p[0]))
+    slow = sorted((it for it in items if it.get_closest_marker("slow")), key=lambda it: -_seconds(it))  # stable
     if k < 2 or not slow:
         return
     fast = [it for it in items if not it.get_closest_marker("slow")]
@@ -37,11 +41,10 @@ def pytest_collection_modifyitems(config, items):
         left -= sizes[-1]
     shares: list[list] = [[] for _ in range(k)]
     load = [0.0] * k
-    for _, it in slow:
-        open_ = [j for j in range(k) if len(shares[j]) < sizes[j]]
-        j = min(open_, key=lambda j: (load[j], j))
+    for it in slow:
+        j = min((j for j in range(k) if len(shares[j]) < sizes[j]), key=lambda j: (load[j], j))
         shares[j].append(it)
-        load[j] += it.get_closest_marker("slow").kwargs.get("seconds", 10)
+        load[j] += _seconds(it)
     for j in range(k):
         take = sizes[j] - len(shares[j])
         shares[j] += fast[:take]
