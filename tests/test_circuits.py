@@ -37,12 +37,12 @@ def test_invariants(setup, corruption):
     task, model, clean, corrupted, metric = setup
     p = Patcher(model, graph(model), clean, corrupted if corruption == "resample" else None, corruption)
     full, _ = p.run()
-    assert torch.allclose(full, mg.models.final_logits(model, clean), atol=1e-5)  # ablating nothing = clean
+    assert torch.allclose(full, model(clean), atol=1e-5)  # ablating nothing = clean, at every position
     empty, _ = p.run(masks=p.all_masks(0.0))
     nodes, _ = p.run(ablate_nodes=[n for n in p.sources])
     assert torch.allclose(empty, nodes, atol=1e-5)  # every edge ablated = every node ablated
     if corruption == "resample":
-        assert torch.allclose(empty, mg.models.final_logits(model, corrupted), atol=1e-5)
+        assert torch.allclose(empty, model(corrupted), atol=1e-5)
 
 
 def test_eap_equals_exact_into_logits(setup):
@@ -91,7 +91,7 @@ def test_bad_arguments(setup):
         attribute(model, clean, corrupted, metric, method="magic")
     with pytest.raises(ValueError, match="needs a corrupted batch"):
         attribute(model, clean, None, metric)
-    with pytest.raises(ValueError, match="differ in shape"):
+    with pytest.raises(ValueError, match="must have the clean prompts. shape"):
         attribute(model, clean, corrupted[:5], metric)
     with pytest.raises(ValueError, match="unknown corruption"):
         attribute(model, clean, corrupted, metric, corruption="noise")

@@ -63,10 +63,10 @@ def test_true_edges_derived_from_weights(setup):
 def test_model_solves_induction_and_corruption_breaks_it(setup):
     model, clean, corrupted, labels = setup["model"], setup["clean"], setup["corrupted"], setup["labels"]
     with torch.no_grad():
-        lc, lx = models.final_logits(model, clean), models.final_logits(model, corrupted)
-    assert (lc.argmax(-1) == labels).float().mean() == 1.0
-    assert (lx.argmax(-1) == labels).float().mean() == 0.0
-    assert (lx.argmax(-1) == induction_answers(corrupted)).all()
+        lc, lx = model(clean), model(corrupted)  # full logits [batch, pos, vocab]
+    assert (lc[:, -1].argmax(-1) == labels).float().mean() == 1.0
+    assert (lx[:, -1].argmax(-1) == labels).float().mean() == 0.0
+    assert (lx[:, -1].argmax(-1) == induction_answers(corrupted)).all()
     assert float(setup["metric"](lc)) > 9.9 and float(setup["metric"](lx)) < -9.9
 
 
@@ -74,7 +74,7 @@ def test_patching_invariants(setup):
     model, clean, corrupted = setup["model"], setup["clean"], setup["corrupted"]
     p = Patcher(model, setup["g"], clean, corrupted)
     with torch.no_grad():
-        lc, lx = models.final_logits(model, clean), models.final_logits(model, corrupted)
+        lc, lx = model(clean), model(corrupted)  # full logits [batch, pos, vocab]
         assert torch.allclose(p.run()[0], lc, atol=1e-5)
         assert torch.allclose(p.run(masks=p.all_masks(0.0))[0], lx, atol=1e-5)
         assert torch.allclose(p.run(masks=p.all_masks(1.0))[0], lc, atol=1e-5)

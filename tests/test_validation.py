@@ -132,10 +132,10 @@ def test_metric_must_be_a_callable_returning_a_scalar(setup):
     with pytest.raises(TypeError, match=r"got the string 'generalization'.*mg\.circuits\.metrics\.generalization"
                                         r"\(labels\)"):
         mg.circuits.discover(mlp, x, xc, "generalization", **kw)
-    with pytest.raises(ValueError, match=r"returned a tensor of shape \[16, 7\]: reduce it over the batch"):
+    with pytest.raises(ValueError, match=r"returned a tensor of shape \[16, 1, 7\]: reduce it over the batch"):
         mg.circuits.discover(mlp, x, xc, lambda logits: logits, **kw)
     with pytest.raises(ValueError, match=r"returned a tensor of shape \[16\]"):
-        mg.circuits.attribute(tf, x, xc, lambda logits: logits[:, 0], method="exact", level="node", progress=False)
+        mg.circuits.attribute(tf, x, xc, lambda logits: logits[:, -1, 0], method="exact", level="node", progress=False)
     with pytest.raises(ValueError, match=r"was the constructor generalization passed .* generalization\(labels\)"):
         mg.circuits.discover(mlp, x, xc, metrics.generalization, **kw)
     with pytest.raises(ValueError, match="returned a function"):  # a custom constructor passed as the metric
@@ -153,11 +153,11 @@ def test_metric_labels_match_the_batch(setup):
     labels = task.labels[:16]
     with pytest.raises(ValueError, match="holds 3 labels but scores a batch of 16"):  # was a gather RuntimeError
         mg.circuits.discover(mlp, x, xc, metrics.generalization(labels[:3]), **kw)
-    with pytest.raises(ValueError, match="a label is 106 but the logits have only d_out=7"):
+    with pytest.raises(ValueError, match="a label is 106 but the logits have only 7 classes"):
         mg.circuits.discover(mlp, x, xc, metrics.logit_diff(labels + 100, labels), **kw)
     with pytest.raises(ValueError, match="labels must be a non-empty 1-D tensor of integer class indices"):
         metrics.loss(labels.float())
-    with pytest.raises(ValueError, match=r"the clean logits are \[3, 7\]"):
+    with pytest.raises(ValueError, match=r"but the clean ones are \[3, 7\]"):
         mg.circuits.discover(mlp, x, xc, metrics.kl_to(torch.zeros(3, 7)), **kw)
     assert len(mg.circuits.discover(mlp, x, xc, metrics.prob(labels.tolist()), **kw)) == 3  # a list is fine
 
@@ -167,9 +167,9 @@ def test_patching_inputs_are_checked_before_the_model_runs(setup):
     kw = dict(method="eap", level="node", top_k=1, progress=False)
     with pytest.raises(ValueError, match=r"clean holds token ids in \[100, 107\] but the model's d_vocab is 8"):
         mg.circuits.discover(tf, x + 100, xc, m, **kw)
-    with pytest.raises(TypeError, match="corrupted must be a torch tensor"):
+    with pytest.raises(TypeError, match="corrupted must be a tensor like clean"):
         mg.circuits.discover(tf, x, xc.tolist(), m, **kw)
-    with pytest.raises(ValueError, match=r"N >= 1 examples, got shape \(0, 3\)"):
+    with pytest.raises(ValueError, match=r"Prompts.clean must be \[batch, pos\] with batch, pos >= 1, got shape \[0, 3\]"):
         mg.circuits.discover(mlp, x[:0], xc[:0], m, **kw)
     with pytest.raises(ValueError, match="operands in"):
         mg.circuits.faithfulness(mlp, circuit(mlp), x, xc - 50, m)

@@ -31,25 +31,29 @@ from tqdm.auto import tqdm
 from mechgrok._config import check_float, check_int
 from mechgrok._threads import torch_threads
 from mechgrok.circuits.graph import Graph, graph as build_graph
-from mechgrok.circuits.metrics import check_metric, scalar
+from mechgrok.circuits.metrics import bind, check_metric, scalar
 from mechgrok.circuits.patching import Patcher, receiver_hook
+from mechgrok.circuits.prompts import Prompts, as_prompts
 
 __all__ = ["attribute", "METHODS", "acdc_kept", "acdc_default_tau"]
 
 METHODS = ("exact", "eap", "eap-ig", "acdc")
 
 
-def attribute(model: nn.Module, clean: Tensor, corrupted: Tensor | None, metric: Callable[[Tensor], Tensor], *,
-              method: str = "eap-ig", level: str = "edge", corruption: str = "resample", steps: int = 5,
-              tau: float | None = None, graph: Graph | None = None, progress: bool = True,
-              threads: int | None = 1) -> dict[str, float]:
+def attribute(model: nn.Module, prompts: Prompts | Tensor, *args, method: str = "eap-ig", level: str = "edge",
+              corruption: str = "resample", steps: int = 5, tau: float | None = None, graph: Graph | None = None,
+              progress: bool = True, threads: int | None = 1) -> dict[str, float]:
     """Score every component of ``graph(model, level)`` (see the module docstring).
 
+    Called as ``attribute(model, prompts, metric, ...)`` (or, as before prompts existed,
+    ``attribute(model, clean, corrupted, metric, ...)``).
+
     Args:
-        model: a HookedTransformer or HookedMLP.
-        clean: clean inputs ``[batch, ...]``; ``metric`` is evaluated on their final-position logits.
-        corrupted: counterfactual inputs (resample ablation), or None with ``corruption="mean"|"zero"``.
-        metric: ``logits [batch, d_out] -> scalar`` (see ``mechgrok.circuits.metrics``).
+        model: a HookedTransformer (any pre-norm config; see ``mechgrok.circuits.patching``) or HookedMLP.
+        prompts: ``mg.circuits.Prompts``: clean and corrupted tokens ``[batch, pos]``, answer positions
+            and answers; ``corrupted`` may be None with ``corruption="mean"|"zero"``.
+        metric: full logits ``[batch, pos, vocab] -> scalar`` (see ``mechgrok.circuits.metrics``); an
+            unbound metric (``metrics.logit_diff()``) is bound to ``prompts``.
         method: ``"exact" | "eap" | "eap-ig" | "acdc"``.
         level: ``"edge" | "node" | "neuron"``.
         steps: interpolation steps of EAP-IG.
@@ -59,10 +63,12 @@ def attribute(model: nn.Module, clean: Tensor, corrupted: Tensor | None, metric:
     Returns:
         ``{component: score}`` in graph order.
     """
+    prompts, metric = as_prompts(model, prompts, args, "attribute")
     steps, tau = check_args(method, metric, steps, tau)
     g = build_graph(model, level) if graph is None else _check_graph(model, graph, level)
     with torch_threads(threads):
-        p = Patcher(model, g, clean, corrupted, corruption)
+        p = Patcher(model, g, prompts.clean, prompts.corrupted, corruption)
+        metric = bind(metric, prompts, lambda: p.run()[0])
         if method == "exact":
             scores = _exact(p, metric, progress)
         elif method in ("eap", "eap-ig"):
@@ -186,7 +192,7 @@ def _acdc(p: Patcher, metric, tau: float | None, progress: bool) -> dict[str, fl
     current = m_full
     scores: dict[str, float] = {}
     order = list(reversed(g.components))  # receivers from the logits back; sources latest first
-    transformer = g.kind == "transformer"
+    transformer = g.kind == "transformer" and p.model.cfg.positional_embedding_type != "shortformer"
     for c in tqdm(order, disable=not progress, desc="ACDC"):
         # Everything before the layer being decided is still intact, so start the run there; the
         # logits' receiver sits at the end of the last block, which must run.

@@ -27,6 +27,7 @@ from mechgrok.circuits.circuit import Circuit, faithfulness_curve as _curve, sel
 from mechgrok.circuits.circuit import faithfulness as _faithfulness
 from mechgrok.circuits.graph import graph as build_graph
 from mechgrok.circuits.patching import Patcher
+from mechgrok.circuits.prompts import Prompts, as_prompts, sample
 from mechgrok.tasks import Task
 
 __all__ = ["discover", "faithfulness", "faithfulness_curve", "circuit_metric", "contrast",
@@ -68,8 +69,7 @@ def _endpoints(p: Patcher, metric) -> tuple[float, float]:
     return full, empty
 
 
-def _circuit_patcher(model: nn.Module, circuit: Circuit, clean: Tensor, corrupted: Tensor | None,
-                     corruption: str) -> Patcher:
+def _circuit_patcher(model: nn.Module, circuit: Circuit, prompts: Prompts, corruption: str) -> Patcher:
     """A Patcher over ``model``'s graph at ``circuit``'s level, refusing a circuit of another graph
     (whose components would otherwise be silently ignored)."""
     if not isinstance(circuit, Circuit):
@@ -79,25 +79,41 @@ def _circuit_patcher(model: nn.Module, circuit: Circuit, clean: Tensor, corrupte
         raise ValueError(f"the circuit was found on another graph ({len(circuit.graph_nodes)} nodes, e.g. "
                          f"{list(circuit.graph_nodes[:4])}) than this model's {circuit.level}-level graph "
                          f"({len(g.nodes)} nodes, e.g. {list(g.nodes[:4])}); evaluate it on the model it came from")
-    return Patcher(model, g, clean, corrupted, corruption)
+    return Patcher(model, g, prompts.clean, prompts.corrupted, corruption)
 
 
-def faithfulness(model: nn.Module, circuit: Circuit, clean: Tensor, corrupted: Tensor | None,
-                 metric: Callable[[Tensor], Tensor], corruption: str = "resample") -> float:
-    """``(m(C) − m(∅)) / (m(full) − m(∅))``: 1 for the full model, 0 with everything ablated."""
-    p = _circuit_patcher(model, circuit, clean, corrupted, corruption)
+def faithfulness(model: nn.Module, circuit: Circuit, prompts: Prompts | Tensor, *args,
+                 corruption: str = "resample") -> float:
+    """``(m(C) − m(∅)) / (m(full) − m(∅))``: 1 for the full model, 0 with everything ablated.
+
+    Called as ``faithfulness(model, circuit, prompts, metric)`` (or ``(model, circuit, clean,
+    corrupted, metric)``); ``corruption`` may also be given positionally after the metric."""
+    args, corruption = _trailing_corruption(args, corruption)
+    prompts, metric = as_prompts(model, prompts, args, "faithfulness")
+    p = _circuit_patcher(model, circuit, prompts, corruption)
+    metric = _metrics.bind(metric, prompts, lambda: p.run()[0])
     full, empty = _endpoints(p, metric)
     return _faithfulness(circuit_metric(p, metric, circuit), empty, full)
 
 
-def faithfulness_curve(model: nn.Module, circuit: Circuit, clean: Tensor, corrupted: Tensor | None,
-                       metric: Callable[[Tensor], Tensor], corruption: str = "resample",
-                       sizes=None) -> dict[str, Any]:
-    """Faithfulness of the top-k circuits by ``circuit.scores`` over sizes k, and its area."""
-    p = _circuit_patcher(model, circuit, clean, corrupted, corruption)
+def faithfulness_curve(model: nn.Module, circuit: Circuit, prompts: Prompts | Tensor, *args,
+                       corruption: str = "resample", sizes=None) -> dict[str, Any]:
+    """Faithfulness of the top-k circuits by ``circuit.scores`` over sizes k, and its area (called as
+    ``faithfulness``)."""
+    args, corruption = _trailing_corruption(args, corruption)
+    prompts, metric = as_prompts(model, prompts, args, "faithfulness_curve")
+    p = _circuit_patcher(model, circuit, prompts, corruption)
+    metric = _metrics.bind(metric, prompts, lambda: p.run()[0])
     full, empty = _endpoints(p, metric)
     return _curve(p.graph, dict(circuit.scores),
                   lambda c: _faithfulness(circuit_metric(p, metric, c), empty, full), sizes)
+
+
+def _trailing_corruption(args: tuple, corruption: str) -> tuple[tuple, str]:
+    """The older positional form ``(..., metric, corruption)``: split the corruption name off."""
+    if args and isinstance(args[-1], str):
+        return args[:-1], args[-1]
+    return args, corruption
 
 
 def _digest(*tensors: Tensor | None) -> str:
@@ -108,17 +124,27 @@ def _digest(*tensors: Tensor | None) -> str:
     return h.hexdigest()[:16]
 
 
-def discover(model: nn.Module, clean: Tensor, corrupted: Tensor | None, metric: Callable[[Tensor], Tensor], *,
-             method: str = "eap-ig", level: str = "edge", top_k: int | None = None, threshold: float | None = None,
-             target: float | None = None, corruption: str = "resample", steps: int = 5, tau: float | None = None,
-             progress: bool = True, provenance: dict[str, Any] | None = None) -> Circuit:
-    """Attribute and select a circuit.
+def _inputs_digest(prompts: Prompts) -> str:
+    """A hash of the clean and corrupted tokens (and of the answer positions when not all last)."""
+    last = bool((prompts.answer_pos == prompts.n_pos - 1).all())
+    return _digest(prompts.clean, prompts.corrupted, None if last else prompts.answer_pos)
 
-    Selection: ``top_k`` (largest |score|), ``threshold`` (|score| ≥ threshold), ``target`` (the
-    smallest top-k circuit whose faithfulness reaches it), or, for ``method="acdc"`` with none of
-    these, the components ACDC kept. Provenance records method, metric, corruption, level,
-    selection, steps/tau, a hash of the inputs, the model spec and the circuit's faithfulness.
+
+def discover(model: nn.Module, prompts: Prompts | Tensor, *args, method: str = "eap-ig", level: str = "edge",
+             top_k: int | None = None, threshold: float | None = None, target: float | None = None,
+             corruption: str = "resample", steps: int = 5, tau: float | None = None, progress: bool = True,
+             provenance: dict[str, Any] | None = None) -> Circuit:
+    """Attribute and select a circuit: ``discover(model, prompts, metric, ...)`` (or, as before
+    prompts existed, ``discover(model, clean, corrupted, metric, ...)``).
+
+    ``prompts`` is a ``mg.circuits.Prompts``; ``metric`` maps full logits ``[batch, pos, vocab]`` to
+    a scalar (an unbound ``mg.circuits.metrics`` metric is bound to the prompts). Selection:
+    ``top_k`` (largest |score|), ``threshold`` (|score| ≥ threshold), ``target`` (the smallest top-k
+    circuit whose faithfulness reaches it), or, for ``method="acdc"`` with none of these, the
+    components ACDC kept. Provenance records method, metric, corruption, level, selection,
+    steps/tau, a hash of the inputs, the model spec and the circuit's faithfulness.
     """
+    prompts, metric = as_prompts(model, prompts, args, "discover")
     if method != "acdc" and sum(x is not None for x in (top_k, threshold, target)) != 1:
         raise ValueError("give exactly one of top_k=, threshold= or target= (ACDC may use none)")
     steps, tau = check_args(method, metric, steps, tau)
@@ -132,16 +158,17 @@ def discover(model: nn.Module, clean: Tensor, corrupted: Tensor | None, metric: 
         threshold = check_float(threshold, "threshold", low=0.0, owner="discover (|score| >= threshold)")
     if target is not None:  # faithfulness: 1 is the full model, 0 everything ablated
         target = check_float(target, "target", low=0.0, high=1.0, low_open=True, owner="discover (faithfulness)")
-    p = Patcher(model, g, clean, corrupted, corruption)
+    p = Patcher(model, g, prompts.clean, prompts.corrupted, corruption)
+    metric = _metrics.bind(metric, prompts, lambda: p.run()[0])
     full, empty = _endpoints(p, metric)
     if method == "acdc" and tau is None:
         tau = acdc_default_tau(full, empty)
-    scores = attribute(model, clean, corrupted, metric, method=method, level=level, corruption=corruption,
+    scores = attribute(model, prompts, metric, method=method, level=level, corruption=corruption,
                        steps=steps, tau=tau, graph=g, progress=progress)
     spec = getattr(model, "mechgrok_spec", None)
     prov = {"method": method, "metric": getattr(metric, "metric_name", getattr(metric, "__name__", "custom")),
-            "corruption": corruption, "level": level, "inputs_sha256": _digest(clean, corrupted),
-            "n_examples": int(clean.shape[0]), "model": spec, **(provenance or {})}
+            "corruption": corruption, "level": level, "inputs_sha256": _inputs_digest(prompts),
+            "n_examples": len(prompts), "model": spec, **(provenance or {})}
     if method == "eap-ig":
         prov["steps"] = steps
     if method == "acdc":
@@ -171,26 +198,7 @@ def contrast(task: Task, split: str, n: int | None = 256, seed: int = 0,
     random other example of the same sub-task as its counterfactual, so resample ablation
     replaces the operands and keeps the op.
     """
-    if not isinstance(task, Task):
-        raise TypeError(f"task must be a mechgrok Task, got {type(task).__name__}")
-    if n is not None:
-        n = check_int(n, "n", low=1, owner="contrast (examples; None for all)")
-    g = torch.Generator().manual_seed(check_int(seed, "seed", low=0))
-    mask = task.mask(split)
-    if task_name is not None:
-        if task_name not in task.task_names:
-            raise ValueError(f"unknown task {task_name!r}; this task has {task.task_names}")
-        mask = mask & (task.task_ids == task.task_names.index(task_name))
-    idx = torch.nonzero(mask).flatten()
-    if len(idx) == 0:
-        raise ValueError(f"task {task.name!r} has no {split} examples" + (f" of {task_name!r}" if task_name else ""))
-    if n is not None and len(idx) > n:
-        idx = idx[torch.randperm(len(idx), generator=g)[:n]]
-    other = torch.empty_like(idx)
-    for t in range(len(task.task_names)):
-        pool = torch.nonzero(task.task_ids == t).flatten()
-        mine = task.task_ids[idx] == t
-        other[mine] = pool[torch.randint(len(pool), (int(mine.sum()),), generator=g)]
+    idx, other = sample(task, split, n, seed, task_name)
     return task.inputs[idx], task.inputs[other], task.labels[idx], task.true_labels[idx]
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from mechgrok import models
 
-__all__ = ["Graph", "Edge", "graph", "LEVELS"]
+__all__ = ["Graph", "Edge", "graph", "LEVELS", "check_supported"]
 
 LEVELS = ("edge", "node", "neuron")
 
@@ -95,8 +95,9 @@ def _receivers(node: str) -> list[str]:
     return [node]
 
 
-def _is_upstream(src: str, dst: str, layer: dict[str, int]) -> bool:
-    """``src`` writes to the residual stream before ``dst`` reads it."""
+def _is_upstream(src: str, dst: str, layer: dict[str, int], parallel: bool = False) -> bool:
+    """``src`` writes to the residual stream before ``dst`` reads it (``parallel``: attention and
+    MLP of a layer both read the layer's input, as in GPT-J and GPT-NeoX)."""
     if src == dst or src == "logits" or dst == "input":
         return False
     if src == "input":
@@ -106,7 +107,7 @@ def _is_upstream(src: str, dst: str, layer: dict[str, int]) -> bool:
         return True
     if dst.startswith("a"):  # heads read the stream before their layer's heads and MLP write
         return ls < ld
-    return ls < ld or (ls == ld and src.startswith("a"))  # an MLP reads its own layer's heads
+    return ls < ld or (ls == ld and src.startswith("a") and not parallel)  # an MLP reads its own layer's heads
 
 
 def graph(model: nn.Module, level: str = "edge", positions: bool = False) -> Graph:
@@ -125,12 +126,15 @@ def graph(model: nn.Module, level: str = "edge", positions: bool = False) -> Gra
     if isinstance(model, models.HookedMLP):
         return _mlp_graph(model, level, positions)
     if not isinstance(model, models.HookedTransformer):
-        raise TypeError(f"circuits need a HookedTransformer or HookedMLP, got {type(model).__name__}")
+        raise TypeError(f"circuits need a transformer-lens HookedTransformer or a mechgrok HookedMLP, got "
+                        f"{type(model).__name__}: convert a Hugging Face model with mg.models.from_pretrained(model) "
+                        "(or its checkpoint folder); capture, SAEs, neurons and EK-FAC take any nn.Module")
     cfg = model.cfg
+    check_supported(cfg, level)
     nodes = _transformer_nodes(cfg.n_layers, cfg.n_heads, cfg.attn_only)
     layer = dict(nodes)
     edges = [Edge(src, dst, r) for dst, _ in nodes for r in _receivers(dst)
-             for src, _ in nodes if _is_upstream(src, dst, layer)]
+             for src, _ in nodes if _is_upstream(src, dst, layer, bool(cfg.parallel_attn_mlp))]
     names = [n for n, _ in nodes]
     if level == "neuron":
         names = [n for n in names if not n.startswith("m")] + [
@@ -143,6 +147,23 @@ def graph(model: nn.Module, level: str = "edge", positions: bool = False) -> Gra
         names, layer, edges = _split_positions(names, layer, edges, n_pos)
     return Graph(level, tuple(names), layer, tuple(edges), cfg.n_layers, cfg.n_heads, 0 if cfg.attn_only else cfg.d_mlp,
                  n_pos)
+
+
+def check_supported(cfg, level: str = "edge") -> None:
+    """Raise a clear error for the transformer-lens configs whose residual stream is not the sum
+    of the graph's node outputs (so edge patching would be wrong)."""
+    bad = []
+    if getattr(cfg, "use_normalization_before_and_after", False):
+        bad.append("normalization after attention and MLP (use_normalization_before_and_after, Gemma-2 style)")
+    post_norm = getattr(models, "POST_NORM_ARCHITECTURES", ())
+    if cfg.original_architecture is not None and cfg.original_architecture in post_norm:
+        bad.append(f"post-norm blocks ({cfg.original_architecture})")
+    if getattr(cfg, "num_experts", None) and level == "neuron":
+        bad.append("mixture-of-experts MLPs at the neuron level (use level='node' or 'edge')")
+    if bad:
+        raise ValueError("circuits cannot split this model's residual stream into its components: "
+                         + "; ".join(bad) + ". Supported: pre-norm blocks with LayerNorm / RMSNorm / none, any MLP, "
+                         "biases, learned or rotary positions, parallel attention, grouped-query attention")
 
 
 def _layer_of(node: str, n_layers: int) -> int:

@@ -13,14 +13,22 @@ ablation) or by zero (zero ablation):
   so gradients with respect to them (or to ``x_r``) are available for EAP.
 
 All edges ablated reproduces the corrupted run's logits; none ablated the clean run's (tested).
-Models must have no positional-embedding tricks (standard learned positions) and be 1..n-layer
-HookedTransformers or HookedMLPs.
+Models are HookedMLPs or HookedTransformers of any pre-norm config (LayerNorm / RMSNorm / none,
+learned, rotary or shortformer positions, parallel attention, gated MLPs, biases, attention-only):
+receivers are hooked before their LayerNorm, so the norm is recomputed on the patched stream.
+Grouped-query attention is patched with its key/value heads expanded to one per query head
+(transformer-lens' ``ungroup_grouped_query_attention``: the same forward), so ``a1.h0.k`` and
+``a1.h1.k`` are separate receivers even when the two heads share ``W_K``. Biases (``b_O``, ``b_out``)
+are constants, the same on every run, so they belong to no edge. Forwards return the full logits
+``[batch, pos, vocab]`` (a HookedMLP's ``[batch, 1, d_out]``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+import contextlib
 
 import torch
 from jaxtyping import Float
@@ -29,7 +37,7 @@ from torch import Tensor, nn
 from mechgrok import models
 from mechgrok.circuits.graph import Graph
 
-__all__ = ["Patcher", "CORRUPTIONS", "source_hook", "receiver_hook"]
+__all__ = ["Patcher", "CORRUPTIONS", "source_hook", "receiver_hook", "patchable", "logits_of"]
 
 CORRUPTIONS = ("resample", "mean", "zero")
 
@@ -69,6 +77,37 @@ def receiver_hook(model: nn.Module, receiver: str) -> tuple[str, int | None]:
     return f"blocks.{layer}.hook_mlp_in", None
 
 
+_FLAGS = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in", "ungroup_grouped_query_attention")
+
+
+@contextlib.contextmanager
+def patchable(model: nn.Module):
+    """Expose per-head outputs (``attn.hook_result``), per-head q/k/v inputs (``hook_q_input``, ...,
+    one per query head under grouped-query attention) and the MLP input (``hook_mlp_in``) of a
+    HookedTransformer while in the block, then restore its settings. Same forward values (float
+    rounding aside)."""
+    if not isinstance(model, models.HookedTransformer):
+        yield model
+        return
+    cfg = model.cfg
+    old = {f: getattr(cfg, f) for f in _FLAGS}
+    cfg.use_attn_result = cfg.use_split_qkv_input = True
+    cfg.use_hook_mlp_in = not cfg.attn_only
+    cfg.ungroup_grouped_query_attention = cfg.n_key_value_heads is not None
+    try:
+        yield model
+    finally:
+        for f, v in old.items():
+            setattr(cfg, f, v)
+
+
+def logits_of(model: nn.Module, x: Tensor, **kwargs) -> Float[Tensor, "batch pos vocab"]:
+    """``model(x)`` as full logits ``[batch, pos, vocab]`` (a HookedMLP's ``[batch, d_out]`` gets a
+    position axis of 1)."""
+    out = model(x, **kwargs)
+    return out[:, None] if out.ndim == 2 else out
+
+
 def _take(act: Tensor, idx: int | None) -> Tensor:
     return act if idx is None else act[..., idx, :] if act.ndim == 4 else act[..., idx]
 
@@ -104,7 +143,7 @@ class Patcher:
         self.model, self.graph, self.clean, self.corrupted, self.corruption = model, graph, clean, corrupted, corruption
         self.sources = [n for n in graph.nodes if n != "logits"]
         self._hooks = {n: source_hook(model, n) for n in self.sources}
-        with torch.no_grad(), models.patchable(model):
+        with torch.no_grad(), patchable(model):
             if corruption == "resample":  # one forward over both batches
                 both = self._record(torch.cat([clean, corrupted]), keep_resid=True)
                 n = clean.shape[0]
@@ -157,7 +196,7 @@ class Patcher:
                 keep their clean outputs. ACDC uses it, as auto-circuit does.
 
         Returns:
-            Final-position logits ``[batch, d_out]`` and the retained tensors.
+            The logits ``[batch, pos, vocab]`` and the retained tensors.
         """
         ablate = set(ablate_nodes)
         unknown = ablate - set(self.sources)
@@ -184,16 +223,18 @@ class Patcher:
         for hook, recvs in recv_by_hook.items():
             fwd.append((hook, self._receiver_fn(recvs, masks, current, deltas, retain, kept)))
         if start_layer:
-            if x is not None or interpolate is not None or not isinstance(self.model, models.HookedTransformer):
-                raise ValueError("start_layer needs a transformer on the clean batch without interpolation")
+            if (x is not None or interpolate is not None or not isinstance(self.model, models.HookedTransformer)
+                    or self.model.cfg.positional_embedding_type == "shortformer"):
+                raise ValueError("start_layer needs a transformer (not shortformer positions) on the clean batch "
+                                 "without interpolation")
             for node in self.sources:
                 if self.graph.layer[node] < start_layer:
                     current[node] = self.clean_out[node]
-            with models.patchable(self.model), self.model.hooks(fwd_hooks=fwd):
-                logits = self.model(self.clean_resid[start_layer], start_at_layer=start_layer)[:, -1]
+            with patchable(self.model), self.model.hooks(fwd_hooks=fwd):
+                logits = logits_of(self.model, self.clean_resid[start_layer], start_at_layer=start_layer)
             return logits, kept
-        with models.patchable(self.model), self.model.hooks(fwd_hooks=fwd):
-            logits = models.final_logits(self.model, self.clean if x is None else x)
+        with patchable(self.model), self.model.hooks(fwd_hooks=fwd):
+            logits = logits_of(self.model, self.clean if x is None else x)
         return logits, kept
 
     def _source_fn(self, nodes: list[str], ablate: set[str], interpolate: float | None,
