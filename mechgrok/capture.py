@@ -2,23 +2,29 @@
 
 ``capture(model, inputs, hooks)`` runs ``model`` over ``inputs`` in batches and keeps the outputs
 of the named hooks, ``[N, ...]`` each, as an ``ActivationCache``. Three backends give the same
-numbers (the tests check it):
+numbers (the tests check it); by default (``backend=None``) a ``HookedRootModule`` uses
+``"transformer_lens"`` and any other ``nn.Module`` ``"torch"``:
 
-- ``"transformer_lens"`` (default): transformer-lens forward hooks on ``HookPoint`` s, installed
+- ``"transformer_lens"``: transformer-lens forward hooks on ``HookPoint`` s, installed
   once with ``model.hooks(...)`` for the whole run. Needs a ``HookedRootModule``.
-- ``"torch"``: ``register_forward_hook`` on the named submodules of any ``nn.Module``.
+- ``"torch"``: ``register_forward_hook`` on the named submodules of any ``nn.Module`` (a raw
+  Hugging Face model, a TransformerBridge, an ``nn.Sequential``). Only the hooks' outputs are kept:
+  the forward's own return value (a Hugging Face output object, say) is ignored.
 - ``"nnsight"``: an ``nnsight.NNsight`` trace per batch that reads ``.output`` of the named
   modules in execution order (nnsight 0.8 requires that order; a one-example dry run finds it).
 
 Hook names are module paths (``blocks.0.mlp.hook_post``, ``transformer.h.0.mlp``); for a
 ``HookedRootModule`` every hook point is also a module, so all backends accept its hook names.
 A module that returns a tuple (a Hugging Face block, for instance) is captured as element 0; a
-module called several times in one forward is captured at its first call.
+module called several times in one forward is captured at its first call. A wrong name fails before
+the model runs, with the closest module paths (``did you mean 'transformer.h.0.mlp'?``).
 
 With ``out=PATH`` each hook streams into a standard ``.npy`` file (``numpy.lib.format``), its
 batches appended in order as they come, so peak memory does not grow with ``N``; the folder
 (``meta.json`` plus one ``.npy`` per hook) appears atomically when complete. ``load_cache`` maps it
-back lazily. Activations are always returned on the CPU.
+back lazily. The model runs on its own device (its first parameter's; the inputs are moved
+there batch by batch) and the activations are always returned on the CPU, so that a dataset's
+activations need not fit in accelerator memory.
 
 >>> import mechgrok as mg
 >>> task = mg.tasks.modular_arithmetic(p=11, op="add", train_frac=0.5, seed=0)
@@ -31,6 +37,7 @@ back lazily. Activations are always returned on the CPU.
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import itertools
 import json
@@ -52,7 +59,8 @@ from mechgrok._config import check_int
 from mechgrok._io import atomic_dir, atomic_write_text, child_path, safe_name
 from mechgrok.models import HookedRootModule, check_inputs
 
-__all__ = ["ActivationCache", "capture", "load_cache", "BACKENDS"]
+__all__ = ["ActivationCache", "capture", "load_cache", "BACKENDS", "default_backend", "check_hook", "edit_output",
+           "editing", "model_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +110,7 @@ class ActivationCache(Mapping[str, Tensor]):
 
 
 def capture(model: nn.Module, inputs: Shaped[Tensor, "N ..."], hooks: Sequence[str], *,
-            backend: str = "transformer_lens", batch_size: int = 8192, out: str | Path | None = None,
+            backend: str | None = None, batch_size: int = 8192, out: str | Path | None = None,
             overwrite: bool = False, progress: bool = True) -> ActivationCache:
     """Run ``model`` over ``inputs`` in batches and keep the outputs of ``hooks``.
 
@@ -114,7 +122,9 @@ def capture(model: nn.Module, inputs: Shaped[Tensor, "N ..."], hooks: Sequence[s
         inputs: ``[N, ...]`` model inputs (token ids ``[N, n_ctx]`` or floats), split along dim 0.
         hooks: hook names / module paths, e.g. ``["blocks.0.mlp.hook_post"]``. Each hook's
             output must have the batch on dim 0; a tuple output is captured as its element 0.
-        backend: ``"transformer_lens"``, ``"torch"`` or ``"nnsight"`` (see the module docstring).
+        backend: ``"transformer_lens"``, ``"torch"`` or ``"nnsight"`` (see the module docstring);
+            ``None``: ``default_backend(model)`` (transformer-lens for a ``HookedRootModule``, torch
+            otherwise).
         batch_size: examples per forward pass.
         out: a folder to stream to (``meta.json`` + ``{hook}.npy``); ``None`` keeps it in memory.
         overwrite: replace an existing ``out`` folder (only once the new one is complete).
@@ -136,6 +146,7 @@ def capture(model: nn.Module, inputs: Shaped[Tensor, "N ..."], hooks: Sequence[s
             that are not strings; float inputs to a transformer.
         FileExistsError: ``out`` exists and ``overwrite`` is false, or ``out`` is (inside) a file.
     """
+    backend = default_backend(model) if backend is None else backend
     hooks, batch_size = _check_args(model, inputs, hooks, backend, batch_size)
     if out is not None and (above := next((q for q in Path(out).parents if q.exists()), None)) and not above.is_dir():
         raise FileExistsError(f"{above} is a file, so {out} cannot be a folder inside it; choose another path")
@@ -146,7 +157,7 @@ def capture(model: nn.Module, inputs: Shaped[Tensor, "N ..."], hooks: Sequence[s
         if not overwrite:
             raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it or choose another folder")
     n = int(inputs.shape[0])
-    device = next(model.parameters(), torch.empty(0)).device
+    device = model_device(model)
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -228,11 +239,87 @@ def _read_meta(meta_file: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- checks
 
 
+def default_backend(model: nn.Module) -> str:
+    """The backend ``capture`` uses when none is named: ``"transformer_lens"`` for a
+    ``HookedRootModule`` (its hook points), ``"torch"`` for any other ``nn.Module``."""
+    return "transformer_lens" if isinstance(model, HookedRootModule) else "torch"
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device ``model`` computes on: that of its first parameter (or buffer); CPU if it has none."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def check_hook(model: nn.Module, hook: str, backend: str | None = None) -> str:
+    """``hook`` if ``model`` has it (a hook point for ``"transformer_lens"``, a module path
+    otherwise), or a ``ValueError`` naming the closest valid names (``did you mean ...?``)."""
+    if not isinstance(hook, str):
+        raise TypeError(f"hook names must be strings, got {hook!r}; e.g. 'blocks.0.mlp.hook_post' or "
+                        "'transformer.h.0.mlp'")
+    if backend == "transformer_lens":
+        known = list(model.hook_dict)
+    else:
+        known = [name for name, _ in model.named_modules() if name]
+    if hook not in set(known):
+        close = difflib.get_close_matches(hook, known, n=3)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else f"valid names include {known[:5]}"
+        raise ValueError(f"unknown hook {hook!r}; {hint}")
+    return hook
+
+
+def edit_output(model: nn.Module, hook: str, fn: Callable[[Tensor], Tensor]) -> nn.Module:
+    """A deep copy of ``model`` whose ``hook`` outputs ``fn(output)``; ``model`` is untouched.
+
+    ``hook`` is a transformer-lens hook point of a ``HookedRootModule`` (the edit is a permanent
+    transformer-lens hook, so ``run_with_hooks`` / ``model.hooks`` keep it) or the path of any
+    submodule (a forward hook that replaces its output; a tuple output has its element 0
+    replaced). ``fn`` receives the activation on the model's device and returns a tensor of the
+    same shape. The pure interventions of ``mechgrok.sae`` and ``mechgrok.neurons`` return such copies.
+    """
+    check_hook(model, hook)
+    edited = copy.deepcopy(model)
+    if isinstance(edited, HookedRootModule) and hook in edited.hook_dict:
+        edited.add_hook(hook, lambda act, hook: fn(act), is_permanent=True)
+    else:
+        edited.get_submodule(hook).register_forward_hook(_replacer(hook, fn))
+    return edited
+
+
+@contextlib.contextmanager
+def editing(model: nn.Module, hook: str, fn: Callable[[Tensor], Tensor]) -> Iterator[nn.Module]:
+    """Inside the block, ``model``'s ``hook`` outputs ``fn(output)`` (as ``edit_output``, but on
+    ``model`` itself and only until the block ends: for reading gradients at a site)."""
+    check_hook(model, hook)
+    if isinstance(model, HookedRootModule) and hook in model.hook_dict:
+        with model.hooks(fwd_hooks=[(hook, lambda act, hook: fn(act))]):
+            yield model
+        return
+    handle = model.get_submodule(hook).register_forward_hook(_replacer(hook, fn))
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+def _replacer(hook: str, fn: Callable[[Tensor], Tensor]) -> Callable:
+    """A forward hook that returns ``fn(output)`` (``fn`` of element 0 of a tuple output)."""
+    def replace(_module: nn.Module, _args: Any, output: Any) -> Any:
+        if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+            return (fn(output[0]), *output[1:])
+        if not isinstance(output, Tensor):
+            raise TypeError(f"{hook!r} returns {type(output).__name__}; an edit needs a module whose output is a "
+                            "tensor (or a tuple starting with one): name a submodule that returns one")
+        return fn(output)
+
+    return replace
+
+
 def _check_args(model: nn.Module, inputs: Tensor, hooks: Sequence[str], backend: str,
                 batch_size: int) -> tuple[list[str], int]:
     """Validate everything before the model runs; return the hooks without duplicates and the batch size."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+        raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)} (or None for the default)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__} (for an nnsight "
                         "wrapper pass the module it wraps)")
@@ -251,21 +338,27 @@ def _check_args(model: nn.Module, inputs: Tensor, hooks: Sequence[str], backend:
                          f"{tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__}")
     batch_size = check_int(batch_size, "batch_size", low=1)
     check_inputs(model, inputs)  # token ids in the vocabulary, lengths within n_ctx (mechgrok models)
-    if backend == "transformer_lens":
-        if not isinstance(model, HookedRootModule):
-            raise TypeError(f"backend='transformer_lens' needs a transformer-lens HookedRootModule, got "
-                            f"{type(model).__name__}; use backend='torch' or 'nnsight' for any nn.Module")
-        known = list(model.hook_dict)
-    else:
-        known = [name for name, _ in model.named_modules() if name]
-    known_set = set(known)
+    _check_embedding_ids(model, inputs)  # the same for a Hugging Face model
+    if backend == "transformer_lens" and not isinstance(model, HookedRootModule):
+        raise TypeError(f"backend='transformer_lens' needs a transformer-lens HookedRootModule, got "
+                        f"{type(model).__name__}; use backend='torch' or 'nnsight' (or None) for any nn.Module")
     for hook in hooks:
-        if hook not in known_set:
-            close = difflib.get_close_matches(hook, known, n=3)
-            hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else \
-                f"valid names include {known[:5]}"
-            raise ValueError(f"unknown hook {hook!r}; {hint}")
+        check_hook(model, hook, backend)
     return hooks, batch_size
+
+
+def _check_embedding_ids(model: nn.Module, inputs: Tensor) -> None:
+    """Token ids outside the input embedding of a model with ``get_input_embeddings`` (Hugging Face
+    models) fail here with the range, not later as an ``IndexError`` (or a CUDA assert) inside it."""
+    get = getattr(model, "get_input_embeddings", None)
+    if isinstance(model, HookedRootModule) or not callable(get) or inputs.is_floating_point() \
+            or inputs.is_complex() or inputs.dtype == torch.bool:
+        return
+    emb = get()
+    lo, hi = int(inputs.min()), int(inputs.max())
+    if isinstance(emb, nn.Embedding) and (lo < 0 or hi >= emb.num_embeddings):
+        raise ValueError(f"inputs hold token ids in [{lo}, {hi}] but the model's vocabulary is [0, "
+                         f"{emb.num_embeddings}); tokenize with the model's own tokenizer")
 
 
 # ---------------------------------------------------------------------------- storage

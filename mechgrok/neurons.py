@@ -1,21 +1,28 @@
 """Neuron scores, memorizing/generalizing classification, and pruning.
 
-Scores, one per MLP neuron of layer ``layer`` (hook ``blocks.{layer}.mlp.hook_post``):
+Scores, one per MLP neuron of layer ``layer`` (hook ``blocks.{layer}.mlp.hook_post``) of a
+``HookedMLP`` or of any ``HookedTransformer`` with MLPs (plain, gated, LayerNorm-activation; not
+attention-only blocks nor mixtures of experts, which are refused with a message):
 
 - ``ipr``: periodicity (Doshi et al. 2023, "To grok or not to grok"). Near 1 for a neuron tuned to
   one frequency (generalizing), near 0 for one whose weights are spread over all frequencies
-  (memorizing). Needs a modular-arithmetic task.
+  (memorizing). Only meaningful on modular arithmetic: any other task (knowledge, language
+  corpora) is refused, pointing at the memorization score.
 - ``memorization_score``: how much the neuron's direct contribution to the logits favours the
   corrupted label over the true label on corrupted training examples. It does not rely on
   periodicity, so it serves any task with corrupted (or otherwise "to be memorized") labels.
 
-``prune`` returns an edited copy; ``prune_sweep`` measures accuracy per split while pruning more
-and more neurons in a chosen order.
+Interventions return edited copies (the caller's model is untouched): ``prune`` zeroes a
+neuron's weights; ``ablate`` scales the neuron's entries of a hook's output (``blocks.L.mlp.hook_post``
+by default), and takes any ``nn.Module`` by module path (``hook="transformer.h.0.mlp.act"`` of a
+Hugging Face GPT-2). ``prune_sweep`` measures accuracy per split while pruning more and more
+neurons in a chosen order.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,12 +35,13 @@ from tqdm.auto import tqdm
 from mechgrok import models
 from mechgrok._config import check_float, check_int
 from mechgrok._threads import torch_threads
+from mechgrok.capture import check_hook, edit_output, model_device
 from mechgrok.measures import grid_forward, neuron_ipr, task_grid
 from mechgrok.measures.fourier import ipr as _ipr
 from mechgrok.tasks import Task
 from mechgrok.train import metrics_from_logits
 
-__all__ = ["ipr", "memorization_score", "scores", "classify", "NeuronGroups", "prune", "prune_sweep",
+__all__ = ["ipr", "memorization_score", "scores", "classify", "NeuronGroups", "prune", "ablate", "prune_sweep",
            "neuron_indices", "otsu_threshold", "direct_logit_map", "SWEEP_ORDERS"]
 
 SWEEP_ORDERS = ("low-first", "random", "high-first")
@@ -41,14 +49,19 @@ SWEEP_ORDERS = ("low-first", "random", "high-first")
 
 def _mlp(model: nn.Module, layer: int) -> nn.Module:
     if not isinstance(model, (models.HookedTransformer, models.HookedMLP)):
-        raise TypeError(f"neuron analyses need a HookedTransformer or HookedMLP, got {type(model).__name__}")
+        raise TypeError(f"neuron scores and prune need a HookedTransformer or HookedMLP, got {type(model).__name__}; "
+                        "convert a Hugging Face model with mg.models.from_pretrained, or ablate neurons of any "
+                        "module's output with mg.neurons.ablate(model, neurons, hook='path.to.module')")
     check_int(layer, "layer")
     if not 0 <= layer < models.n_layers(model):
         raise ValueError(f"layer {layer} does not exist; the model has {models.n_layers(model)} layer(s) "
                          f"(layer in [0, {models.n_layers(model) - 1}])")
-    mlp = model.blocks[layer].mlp
+    mlp = getattr(model.blocks[layer], "mlp", None)
+    if mlp is None:
+        raise ValueError(f"blocks.{layer} has no MLP (an attention-only model has no neurons to score or prune)")
     if not hasattr(mlp, "W_in"):
-        raise ValueError(f"blocks.{layer}.mlp has no W_in (gated or expert MLPs are not supported)")
+        raise ValueError(f"blocks.{layer}.mlp is a {type(mlp).__name__} without W_in (a mixture of experts?); "
+                         "ablate one expert's neurons with mg.neurons.ablate(model, neurons, hook=...) on its hook_post")
     return mlp
 
 
@@ -65,15 +78,24 @@ def direct_logit_map(model: nn.Module, layer: int = 0) -> Float[Tensor, "d_mlp d
 def _activations(model: nn.Module, inputs: Tensor, layer: int) -> Float[Tensor, "batch d_mlp"]:
     """Neuron activations at the answer position, ``[batch, d_mlp]``."""
     name = models.mlp_hook(layer)
-    _, cache = model.run_with_cache(inputs, names_filter=name)
+    _, cache = model.run_with_cache(inputs.to(model_device(model)), names_filter=name)
     act = cache[name]
     return act[:, -1] if act.ndim == 3 else act
 
 
 def _check_single_op(task: Task) -> None:
+    """Refuse IPR on anything but one modular-arithmetic operation, where periodicity means nothing."""
+    kind = (task.config or {}).get("kind")
+    instead = ("use the memorization score instead (score='memorization', neurons.memorization_score), which needs "
+               "corrupted or otherwise to-be-memorized labels")
+    if kind not in (None, "modular_arithmetic", "multi_task") or (kind is None and "op" not in (task.config or {})):
+        what = repr(kind) if kind else "not marked as modular arithmetic (a hand-built one: give it config={'kind': " \
+            "'modular_arithmetic', 'op': ...})"
+        raise ValueError(f"IPR scores periodicity over Z_p and only means something on modular arithmetic; task "
+                         f"{task.name!r} is {what}: {instead}")
     if len(task.task_names) != 1:
         raise ValueError(f"IPR scores need a single modular operation; task {task.name!r} mixes "
-                         f"{task.task_names} (use memorization_score, or a single-op task)")
+                         f"{task.task_names}: build a single-op task, or {instead}")
 
 
 @torch.no_grad()
@@ -90,8 +112,8 @@ def ipr(model: nn.Module, task: Task, layer: int = 0) -> Float[Tensor, " d_mlp"]
     Returns ``[d_mlp]`` in [1/(p//2+1), 1]. Limits: IPR sees concentration in frequency only; on a
     1-layer transformer a neuron can be periodic in ``a + b`` while its marginals are flat.
     """
-    models.check_compatible(model, task)  # a model of another p would be sliced silently wrong
     _check_single_op(task)
+    models.check_compatible(model, task)  # a model of another p would be sliced silently wrong
     p = task.p
     mlp = _mlp(model, layer)
     if isinstance(model, models.HookedMLP):
@@ -101,8 +123,9 @@ def ipr(model: nn.Module, task: Task, layer: int = 0) -> Float[Tensor, " d_mlp"]
         hook = models.mlp_hook(layer)
         _, acts = grid_forward(model, task_grid(task), [hook])  # {hook: [p, p, d_mlp]}
         act_ipr = neuron_ipr(acts[hook])  # [d_mlp], mean of the IPRs along a and along b
-        parts = [act_ipr, act_ipr, _ipr(direct_logit_map(model, layer), exclude_constant=True)]
-    return torch.stack(parts).mean(0).float()
+        D = direct_logit_map(model, layer)  # [d_mlp, d_vocab_out]
+        parts = [act_ipr.to(D.device), act_ipr.to(D.device), _ipr(D, exclude_constant=True)]
+    return torch.stack(parts).mean(0).float().cpu()
 
 
 @torch.no_grad()
@@ -116,14 +139,15 @@ def memorization_score(model: nn.Module, task: Task, layer: int = 0) -> Float[Te
     spirit of the memorization localisation of Doshi et al. 2023. Limits: direct path only.
     """
     models.check_compatible(model, task)
+    _mlp(model, layer)  # a layer with neurons, or a clear error
     c = task.train_corrupted
     if not bool(c.any()):
         raise ValueError(f"task {task.name!r} has no corrupted training labels, so there is nothing to "
                          "score memorization against (build it with corrupt_frac > 0)")
     act = _activations(model, task.inputs[c], layer).double()  # [n_corr, d_mlp]
-    D = direct_logit_map(model, layer).double()  # [d_mlp, d_out]
-    diff = D[:, task.labels[c]] - D[:, task.true_labels[c]]  # [d_mlp, n_corr]
-    return (act.T * diff).mean(1).float()
+    D = direct_logit_map(model, layer).double().to(act.device)  # [d_mlp, d_out]
+    diff = D[:, task.labels[c].to(act.device)] - D[:, task.true_labels[c].to(act.device)]  # [d_mlp, n_corr]
+    return (act.T * diff).mean(1).float().cpu()
 
 
 _SCORES = {"ipr": ipr, "memorization": memorization_score}
@@ -210,17 +234,67 @@ def classify(model: nn.Module, task: Task, score: str = "ipr", threshold: float 
 
 
 def prune(model: nn.Module, neurons: Sequence[int], layer: int = 0) -> nn.Module:
-    """A copy of ``model`` with ``neurons`` of ``layer`` removed: their input weights (and input
-    bias) and output weights set to zero. The original model is untouched."""
+    """A copy of ``model`` with ``neurons`` of ``layer`` removed: their input weights (``W_in``, a
+    gated MLP's ``W_gate``, the input bias) and output weights set to zero. The original model is
+    untouched. For a LayerNorm activation (``solu_ln``), whose normalisation mixes all neurons,
+    only the output weights are zeroed, so the other neurons compute what they did. In every case
+    the effect equals zeroing the neurons' entries of ``blocks.{layer}.mlp.hook_post`` (``ablate``).
+    """
     idx = neuron_indices(model, neurons, layer)
     pruned = copy.deepcopy(model)
     mlp = _mlp(pruned, layer)
+    ln_act = isinstance(model, models.HookedTransformer) and model.cfg.is_layer_norm_activation()
     with torch.no_grad():
-        mlp.W_in[:, idx] = 0
-        mlp.W_out[idx, :] = 0
-        if getattr(mlp, "b_in", None) is not None:
-            mlp.b_in[idx] = 0
+        mlp.W_out[idx.to(mlp.W_out.device), :] = 0
+        for name in () if ln_act else ("W_in", "W_gate"):
+            if getattr(mlp, name, None) is not None:
+                getattr(mlp, name)[:, idx.to(mlp.W_out.device)] = 0
+        if not ln_act and getattr(mlp, "b_in", None) is not None:
+            mlp.b_in[idx.to(mlp.b_in.device)] = 0
     return pruned
+
+
+def ablate(model: nn.Module, neurons: Sequence[int] | Tensor, *, hook: str | None = None, layer: int = 0,
+           scale: float = 0.0) -> nn.Module:
+    """A copy of ``model`` whose ``neurons`` (entries of the last dimension of ``hook``'s output, at
+    every position) are multiplied by ``scale`` (0, the default: zero-ablation). The original is
+    untouched; the copy goes into any analysis (``mg.evaluate``, ``mg.capture``, circuits).
+
+    Args:
+        model: a ``HookedTransformer`` / ``HookedMLP`` (``hook`` defaults to
+            ``blocks.{layer}.mlp.hook_post``, and ablating there equals ``prune``), or any
+            ``nn.Module`` with ``hook`` naming a submodule, e.g. ``"transformer.h.0.mlp.act"`` (the
+            4·d_model GELU outputs of a Hugging Face GPT-2 MLP).
+        neurons: distinct indices ``>= 0`` (``neuron_indices``); checked against the output's width
+            when the copy runs if the model does not say it beforehand.
+        hook: a hook name or module path (``mechgrok.capture.check_hook``: "did you mean").
+        scale: the factor (0 removes, 2 doubles).
+
+    Limits: the edit is a forward hook on the copy (``capture.edit_output``), not a change of the
+    weights; ``prune`` edits the weights of mechgrok / transformer-lens models instead.
+    """
+    scale = check_float(scale, "scale", owner="neurons.ablate (0 removes the neurons, 1 changes nothing)")
+    if hook is None:
+        if not isinstance(model, (models.HookedTransformer, models.HookedMLP)):
+            raise ValueError(f"name the module whose output holds the neurons, e.g. hook='transformer.h.0.mlp.act' for "
+                             f"a Hugging Face GPT-2; a {type(model).__name__} has no blocks.L.mlp.hook_post")
+        hook = models.mlp_hook(layer)
+    check_hook(model, hook)
+    mlp_layer = re.fullmatch(r"blocks\.(\d+)\.mlp\.hook_post", hook)
+    if mlp_layer and isinstance(model, (models.HookedTransformer, models.HookedMLP)):
+        idx = neuron_indices(model, neurons, int(mlp_layer.group(1)))
+    else:
+        idx = _indices(neurons, None, f"the output of {hook!r}")
+
+    def fn(act: Tensor) -> Tensor:  # [..., width]
+        if idx.numel() and int(idx.max()) >= act.shape[-1]:
+            raise ValueError(f"neuron {int(idx.max())} does not exist: the output of {hook!r} has {act.shape[-1]} "
+                             f"entries on its last dimension (shape {tuple(act.shape)})")
+        factor = torch.ones(act.shape[-1], device=act.device, dtype=act.dtype)
+        factor[idx.to(act.device)] = scale
+        return act * factor
+
+    return edit_output(model, hook, fn)
 
 
 def neuron_indices(model: nn.Module, neurons: Sequence[int] | Tensor, layer: int = 0) -> Tensor:
@@ -232,6 +306,11 @@ def neuron_indices(model: nn.Module, neurons: Sequence[int] | Tensor, layer: int
     """
     width = _mlp(model, layer).W_in.shape[1]
     size = f"width={width}" if isinstance(model, models.HookedMLP) else f"d_mlp={width}"
+    return _indices(neurons, width, f"layer {layer} has {size}")
+
+
+def _indices(neurons: Sequence[int] | Tensor, width: int | None, where: str) -> Tensor:
+    """``neuron_indices`` for a known ``width`` or, with ``width=None``, any index ``>= 0``."""
     if isinstance(neurons, (int, float, str, bytes)) or not hasattr(neurons, "__len__"):
         raise TypeError(f"neurons must be a list of neuron indices, e.g. [{neurons!r}], got {type(neurons).__name__}")
     if isinstance(neurons, Tensor) or hasattr(neurons, "dtype"):  # a tensor or numpy array
@@ -242,8 +321,9 @@ def neuron_indices(model: nn.Module, neurons: Sequence[int] | Tensor, layer: int
         values = t.tolist()
     else:
         values = [check_int(i, f"neurons[{j}]") for j, i in enumerate(neurons)]
-    if bad := [i for i in values if not 0 <= i < width]:
-        raise ValueError(f"neuron indices must lie in [0, {width}) (layer {layer} has {size}), got {bad[:10]}")
+    if bad := [i for i in values if not 0 <= i < (width if width is not None else float("inf"))]:
+        span = f"[0, {width})" if width is not None else ">= 0 (no counting from the end)"
+        raise ValueError(f"neuron indices must lie in {span} ({where}), got {bad[:10]}")
     if len(set(values)) < len(values):
         twice = sorted({i for i in values if values.count(i) > 1})
         raise ValueError(f"neurons {twice[:10]} are listed more than once; pass each neuron once "
@@ -264,7 +344,7 @@ def _mlp_post(model: nn.Module, task: Task) -> Tensor | None:
         return act
 
     with model.hooks(fwd_hooks=[(models.mlp_hook(0), grab)]):
-        model(task.inputs)
+        model(task.inputs.to(model_device(model)))
     return seen["post"]
 
 
@@ -277,16 +357,16 @@ def _masked_metrics(model: nn.Module, task: Task, layer: int, keep: Tensor, loss
     arithmetic as ``_MLPLayer.forward`` after the hook, so the numbers are the same."""
     if post is not None:
         mlp = _mlp(model, 0)
-        logits = (post * keep.to(post.dtype)) @ mlp.W_out
+        logits = (post * keep.to(post.device, post.dtype)) @ mlp.W_out
         logits = logits + mlp.b_out if mlp.b_out is not None else logits
-        return metrics_from_logits(logits, task, loss)
+        return metrics_from_logits(logits.cpu(), task, loss)
 
     def hook(act, hook):  # act: [batch, (pos,) d_mlp]
-        return act * keep.to(act.dtype)
+        return act * keep.to(act.device, act.dtype)
 
     with model.hooks(fwd_hooks=[(models.mlp_hook(layer), hook)]):
-        logits = models.final_logits(model, task.inputs)
-    return metrics_from_logits(logits, task, loss)
+        logits = models.final_logits(model, task.inputs.to(model_device(model)))
+    return metrics_from_logits(logits.cpu(), task, loss)
 
 
 def prune_sweep(model: nn.Module, task: Task, order: str | Tensor = "ipr", *, counts: Sequence[int] | None = None,

@@ -119,8 +119,10 @@ def test_gpt2_torch_and_nnsight_agree(gpt2):
         hidden = gpt2(x, output_hidden_states=True).hidden_states  # one batch of 10, not batches of 4
         assert_same_maths(a["transformer.h.0"], hidden[1], gpt2)
         assert_same_maths(gpt2.transformer.ln_f(a["transformer.h.1"]), hidden[2], gpt2)
+    default = capture(gpt2, x, hooks, batch_size=4, progress=False)  # no backend: torch hooks on a non-TL model
+    assert default.meta["backend"] == "torch" and all(torch.equal(default[h], a[h]) for h in hooks)
     with pytest.raises(TypeError, match="backend='torch' or 'nnsight'"):
-        capture(gpt2, x, hooks, progress=False)
+        capture(gpt2, x, hooks, backend="transformer_lens", progress=False)
 
 
 def test_unknown_hook_fails_before_anything_runs(tf, task, tmp_path):

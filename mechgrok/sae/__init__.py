@@ -11,18 +11,25 @@ Typical use (``model``, ``task`` from ``mg.presets.build`` or a run)::
     mg.evaluate(mg.sae.ablate(model, sae, feats.memorizing), task)
     mg.sae.feature_overlap(model, sae, multi_task)["pairs"]["add|sub"]["jaccard"]   # features shared by tasks
 
+Any model, every position (a raw Hugging Face GPT-2 and token ids ``[N, T]``; hook = a module path)::
+
+    sae = mg.sae.train(hf_model, tokens, hook="transformer.h.0", position="all")   # [N, T, d] -> [N * T, d]
+    mg.sae.evaluate(hf_model, sae, tokens)["spliced"]["all"]["loss"]              # next-token loss, spliced
+    mg.sae.features(hf_model, sae, tokens).top_examples(3)                        # rows n * T + t
+
 References: Bricken et al. 2023 (Towards monosemanticity), Gao et al. 2024 (Scaling and evaluating
 sparse autoencoders: TopK), Bussmann et al. 2024 (BatchTopK), Rajamanoharan et al. 2024 (JumpReLU).
 """
 
-from mechgrok.sae.evaluate import evaluate, reconstruction
+from mechgrok.sae.evaluate import evaluate, next_token_metrics, reconstruction
 from mechgrok.sae.features import LABELS, FeatureStats, features
 from mechgrok.sae.intervene import ablate, ablation_study, edit, mean_ablate, splice
 from mechgrok.sae.over_training import over_training, pick_steps
 from mechgrok.sae.reuse import cross_ablation, feature_overlap, select_features, task_attribution
 from mechgrok.sae.train import ARCHITECTURES, SAEConfig, activations, load, site, train
 
-__all__ = ["train", "SAEConfig", "load", "activations", "site", "ARCHITECTURES", "evaluate", "reconstruction", "features",
+__all__ = ["train", "SAEConfig", "load", "activations", "site", "ARCHITECTURES", "evaluate", "reconstruction",
+           "next_token_metrics", "features",
            "FeatureStats", "LABELS", "splice", "ablate", "mean_ablate", "edit", "ablation_study",
            "over_training", "pick_steps", "task_attribution", "select_features", "feature_overlap",
            "cross_ablation"]

@@ -1,8 +1,12 @@
 """Interventions through an SAE at its hook: splice in the reconstruction, ablate or scale features.
 
-Each function returns an edited *copy* of the model with a permanent transformer-lens hook at the
-SAE's site (``sae.cfg.metadata.hook_name``, at the saved position of a ``[N, pos, d]`` hook); the
-copy goes straight into ``mechgrok.evaluate`` and every other analysis. The original is untouched.
+Each function returns an edited *copy* of the model (``mechgrok.capture.edit_output``) that
+rewrites the SAE's site (``sae.cfg.metadata.hook_name``): a permanent transformer-lens hook on a
+``HookedRootModule``'s hook point, or a forward hook replacing the output of any other module path
+(a Hugging Face ``transformer.h.0``). It edits the saved position of a ``[N, pos, d]`` hook, or
+every position of an SAE trained with ``position="all"``. The copy goes straight into
+``mechgrok.evaluate`` and every other analysis; the original is untouched. The SAE may sit on
+another device than the model: activations go to it and come back.
 
 - ``splice``: the activation x is replaced by the SAE's reconstruction x̂ = decode(encode(x)).
 - ``ablate(features, scale)``: x → x + (scale − 1) Σ_{f ∈ features} a_f(x) W_dec[f]. Only the chosen
@@ -16,7 +20,6 @@ live features (several seeds), per split.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from mechgrok._config import check_float, check_int
-from mechgrok.sae.train import site
+from mechgrok.capture import edit_output
+from mechgrok.sae.train import ALL, encode, reconstruct, site
 from mechgrok.tasks import Task
 from mechgrok.train import evaluate as evaluate_model
 
@@ -33,28 +37,35 @@ __all__ = ["splice", "ablate", "mean_ablate", "ablation_study", "edit"]
 
 
 def edit(model: nn.Module, sae, replace: Callable[[Tensor], Tensor]) -> nn.Module:
-    """A copy of ``model`` whose activation at the SAE's site, ``[batch, d]``, is ``replace(x)``."""
-    hook, position = site(sae)
-    edited = copy.deepcopy(model)
-    if hook not in edited.hook_dict:
-        raise ValueError(f"the SAE reads {hook!r}, which this model does not have")
+    """A copy of ``model`` whose activation at the SAE's site, ``[rows, d]``, is ``replace(x)``.
 
-    def fn(act: Tensor, hook) -> Tensor:
+    ``rows`` is the batch for one position (or a position-free ``[batch, d]`` hook) and
+    ``batch * pos`` (row ``b * pos + t``) for an SAE of every position.
+    """
+    hook, position = site(sae)
+
+    def fn(act: Tensor) -> Tensor:  # [batch, d] or [batch, pos, d]
         if act.ndim == 2:
             return replace(act)
-        if position is None:
-            raise ValueError(f"{hook.name} gives {tuple(act.shape)} but the SAE has no position; retrain it with one")
+        if position is None or act.ndim != 3:
+            raise ValueError(f"{hook!r} gives {tuple(act.shape)} but the SAE reads [batch, d] (no position); "
+                             "retrain it with a position (e.g. position=-1 or 'all')")
+        if position == ALL:
+            return replace(act.reshape(-1, act.shape[-1])).reshape(act.shape)  # [batch * pos, d] -> back
         act = act.clone()
         act[:, position] = replace(act[:, position])
         return act
 
-    edited.add_hook(hook, fn, is_permanent=True)
-    return edited
+    try:
+        return edit_output(model, hook, fn)
+    except ValueError as e:
+        raise ValueError(f"the SAE reads {hook!r}, which this model does not have ({e})") from None
 
 
 def splice(model: nn.Module, sae) -> nn.Module:
-    """A copy of ``model`` that runs on the SAE's reconstruction at its site."""
-    return edit(model, sae, lambda x: sae.decode(sae.encode(x)).to(x.dtype))
+    """A copy of ``model`` that runs on the SAE's reconstruction x̂ = decode(encode(x)) at its site
+    (at every position of an SAE trained on all positions)."""
+    return edit(model, sae, lambda x: reconstruct(sae, x))
 
 
 def _indices(features: Sequence[int] | Tensor, d_sae: int) -> Tensor:
@@ -74,21 +85,23 @@ def ablate(model: nn.Module, sae, features: Sequence[int] | Tensor, scale: float
     """A copy of ``model`` with the contribution of ``features`` multiplied by ``scale`` (0: removed)."""
     idx = _indices(features, sae.cfg.d_sae)
     scale = check_float(scale, "scale", owner="ablate (0 removes the features, 1 changes nothing)")
-    W = sae.W_dec.detach()[idx]  # [n_features, d]
+    W = sae.W_dec.detach()[idx.to(sae.W_dec.device)]  # [n_features, d]
 
-    def replace(x: Tensor) -> Tensor:
+    def replace(x: Tensor) -> Tensor:  # [rows, d]
         if not idx.numel():
             return x
-        a = sae.encode(x)[:, idx]  # [batch, n_features]
-        return x + ((scale - 1.0) * a @ W).to(x.dtype)
+        a = encode(sae, x)[:, idx.to(x.device)]  # [rows, n_features]
+        return x + ((scale - 1.0) * a @ W.to(x.device, a.dtype)).to(x.dtype)
 
     return edit(model, sae, replace)
 
 
 def mean_ablate(model: nn.Module, sae, acts: Tensor) -> nn.Module:
-    """A copy of ``model`` whose activation at the SAE's site is the mean of ``acts`` ``[N, d]``."""
-    mean = acts.mean(0)
-    return edit(model, sae, lambda x: mean.to(x.dtype).expand_as(x).clone())
+    """A copy of ``model`` whose activation at the SAE's site is the mean of ``acts`` ``[rows, d]``
+    (``[N, pos, d]`` is averaged over examples and positions alike: one mean vector for every
+    position of an all-positions SAE)."""
+    mean = acts.reshape(-1, acts.shape[-1]).mean(0)  # [d]
+    return edit(model, sae, lambda x: mean.to(x.device, x.dtype).expand_as(x).clone())
 
 
 def _accuracies(result: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

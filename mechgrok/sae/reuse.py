@@ -11,7 +11,8 @@ the first-order (attribution-patching) effect of replacing f's contribution by i
 examples, with the SAE's error term kept (Marks et al. 2024, "Sparse feature circuits", use the
 same linearisation for feature circuits). It is exact where the site reaches the logits linearly,
 as the MLP neurons of the last layer do in mechgrok's models (no LayerNorm after them); a test checks
-it against the ablation itself.
+it against the ablation itself. For an SAE of every position the sum also runs over positions, with
+ā_f the mean at each position: the first-order effect of mean-ablating f at every position.
 
 t's features: the smallest top-|attr| set whose attributions sum to ``target`` of the total. At a
 linear site that total is m(model) − m(every feature mean-ablated), so the set is exactly the
@@ -34,7 +35,7 @@ from mechgrok.circuits.overlap import score_overlap
 from mechgrok.circuits.reuse import split_for
 from mechgrok.sae.features import _site_gradient
 from mechgrok.sae.intervene import _indices, ablate
-from mechgrok.sae.train import activations, site
+from mechgrok.sae.train import activations, encode, site
 from mechgrok.tasks import Task
 from mechgrok.train import evaluate
 
@@ -68,13 +69,14 @@ def task_attribution(model: nn.Module, sae, task: Task, task_name: str | None = 
 
     def metric(logits: Tensor) -> Tensor:  # Σ_i m(x_i), in float64
         logits = logits.double()
-        return (logits.gather(1, y[:, None]).squeeze(1) - logits.mean(1)).sum()
+        return (logits.gather(1, y[:, None].to(logits.device)).squeeze(1) - logits.mean(1)).sum()
 
-    x, g = _site_gradient(model, task.inputs[idx], hook, position, metric)  # [n, d_in] each
+    x, g = _site_gradient(model, task.inputs[idx], hook, position, metric)  # [n, (pos,) d_in] each
     with torch.no_grad():
-        a = sae.encode(x.float()).double()  # [n, d_sae]
-        push = g.double() @ sae.W_dec.double().T  # [n, d_sae]: W_dec[f] · ∇_x m(x_i)
-        return ((a - a.mean(0)) * push).mean(0)
+        a = encode(sae, x.reshape(-1, x.shape[-1]).float()).reshape(*x.shape[:-1], -1).double()  # [n, (pos,) d_sae]
+        push = g.double() @ sae.W_dec.detach().to(g.device).double().T  # [n, (pos,) d_sae]: W_dec[f] · ∇_x m(x_i)
+        contrib = (a - a.mean(0)) * push
+        return (contrib.sum(1) if contrib.ndim == 3 else contrib).mean(0).cpu()
 
 
 def select_features(scores: Float[Tensor, " d_sae"], target: float = 0.8) -> tuple[Int[Tensor, " k"], float]:
@@ -139,7 +141,7 @@ def cross_ablation(model: nn.Module, sae, task: Task, features: dict[str, Any], 
     features = {name: _indices(idx, sae.cfg.d_sae) for name, idx in features.items()}
     hook, position = site(sae)
     with torch.no_grad():
-        alive = (sae.encode(activations(model, task, hook, position)) > 0).any(0).nonzero().flatten()
+        alive = (encode(sae, activations(model, task, hook, position)) > 0).any(0).nonzero().flatten()
 
     def accuracy(m: nn.Module) -> dict[str, float]:
         by = evaluate(m, task, by_task=True)

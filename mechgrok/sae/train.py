@@ -1,4 +1,4 @@
-"""Train a sparse autoencoder with sae-lens on activations captured from a mechgrok model.
+"""Train a sparse autoencoder with sae-lens on activations captured from a model.
 
 sae-lens is the engine: its ``TrainingSAE`` classes and ``SAETrainer`` do the optimisation; this
 module feeds the trainer from ``mechgrok.capture`` (in memory) or a capture folder on disk, seeds
@@ -7,6 +7,16 @@ it, keeps wandb off, records a training log, and saves the result in sae-lens's 
 loads it directly. ``train`` returns the SAE *as saved and reloaded*: every metric downstream is
 computed on the form another user would load (BatchTopK, for one, becomes a JumpReLU SAE with one
 threshold when saved; see ``ARCHITECTURES``).
+
+Any model: ``data`` is a mechgrok ``Task`` (its ``inputs``; splits and labels for the analyses) or a
+plain input tensor ``[N, ...]`` (token ids ``[N, T]`` for a language model), and ``hook`` a
+transformer-lens hook name or the path of any submodule (``"transformer.h.0"`` of a Hugging Face
+GPT-2), captured with ``backend`` (``mechgrok.capture``; default: transformer-lens for a
+``HookedRootModule``, torch hooks otherwise). The *site* of an SAE is its hook and a position:
+one position of a ``[N, pos, d]`` hook (``position=-1``, the answer position, by default), none
+for an ``[N, d]`` hook, or every position (``position="all"``: each token is a training vector,
+``[N, pos, d] -> [N * pos, d]``, row ``n * pos + t``). ``evaluate``, ``features`` and the
+interventions read the site from the SAE's metadata (``site``).
 
 Architectures (Bricken et al. 2023; Gao et al. 2024; Bussmann et al. 2024; Rajamanoharan et al. 2024):
 
@@ -34,10 +44,11 @@ from torch import Tensor, nn
 from mechgrok._config import check_float, check_int
 from mechgrok._config import from_dict as config_from_dict
 from mechgrok._io import atomic_dir, atomic_write_text
-from mechgrok.capture import capture, load_cache
+from mechgrok.capture import capture, load_cache, model_device
 from mechgrok.tasks import Task
 
-__all__ = ["ARCHITECTURES", "SAEConfig", "train", "load", "activations", "site", "SAE_FILES"]
+__all__ = ["ARCHITECTURES", "SAEConfig", "train", "load", "activations", "site", "encode", "reconstruct", "SAE_FILES",
+           "ALL"]
 
 #: architecture -> (training SAE class, its config class) names in sae_lens, and the form it loads as.
 ARCHITECTURES = {
@@ -49,10 +60,14 @@ ARCHITECTURES = {
 #: Files sae-lens writes for an inference SAE; ``training_log.json`` is mechgrok's addition.
 SAE_FILES = ("cfg.json", "sae_weights.safetensors")
 SPLITS = ("all", "train", "test")
+#: The ``position`` of an SAE trained on every position of a ``[N, pos, d]`` hook.
+ALL = "all"
+Position = int | str | None  # an int, None (a position-free [N, d] hook) or ALL
 
 
-def site(sae) -> tuple[str, int | None]:
-    """``(hook, position)`` an SAE trained by ``train`` reads (from its saved metadata)."""
+def site(sae) -> tuple[str, Position]:
+    """``(hook, position)`` an SAE trained by ``train`` reads (from its saved metadata); position
+    is an int, ``None`` (an ``[N, d]`` hook) or ``"all"`` (every position)."""
     meta = sae.cfg.metadata
     hook = getattr(meta, "hook_name", None)
     if not hook:
@@ -61,28 +76,89 @@ def site(sae) -> tuple[str, int | None]:
     return hook, getattr(meta, "mechgrok_position", None)
 
 
-def activations(model: nn.Module, task: Task, hook: str, position: int | None = -1, *,
-                progress: bool = False) -> Float[Tensor, "N d"]:
-    """The activations at ``hook`` for every example of ``task``, ``[N, d]`` float32.
+def encode(sae, x: Float[Tensor, "rows d"]) -> Float[Tensor, "rows d_sae"]:
+    """``sae.encode(x)`` computed on the SAE's device, returned on ``x``'s."""
+    return sae.encode(x.to(sae.device)).to(x.device)
 
-    ``position`` picks one position of a ``[N, pos, d]`` hook (default -1: the answer position);
-    ``None`` keeps ``[N, d]`` hooks as they are and refuses positional ones.
+
+def reconstruct(sae, x: Float[Tensor, "rows d"]) -> Float[Tensor, "rows d"]:
+    """``decode(encode(x))`` on the SAE's device, returned on ``x``'s device in ``x``'s dtype."""
+    return sae.decode(sae.encode(x.to(sae.device))).to(x.device, x.dtype)
+
+
+def activations(model: nn.Module, data: Task | Tensor, hook: str, position: Position = -1, *,
+                backend: str | None = None, progress: bool = False) -> Float[Tensor, "rows d"]:
+    """The activations at ``hook`` for every example of ``data``, ``[rows, d]`` float32 (on the CPU).
+
+    Args:
+        model: any ``nn.Module`` (``hook`` a hook name or module path, see ``mechgrok.capture``).
+        data: a ``Task`` (its ``inputs``) or an input tensor ``[N, ...]`` (token ids ``[N, T]``).
+        position: one position of a ``[N, pos, d]`` hook (default -1: the answer position; rows
+            ``= N``); ``"all"``: every position (rows ``= N * pos``, row ``n * pos + t``); ``None``
+            keeps ``[N, d]`` hooks as they are and refuses positional ones.
+        backend: the capture backend (None: transformer-lens for a ``HookedRootModule``, else torch).
     """
-    act = capture(model, task.inputs, [hook], progress=progress)[hook]
-    return _at(act, position, hook)[0].float()
+    act = capture(model, inputs_of(data), [hook], backend=backend, progress=progress)[hook]
+    x = _at(act, check_position(position), hook)[0]
+    return x.reshape(-1, x.shape[-1]).float()  # [N * pos, d] for every position
 
 
-def _at(act: Tensor, position: int | None, hook: str) -> tuple[Tensor, int | None]:
-    """``[N, d]`` activations and the position they were read at (None for a position-free hook)."""
+def site_activations(model: nn.Module, data: Task | Tensor, hook: str, position: Position, *,
+                     backend: str | None = None) -> Float[Tensor, "N ... d"]:
+    """The activations an SAE of site ``(hook, position)`` reads, float32 on the CPU: ``[N, d]`` for
+    one position (``None``: the hook's own ``[N, d]``, or position -1 of a positional hook) and
+    ``[N, pos, d]`` for every position, so a Task's split masks ``[N]`` still index them."""
+    act = capture(model, inputs_of(data), [hook], backend=backend, progress=False)[hook]
+    return _at(act, -1 if position is None else position, hook)[0].float()
+
+
+def logits_of(output: Any) -> Tensor:
+    """The logits in a model's output: a tensor itself, a Hugging Face output's ``.logits``, or a
+    tuple's element 0."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(getattr(output, "logits", None), Tensor):
+        return output.logits
+    if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in the model's output ({type(output).__name__}); the model must return "
+                    "a tensor, a tuple starting with one, or an object with .logits")
+
+
+def inputs_of(data: Task | Tensor) -> Tensor:
+    """The model inputs ``[N, ...]`` of a ``Task`` or of a plain input tensor."""
+    if isinstance(data, Task):
+        return data.inputs
+    if isinstance(data, Tensor):
+        return data
+    raise TypeError(f"data must be a mechgrok Task or an input tensor [N, ...] (token ids [N, T]), got "
+                    f"{type(data).__name__}")
+
+
+def check_position(position: Position) -> Position:
+    """``position`` if it is an int, None or ``"all"``; a clear error otherwise."""
+    if position is None or position == ALL:
+        return position
+    if isinstance(position, str):
+        raise ValueError(f"position must be an integer, None or {ALL!r} (every position), got {position!r}")
+    return check_int(position, "position")
+
+
+def _at(act: Tensor, position: Position, hook: str) -> tuple[Tensor, Position]:
+    """The activations at the site, ``[N, d]`` (or ``[N, pos, d]`` for ``"all"``), and the position
+    they were read at (None for a position-free hook)."""
     if act.ndim == 2:
         return act, None
+    if act.ndim == 3 and position == ALL:
+        return act, ALL
     if act.ndim == 3 and position is not None:
         position = check_int(position, "position")
         if not -act.shape[1] <= position < act.shape[1]:
             raise ValueError(f"position {position} is outside the {act.shape[1]} positions of {hook!r}")
         return act[:, position], position
     raise ValueError(f"{hook!r} gives activations of shape {tuple(act.shape)}; SAEs here read [N, d] "
-                     "(pass position=... for a [N, pos, d] hook, e.g. -1 for the answer position)")
+                     f"(pass position=... for a [N, pos, d] hook, e.g. -1 for the answer position or {ALL!r} "
+                     "for every position)")
 
 
 def _batches(x: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -174,19 +250,30 @@ class SAEConfig:
                                                                          **extra}})
 
 
-def train(model: nn.Module | None = None, task: Task | None = None, hook: str | None = None,
-          config: SAEConfig | None = None, *, acts: Tensor | str | Path | None = None, position: int | None = -1,
-          split: str = "all", out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-          log_every: int = 100, **overrides: Any):
+def train(model: nn.Module | None = None, data: Task | Tensor | None = None, hook: str | None = None,
+          config: SAEConfig | None = None, *, acts: Tensor | str | Path | None = None, position: Position = -1,
+          backend: str | None = None, split: str = "all",
+          out: str | Path | None = None, overwrite: bool = False, progress: bool = True, log_every: int = 100,
+          **overrides: Any):
     """Train an SAE on the activations at ``hook`` and return it as saved and reloaded by sae-lens.
 
     Args:
-        model, task: capture ``[N, d]`` activations at ``hook`` (position ``position`` of a
-            ``[N, pos, d]`` hook) for the examples of ``split`` (``"all"``: the whole table, the
-            domain the model computes on; ``"train"`` / ``"test"``). Or give ``acts`` instead: a
-            tensor ``[N, d]`` / ``[N, pos, d]`` or a folder written by ``mechgrok.capture(..., out=)``
-            (read lazily, memory-mapped), with ``hook`` naming the array in it.
+        model, data: capture the activations at ``hook`` of ``model`` (any ``nn.Module``) on
+            ``data``: a ``Task`` (its ``inputs``) or an input tensor ``[N, ...]`` such as token
+            ids ``[N, T]``. ``split`` picks a Task's examples (``"all"``: the whole table, the
+            domain the model computes on; ``"train"`` / ``"test"``; a tensor has only ``"all"``).
+            Or give ``acts`` instead: a tensor ``[N, d]`` / ``[N, pos, d]`` or a folder written by
+            ``mechgrok.capture(..., out=)`` (read lazily, memory-mapped), with ``hook`` naming the
+            array in it.
+        hook: a transformer-lens hook name (``"blocks.1.hook_resid_post"``) or a module path
+            (``"transformer.h.0"``); a tuple output is read at its element 0.
         config: the training settings (``SAEConfig``; default ``SAEConfig()``).
+        position: which position of a ``[N, pos, d]`` hook becomes a training vector: an int
+            (default -1, the answer position: one vector per example), or ``"all"``: every
+            position (``[N, pos, d] -> [N * pos, d]``, the usual choice for a language model's
+            residual stream). Ignored for an ``[N, d]`` hook. Saved as ``mechgrok_position``.
+        backend: how to capture (``mechgrok.capture``): None picks transformer-lens for a
+            ``HookedRootModule`` and torch hooks for any other module; or ``"torch"`` / ``"nnsight"``.
         **overrides: ``SAEConfig`` fields to change (``d_sae=1024, k=32``); any other name is a
             field of sae-lens's training config (e.g. ``aux_loss_coefficient``) and goes into
             ``config.options``. Activations are scaled to a mean norm of √d_in while training
@@ -199,25 +286,27 @@ def train(model: nn.Module | None = None, task: Task | None = None, hook: str | 
 
     Returns:
         a ``sae_lens.SAE`` (inference form) with ``cfg.metadata.hook_name = hook`` and
-        ``mechgrok_*`` fields (position, split, architecture, seed, steps, folder, config).
+        ``mechgrok_*`` fields (position, split, architecture, seed, steps, folder, config), on the
+        model's device (it is trained there; CPU when trained from ``acts``).
     """
     import sae_lens
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.sae import SAEMetadata
 
     if hook is None:
-        raise ValueError("name the hook the SAE reads, e.g. hook='blocks.0.hook_resid_post'")
+        raise ValueError("name the hook the SAE reads, e.g. hook='blocks.0.hook_resid_post' or 'transformer.h.0'")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     if config is not None and not isinstance(config, SAEConfig):
         raise TypeError(f"config must be a mechgrok.sae.SAEConfig, got {type(config).__name__}")
     cfg = (config or SAEConfig()).replace(**overrides) if overrides else (config or SAEConfig())
     log_every = check_int(log_every, "log_every", low=1)
-    if position is not None:
-        position = check_int(position, "position")
+    position = check_position(position)
+    if "positions" in overrides:  # one spelling everywhere (DESIGN.md §7): position=
+        raise TypeError("sae.train has no positions= argument: use position='all' for every position, or an int")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise FileExistsError(f"{out} is a file; an SAE is saved as a folder (cfg.json + weights): choose another path")
-    x, position = _source(model, task, hook, acts, position, split)
+    x, position = _source(model, data, hook, acts, position, split, backend)
     batch_size = min(256, len(x)) if cfg.batch_size is None else cfg.batch_size
     if batch_size > len(x):
         raise ValueError(f"batch_size={batch_size} is more than the number of activations ({len(x)}); "
@@ -226,12 +315,13 @@ def train(model: nn.Module | None = None, task: Task | None = None, hook: str | 
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="mechgrok-sae-"))
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; choose another folder or pass overwrite=True")
+    device = str(model_device(model)) if model is not None and acts is None else "cpu"
 
     train_cls, cfg_cls, _ = (getattr(sae_lens, name) for name in ARCHITECTURES[architecture])
     options = {"standard": {"l1_coefficient": cfg.l1}, "topk": {"k": int(k)},
                "batchtopk": {"k": float(k), "topk_threshold_lr": 0.05},
                "jumprelu": {"l0_coefficient": cfg.l0}}[architecture] | cfg.options
-    meta = {"hook_name": hook, "model_name": f"mechgrok:{task.name}" if task is not None else "mechgrok",
+    meta = {"hook_name": hook, "model_name": f"mechgrok:{data.name}" if isinstance(data, Task) else "mechgrok",
             "mechgrok_position": position, "mechgrok_split": split,
             "mechgrok_architecture": architecture, "mechgrok_seed": seed, "mechgrok_steps": steps,
             "mechgrok_batch_size": batch_size, "mechgrok_lr": lr, "mechgrok_n_activations": int(x.shape[0]),
@@ -243,12 +333,12 @@ def train(model: nn.Module | None = None, task: Task | None = None, hook: str | 
         raise ValueError(f"bad option for a {architecture} SAE: {e}") from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        sae = train_cls(sae_cfg)
+        sae = train_cls(sae_cfg)  # initialised on the CPU from the seed, so every device starts the same
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, lr=lr, lr_end=lr,
         lr_warm_up_steps=min(cfg.warmup, steps - 1), dead_feature_window=max(1, min(1000, steps // 5)),
         feature_sampling_window=steps + 1, n_batches_for_norm_estimate=max(1, min(100, len(x) // batch_size)),
-        device="cpu", logger=LoggingConfig(log_to_wandb=False))
+        device=device, logger=LoggingConfig(log_to_wandb=False))
     trainer = _recording_trainer(trainer_cfg, sae, _batches(x, batch_size, torch.Generator().manual_seed(seed)),
                                  log_every)
     with _quiet_progress(progress):
@@ -256,41 +346,44 @@ def train(model: nn.Module | None = None, task: Task | None = None, hook: str | 
     with atomic_dir(out) as tmp:
         sae.save_inference_model(str(tmp))
         atomic_write_text(tmp / "training_log.json", json.dumps(trainer.log, indent=1))
-    loaded = load(out)
+    loaded = load(out, device=device)
     loaded.cfg.metadata.mechgrok_folder = str(out)
     return loaded
 
 
-def _source(model, task, hook, acts, position, split) -> tuple[Tensor, int | None]:
-    """The ``[N, d]`` training activations and the position they come from."""
+def _source(model, data, hook, acts, position, split, backend) -> tuple[Tensor, Position]:
+    """The training activations ``[rows, d]`` and the position they come from."""
     if acts is None:
-        if model is None or task is None:
-            raise ValueError("give model and task (activations are captured), or acts=")
-        acts = capture(model, task.inputs, [hook], progress=False)[hook]
+        if model is None or data is None:
+            raise ValueError("give model and data (a Task or an input tensor; activations are captured), or acts=")
+        acts = capture(model, inputs_of(data), [hook], backend=backend, progress=False)[hook]
     elif isinstance(acts, (str, Path)):
         cache = load_cache(acts)
         if hook not in cache:
             raise ValueError(f"{acts} holds no activations for {hook!r}; it has {sorted(cache)}")
         acts = cache[hook]
-    x, position = _at(acts, position, hook)
+    x, position = _at(acts, position, hook)  # [N, d], or [N, pos, d] for every position
     if split != "all":
-        if task is None:
-            raise ValueError(f"split={split!r} needs the task the activations come from")
-        x = x[task.mask(split)]
+        if not isinstance(data, Task):
+            raise ValueError(f"split={split!r} needs the Task the activations come from (data=task); a tensor has "
+                             "only split='all'")
+        x = x[data.mask(split)]
+    x = x.reshape(-1, x.shape[-1])  # [N * pos, d]: one row per token for every position
     if not x.dtype.is_floating_point or not bool(torch.isfinite(x).all()):
         raise ValueError(f"activations for {hook!r} must be finite floats")
     return x, position
 
 
-def load(path: str | Path):
-    """An SAE saved by ``train`` (or any sae-lens inference SAE folder), through ``SAE.load_from_disk``."""
+def load(path: str | Path, device: str | torch.device = "cpu"):
+    """An SAE saved by ``train`` (or any sae-lens inference SAE folder), through ``SAE.load_from_disk``,
+    on ``device``, in eval mode with gradients off."""
     from sae_lens import SAE
 
     path = Path(path)
     missing = [f for f in SAE_FILES if not (path / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} is not a saved SAE (missing {missing}); train one with mechgrok.sae.train")
-    sae = SAE.load_from_disk(str(path), device="cpu")
+    sae = SAE.load_from_disk(str(path), device=str(device))
     sae.eval()
     for p in sae.parameters():
         p.requires_grad_(False)

@@ -6,9 +6,10 @@
 True
 """
 
+from mechgrok.tasks.induction import induction
 from mechgrok.tasks.knowledge import knowledge, ood_entities
 from mechgrok.tasks.modular import OPS, from_config, is_prime, modular_arithmetic, multi_task
 from mechgrok.tasks.task import SPLITS, Task, load
 
 __all__ = ["Task", "SPLITS", "OPS", "modular_arithmetic", "multi_task", "from_config", "load", "is_prime",
-           "knowledge", "ood_entities"]
+           "knowledge", "ood_entities", "induction"]

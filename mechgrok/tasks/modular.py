@@ -193,4 +193,9 @@ def from_config(config: dict[str, Any]) -> Task:
 
         kw["kind"] = kw.pop("knowledge_kind")
         return knowledge(**kw)
-    raise ValueError(f"unknown task kind {kind!r}; expected 'modular_arithmetic', 'multi_task' or 'knowledge'")
+    if kind == "induction":
+        from mechgrok.tasks.induction import induction  # noqa: PLC0415 (kept local: dispatch only)
+
+        return induction(**kw)
+    raise ValueError(f"unknown task kind {kind!r}; expected 'modular_arithmetic', 'multi_task', 'knowledge' or "
+                     "'induction'")

@@ -198,6 +198,8 @@ def _n_subtasks(config: dict[str, Any]) -> int | None:
         return len(config["specs"])
     if kind == "knowledge":
         return 3
+    if kind == "induction":
+        return 1
     return None
 
 
