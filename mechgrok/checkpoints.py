@@ -124,16 +124,21 @@ def save_training_state(path: str | Path, model: nn.Module, opt: torch.optim.Opt
 
 
 def load_training_state(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer, g: torch.Generator) -> None:
-    """Restore what ``save_training_state`` wrote (verifying the hash) into ``model``, ``opt`` and ``g``."""
+    """Restore what ``save_training_state`` wrote (verifying the hash) into ``model``, ``opt`` and ``g``,
+    on the devices they are on (a checkpoint holds CPU tensors)."""
     tensors = read(path)
     if "rng/train" not in tensors:
         raise DamagedCheckpoint(path, f"{path} has no training RNG state; it was not written by mechgrok.train")
     models.load_state(model, {k: v for k, v in tensors.items() if "/" not in k}, source=str(path))
     params = dict(model.named_parameters())
+    on_device = {id(p) for group in opt.param_groups if group.get("capturable") or group.get("fused")
+                 for p in group["params"]}  # optimizers whose step counter lives with the parameter
     for key, v in tensors.items():
         if key.startswith("optim/"):
             _, name, k = key.split("/")
             if name not in params:
                 raise DamagedCheckpoint(path, f"{path} holds optimizer state for {name!r}, which the model lacks")
-            opt.state[params[name]][k] = v.clone()
+            p = params[name]
+            # moments go to the parameter's device; AdamW's "step" stays a CPU scalar unless capturable/fused
+            opt.state[p][k] = v.clone() if k == "step" and id(p) not in on_device else v.to(p.device, copy=True)
     g.set_state(tensors["rng/train"])

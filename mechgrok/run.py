@@ -3,7 +3,9 @@
 Layout::
 
     RUN/
-      config.json                      {"format", "task": task config, "model": model spec, "train": TrainConfig}
+      config.json                      {"format", "task": task config, "model": model spec (mg.models.spec: a
+                                       builder's arguments, or a HookedTransformer's transformer-lens config),
+                                       "train": TrainConfig}
       task/                            the Task (task.json + tensors.safetensors)
       checkpoints/step_000100.safetensors   model parameters, optimizer state ("optim/..."), RNG state ("rng/...");
                                        a content hash in the metadata, checked on every load (mechgrok.checkpoints)
@@ -31,6 +33,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from mechgrok import checkpoints, models
@@ -118,15 +121,15 @@ class Run:
     def checkpoint(self, step: int) -> Path:
         return self.path / "checkpoints" / checkpoint_name(step)
 
-    def load_model(self, step: int | None = None) -> nn.Module:
-        """The model at ``step`` (default: the last checkpoint)."""
+    def load_model(self, step: int | None = None, *, device: str | torch.device | None = None) -> nn.Module:
+        """The model at ``step`` (default: the last checkpoint), on ``device`` (default: torch's default device)."""
         steps = self.steps()
         if not steps:
             raise FileNotFoundError(f"{self.path} has no checkpoints yet")
         step = steps[-1] if step is None else check_int(step, "step", low=0, owner="Run.load_model")
         if step not in steps:
             raise ValueError(f"no checkpoint at step {step}; available: {steps}")
-        model = models.build(self.config["model"])
+        model = models.build(self.config["model"], device=device)
         try:
             tensors = checkpoints.read(self.checkpoint(step))  # the content hash is checked here
         except checkpoints.DamagedCheckpoint as e:

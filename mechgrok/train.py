@@ -1,9 +1,13 @@
 """Training loop with checkpoints, a history of every evaluation, and exact resume.
 
 ``train(model, task, TrainConfig(...), out="runs/x")`` trains ``model`` **in place** and writes a run
-folder (see ``mechgrok.run``). Killing it and calling ``train`` again with the same arguments resumes
-from the last checkpoint and ends with bitwise the same weights as an uninterrupted run: the
-checkpoint holds the parameters, the optimizer state and the state of the training RNG.
+folder (see ``mechgrok.run``). The model is any ``HookedTransformer`` (built by ``mg.models``, from a
+``HookedTransformerConfig``, or converted with ``mg.models.from_pretrained``) or ``HookedMLP`` whose
+vocabulary fits the task; it trains on the device it is on (the task's tensors are moved there).
+
+Killing it and calling ``train`` again with the same arguments resumes from the last checkpoint and
+ends with bitwise the same weights as an uninterrupted run: the checkpoint holds the parameters, the
+optimizer state and the state of the training RNG.
 
 The run folder is created atomically and locked while training (``mechgrok._runfolder``); every
 checkpoint carries a content hash checked when it is loaded (``mechgrok.checkpoints``). A damaged
@@ -149,7 +153,7 @@ def evaluate(model: nn.Module, task: Task, loss: str = "cross_entropy", by_task:
     was_training = model.training
     model.eval()
     try:
-        logits = models.final_logits(model, task.inputs)  # [N, d_out]
+        logits = models.final_logits(model, task.inputs).cpu()  # [N, d_out], scored next to the task's labels
     finally:
         model.train(was_training)
     if by_task:
@@ -179,7 +183,7 @@ def metrics_from_logits(logits: Tensor, task: Task, loss: str = "cross_entropy",
 def _history_row(step: int, model: nn.Module, task: Task, cfg: TrainConfig, lr: float, elapsed: float) -> dict:
     model.eval()
     with torch.no_grad():
-        logits = models.final_logits(model, task.inputs)
+        logits = models.final_logits(model, task.inputs).cpu()  # [N, d_out]
         metrics = metrics_from_logits(logits, task, cfg.loss)
         wnorm = math.sqrt(sum(float((p.double() ** 2).sum()) for p in model.parameters()))
         collapse = softmax_collapse(logits[task.train], task.labels[task.train])
@@ -214,13 +218,14 @@ def _orthogonalize_grads(params: list[nn.Parameter]) -> None:
 
 
 def _dropout_hooks(model: nn.Module, rate: float, g: torch.Generator) -> list:
-    """Forward hooks applying inverted dropout to every MLP's neurons, drawing masks from ``g``."""
+    """Forward hooks applying inverted dropout to every MLP's neurons, drawing masks from ``g`` (a CPU
+    generator, so a seed gives the same masks on every device)."""
     handles = []
     for layer in range(models.n_layers(model)):
         module = model.get_submodule(models.mlp_hook(layer))
 
         def hook(_m, _inp, out, keep=1.0 - rate):
-            mask = (torch.rand(out.shape, generator=g) < keep).to(out.dtype)
+            mask = (torch.rand(out.shape, generator=g) < keep).to(device=out.device, dtype=out.dtype)
             return out * mask / keep
 
         handles.append(module.register_forward_hook(hook))
@@ -251,7 +256,9 @@ def train(model: nn.Module, task: Task, config: TrainConfig | None = None, out: 
     """Train ``model`` on ``task``'s training split, **updating the model in place**.
 
     Args:
-        model: built by ``mg.models.transformer`` / ``mg.models.mlp`` for this task.
+        model: a ``HookedTransformer`` or ``HookedMLP`` whose vocabulary and context fit ``task``:
+            built by ``mg.models.transformer`` / ``mg.models.mlp``, from any ``HookedTransformerConfig``,
+            or converted with ``mg.models.from_pretrained``. It trains on its own device.
         task: the data; only ``task.train`` examples (with their possibly corrupted labels) are used.
         config: optimisation settings (default ``TrainConfig()``).
         out: run folder. A folder with the same config is resumed from its last checkpoint; one with
@@ -280,10 +287,17 @@ def train(model: nn.Module, task: Task, config: TrainConfig | None = None, out: 
     if stop_at is not None:
         stop_at = check_int(stop_at, "stop_at", low=0, owner="train")
     models.check_compatible(model, task)
+    if cfg.dropout and not models.has_mlp(model):
+        raise ValueError(f"TrainConfig: dropout={cfg.dropout} acts on MLP neurons (blocks.*.mlp.hook_post), but this "
+                         "model is attention-only; train it with dropout=0")
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="mechgrok-run-"))
     if out.name in ("", ".", ".."):  # the run folder needs a name (its temporary siblings are named after it)
         out = out.resolve()
-    run_config = {"format": RUN_FORMAT, "task": task.config, "model": models.spec(model), "train": cfg.to_dict()}
+    try:  # the run folder records how to rebuild the model, so that its checkpoints can be loaded
+        model_spec = models.spec(model)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"train: the run folder cannot record how to rebuild this model: {e}") from None
+    run_config = {"format": RUN_FORMAT, "task": task.config, "model": model_spec, "train": cfg.to_dict()}
     lock = open_run(out, json.loads(json.dumps(run_config)), task, overwrite)
     try:
         return _train_locked(model, task, cfg, out, progress, stop_at, resume)
@@ -313,7 +327,8 @@ def _train_locked(model: nn.Module, task: Task, cfg: TrainConfig, out: Path, pro
         elapsed0 = _keep_history(history_file, history.rows, start)
         log.info("resuming %s from step %d", out, start)
 
-    x, y = task.inputs[task.train], task.labels[task.train]  # [n_train, n_ctx], [n_train]
+    device = models.device_of(model)
+    x, y = task.inputs[task.train].to(device), task.labels[task.train].to(device)  # [n_train, n_ctx], [n_train]
     fn = loss_fn(cfg.loss)
     with torch_threads(cfg.threads):
         hooks = _dropout_hooks(model, cfg.dropout, g) if cfg.dropout else []
@@ -341,7 +356,7 @@ def _train_locked(model: nn.Module, task: Task, cfg: TrainConfig, out: Path, pro
                     if cfg.batch_size is None or cfg.batch_size >= len(y):
                         xb, yb = x, y
                     else:
-                        idx = torch.randperm(len(y), generator=g)[: cfg.batch_size]
+                        idx = torch.randperm(len(y), generator=g)[: cfg.batch_size].to(device)
                         xb, yb = x[idx], y[idx]
                     loss = fn(models.training_logits(model, xb), yb)
                     if not math.isfinite(value := loss.detach().item()):  # one scalar read a step: cheap on CPU
