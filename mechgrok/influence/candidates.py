@@ -2,8 +2,9 @@
 
 Grosse et al. score only a candidate set per query: the training sequences with the highest TF-IDF
 similarity to the query, on the grounds that influential sequences tend to share tokens with it.
-Here an example is a document whose terms are its input tokens and, with ``answers=True``, its
-label as a term of its own (a separate vocabulary: answer 5 is not token 5). Similarity is the
+Here an example is a document whose terms are its input tokens and, with ``answers=True`` (the
+default for a Task), its label as a term of its own (a separate vocabulary: answer 5 is not token 5);
+a :class:`~mechgrok.influence.Sequences` example is the bag of its tokens. Similarity is the
 cosine of TF-IDF vectors::
 
     tf(t, d) = count of term t in d,   idf(t) = ln((1 + N) / (1 + df(t))) + 1,   v_d = tf·idf / ‖tf·idf‖₂
@@ -23,31 +24,44 @@ from torch import Tensor
 
 from mechgrok._config import check_int
 from mechgrok.influence._index import as_index
+from mechgrok.influence.data import Sequences, inputs_of
 from mechgrok.tasks import Task
 
 __all__ = ["tfidf_vectors", "tfidf_candidates", "candidate_recall"]
 
 
-def _terms(task: Task, idx: Tensor, answers: bool, labels: str) -> Tensor:
+def _answers(task, answers: bool | None) -> bool:
+    if answers is None:
+        return not isinstance(task, Sequences)
+    if answers and isinstance(task, Sequences):
+        raise ValueError("Sequences have no answers to count as terms (their targets are their own tokens); "
+                         "pass answers=False or leave it None")
+    return bool(answers)
+
+
+def _terms(task: Task | Sequences, idx: Tensor, answers: bool, labels: str) -> Tensor:
     """Term counts ``[len(idx), n_terms]``: input tokens, then (optionally) one term per answer."""
-    vocab = int(task.inputs.max()) + 1
+    x = inputs_of(task)
+    vocab = int(x.max()) + 1
     n_terms = vocab + (max(int(task.labels.max()), int(task.true_labels.max())) + 1 if answers else 0)
     counts = torch.zeros(idx.numel(), n_terms, dtype=torch.float64)
-    counts.scatter_add_(1, task.inputs[idx], torch.ones(task.inputs[idx].shape, dtype=torch.float64))
+    counts.scatter_add_(1, x[idx].long(), torch.ones(x[idx].shape, dtype=torch.float64))
     if answers:
         y = getattr(task, labels)[idx]
         counts[torch.arange(idx.numel()), vocab + y] += 1
     return counts
 
 
-def tfidf_vectors(task: Task, idx, train_idx="train", *, answers: bool = True,
+def tfidf_vectors(task: Task | Sequences, idx, train_idx="train", *, answers: bool | None = None,
                   labels: str = "labels") -> Float[Tensor, "n terms"]:
-    """L2-normalised TF-IDF vectors of the examples ``idx``, with idf from ``train_idx``.
+    """L2-normalised TF-IDF vectors of the examples ``idx``, with idf from ``train_idx`` (a Task's
+    split name, or indices / a mask for Sequences).
 
     Args:
         answers: add each example's answer as a term (its ``labels``: ``"labels"``, the training
-            labels, corrupted ones included, or ``"true_labels"``).
+            labels, corrupted ones included, or ``"true_labels"``); ``None``: for a Task, not for Sequences.
     """
+    answers = _answers(task, answers)
     if labels not in ("labels", "true_labels"):
         raise ValueError(f"labels must be 'labels' or 'true_labels', got {labels!r}")
     t = as_index(train_idx, task, "train_idx")
@@ -58,7 +72,8 @@ def tfidf_vectors(task: Task, idx, train_idx="train", *, answers: bool = True,
     return v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
 
 
-def tfidf_candidates(task: Task, query_idx, train_idx="train", k: int = 100, *, answers: bool = True,
+def tfidf_candidates(task: Task | Sequences, query_idx, train_idx="train", k: int = 100, *,
+                     answers: bool | None = None,
                      query_labels: str = "labels") -> Int[Tensor, "q k"]:
     """The ``k`` training examples most TF-IDF-similar to each query, as task indices ``[n_query, k]``,
     most similar first (ties: lower index first). Documents are bags of terms, so a query that is
@@ -68,8 +83,9 @@ def tfidf_candidates(task: Task, query_idx, train_idx="train", k: int = 100, *, 
         query_idx, train_idx: indices, masks or split names.
         k: candidates per query (capped at the number of training examples).
         answers: count the answer as a term (queries use ``query_labels``, training examples
-            their training labels).
+            their training labels); ``None``: for a Task, not for Sequences.
     """
+    answers = _answers(task, answers)
     try:
         k = check_int(k, "k", low=1)
     except (TypeError, ValueError):
@@ -84,7 +100,7 @@ def tfidf_candidates(task: Task, query_idx, train_idx="train", k: int = 100, *, 
     return t[order]
 
 
-def candidate_recall(S: Float[Tensor, "q t"], train_idx, candidates: Int[Tensor, "q k"], task: Task,
+def candidate_recall(S: Float[Tensor, "q t"], train_idx, candidates: Int[Tensor, "q k"], task: Task | Sequences,
                      top: int = 20) -> dict[str, float]:
     """How much of each query's true top-``top`` influences (from full scores ``S``) the candidate
     sets keep, against random candidate sets of the same size (expected recall ``k / n_train``).

@@ -1,6 +1,6 @@
 """EK-FAC influence functions on transformer-lens hook points and ``nn.Linear`` modules.
 
-``EKFAC(model, task, ...).fit(train)`` fits, per linear map (see :mod:`mechgrok.influence.maps`), the
+``EKFAC(model, data, ...).fit(train)`` fits, per linear map (see :mod:`mechgrok.influence.maps`), the
 K-FAC factors ``A = E[a aᵀ]`` and ``S = E[g gᵀ]``, their float64 eigenbases, and the eigenvalue
 correction ``Λ = E[(Q_Sᵀ G Q_A)²]`` (George et al. 2018, "Fast Approximate Natural Gradient Descent
 in a Kronecker-factored Eigenbasis"). ``scores(queries, train)`` then gives the influence
@@ -8,10 +8,18 @@ in a Kronecker-factored Eigenbasis"). ``scores(queries, train)`` then gives the 
 2023, "Studying Large Language Model Generalization with Influence Functions") with ``F`` the
 block-diagonal (one block per map) EK-FAC approximation of the Fisher.
 
+Models and data: a HookedTransformer (any pre-norm config: LayerNorm / RMSNorm, gated MLPs, GQA,
+rotary, parallel attention), a HookedMLP, or any ``nn.Module`` with ``nn.Linear`` / ``transformers``
+``Conv1D`` layers (Hugging Face output objects are unwrapped); the data is a mechgrok Task (the loss
+at the answer position) or :class:`~mechgrok.influence.Sequences` / an integer tensor ``[N, T]`` (the
+next-token loss summed over positions, :mod:`mechgrok.influence.data`). What the fit covers is in
+``.coverage`` (:mod:`mechgrok.influence.coverage`): it is logged, shown in the ``repr``, saved, and
+layers holding a weight matrix EK-FAC cannot fit raise a :class:`~mechgrok.influence.CoverageWarning`.
+
 Limits: the Fisher is block-diagonal across maps (no cross-layer curvature); tokens are treated
 as independent in ``A`` and ``S`` (the correction ``Λ`` is refit from whole-example gradients);
-parameters outside linear maps (LayerNorm scales) are ignored; the damping ``λ`` changes rankings
-a lot, so it is explicit and saved with the factors.
+parameters outside linear maps (LayerNorm scales, an ``nn.Module``'s embeddings) are ignored (see
+``.coverage``); the damping ``λ`` changes rankings a lot, so it is explicit and saved with the factors.
 
 >>> import mechgrok as mg
 >>> from mechgrok.influence import EKFAC
@@ -25,6 +33,7 @@ True
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,6 +47,8 @@ from mechgrok._config import from_dict as config_from_dict
 from mechgrok._threads import torch_threads
 from mechgrok.influence import distributed as D
 from mechgrok.influence._index import as_index
+from mechgrok.influence.coverage import Coverage, coverage
+from mechgrok.influence.data import Sequences, as_data, batch_targets, check_vocab, inputs_of
 from mechgrok.influence.factors import (DAMPING_MODES, covariance_sums, damping_values, eigenbasis, precondition,
                                         rotated_square_dot, rotated_square_sum)
 from mechgrok.influence.grads import LOSSES, fisher_noise, map_inputs_and_grads, output_grads, per_example_G
@@ -65,7 +76,9 @@ class EKFACConfig:
     damping_mode: str = "relative"
     n_samples: int = 1  # sampled labels per example for the true Fisher
     seed: int = 0  # seeds the sampled labels (a local torch.Generator)
-    loss: str = "cross_entropy"  # per-example loss at the answer position: cross_entropy | mse
+    # per-example loss: cross_entropy (at the answer position of a Task; summed over the target
+    # tokens of Sequences) | mse (Tasks only)
+    loss: str = "cross_entropy"
     per_head: bool = False  # one map per attention head (W_Q.h0, ...; b_O is then left out)
 
     def __post_init__(self) -> None:
@@ -113,16 +126,27 @@ class EKFAC:
     """Eigenvalue-corrected K-FAC factors of a model's Fisher, and influence scores from them.
 
     Args:
-        model: a ``HookedTransformer``, ``HookedMLP`` or any ``nn.Module`` with ``nn.Linear`` layers
-            that maps token ids ``[batch, n_ctx]`` to logits ``[batch, C]`` or ``[batch, pos, C]``.
-            It is not modified (hooks are removed after each pass; no ``.grad`` is written).
-        task: the data; index arguments are indices, boolean masks or split names of its examples.
+        model: a ``HookedTransformer``, ``HookedMLP`` or any ``nn.Module`` with ``nn.Linear`` or
+            ``transformers`` ``Conv1D`` layers that maps token ids ``[batch, n_ctx]`` to logits
+            ``[batch, C]`` or ``[batch, pos, C]`` (or an object holding them: ``.logits``, a tuple).
+            It is not modified (hooks are removed after each pass; no ``.grad`` is written). The
+            passes run on the model's device.
+        data: a mechgrok Task (the loss at the answer position; index arguments are indices,
+            boolean masks or split names of its examples) or :class:`~mechgrok.influence.Sequences`
+            / integer token ids ``[N, T]`` (the next-token loss summed over positions, per sequence;
+            index arguments are indices or boolean masks).
         modules, fisher, damping, damping_mode, n_samples, seed, loss, per_head: see :class:`EKFACConfig`.
         batch_size: examples per forward pass.
         progress: show tqdm progress bars (rank 0 only).
         distributed: use an initialised ``torch.distributed`` process group (``None``: when there is
             one); see :mod:`mechgrok.influence.distributed`.
         threads: torch threads during the passes (``None``: leave as is; 1 is fastest on 2 cores).
+
+    Attributes:
+        maps: the fitted maps (:class:`~mechgrok.influence.LinearMap`).
+        coverage: a :class:`~mechgrok.influence.Coverage`: the parameters the maps cover and those
+            they do not (logged at INFO when the EKFAC is built).
+        data: the Task or Sequences.
 
     Fitted attributes (set by :meth:`fit` or :meth:`load`), dicts keyed by map name:
         ``A_`` ``[i, i]`` (``[i]`` for one-hot inputs), ``S_`` ``[o, o]``, ``QA_``, ``eigA_``, ``QS_``,
@@ -131,19 +155,37 @@ class EKFAC:
         samples behind ``lambda_``) and ``fit_idx_`` (the fit examples). ``i = d_in + 1`` with a bias.
     """
 
-    def __init__(self, model: nn.Module, task: Task, *, modules: str | list[str] = "all", fisher: str = "true",
-                 damping: float = 0.1, damping_mode: str = "relative", n_samples: int = 1, seed: int = 0,
-                 loss: str = "cross_entropy", per_head: bool = False, batch_size: int = 256,
+    def __init__(self, model: nn.Module, data: Task | Sequences | Tensor, *, modules: str | list[str] = "all",
+                 fisher: str = "true", damping: float = 0.1, damping_mode: str = "relative", n_samples: int = 1,
+                 seed: int = 0, loss: str = "cross_entropy", per_head: bool = False, batch_size: int = 256,
                  progress: bool = True, distributed: bool | None = None, threads: int | None = 1):
         self.config = EKFACConfig(modules=modules, fisher=fisher, damping=damping, damping_mode=damping_mode,
                                   n_samples=n_samples, seed=seed, loss=loss, per_head=per_head)
-        if not isinstance(task, Task):
-            raise TypeError(f"task must be a mechgrok Task, got {type(task).__name__}")
+        data = as_data(data, "EKFAC")
+        self.per_token = isinstance(data, Sequences)
+        if self.per_token and loss != "cross_entropy":
+            raise ValueError(f"EKFAC: loss={loss!r} is per example; Sequences use the next-token cross_entropy "
+                             "(use a Task for Doshi et al.'s MSE)")
+        check_vocab(model, data)
         batch_size = check_int(batch_size, "batch_size", low=1, owner="EKFAC")
-        self.model, self.task = model, task
+        self.model, self.data = model, data
         self.batch_size, self.progress, self.distributed, self.threads = batch_size, progress, distributed, threads
-        self.maps: list[LinearMap] = select_maps(linear_maps(model, per_head), self.config.modules)
+        known = linear_maps(model, per_head, self.per_token)
+        self.maps: list[LinearMap] = select_maps(known, self.config.modules)
+        self.coverage: Coverage = coverage(model, self.maps, known)
+        log.info("%s", self.coverage)
         self.device = next(model.parameters()).device
+        if model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+            warnings.warn(f"EKFAC: this {type(model).__name__} is in training mode with dropout, so every pass sees "
+                          "other random masks (the fit's two passes and the scores disagree); call model.eval() "
+                          "first", UserWarning, stacklevel=2)
+
+    @property
+    def task(self) -> Task:
+        """The Task (for code written before Sequences); see :attr:`data`."""
+        if not isinstance(self.data, Task):
+            raise AttributeError("this EKFAC reads Sequences, not a Task; use .data")
+        return self.data
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -153,24 +195,28 @@ class EKFAC:
     def _check_fitted(self) -> None:
         if not self.fitted:
             raise RuntimeError("this EKFAC is not fitted yet: call .fit(train_idx) first, or "
-                               "EKFAC.load(folder, model, task) to reuse saved factors")
+                               "EKFAC.load(folder, model, data) to reuse saved factors")
 
     def _bar(self, total: int, desc: str, rank: int):
         return tqdm(total=total, desc=desc, disable=not self.progress or rank != 0, leave=False)
 
-    def _passes(self, idx: Tensor, labels: Tensor | None, noise: Tensor | None, desc: str, rank: int):
-        """Yield ``(start, a, gs)`` per batch of ``idx`` (see ``map_inputs_and_grads``)."""
+    def _passes(self, idx: Tensor, labels: str | None, noise: Tensor | None, desc: str, rank: int):
+        """Yield ``(start, a, gs)`` per batch of ``idx`` (see ``map_inputs_and_grads``); ``labels``: which
+        targets (``"labels"``, ``"true_labels"``), or ``None`` to sample them from ``noise``."""
         cfg = self.config
+        inputs = inputs_of(self.data)
         with self._bar(idx.numel(), desc, rank) as bar:
             for start in range(0, idx.numel(), self.batch_size):
                 b = idx[start:start + self.batch_size]
-                lab = labels[b].to(self.device) if labels is not None else None
+                targets, mask = batch_targets(self.data, b, labels or "labels")
+                lab = targets.to(self.device) if labels is not None else None
+                mask = mask.to(self.device) if mask is not None else None
                 nz = noise[start:start + self.batch_size] if noise is not None else None
 
-                def dl(logits, lab=lab, nz=nz):
-                    return output_grads(logits, lab, cfg.loss, nz)
+                def dl(logits, lab=lab, nz=nz, mask=mask):
+                    return output_grads(logits, lab, cfg.loss, nz, mask)
 
-                a, gs = map_inputs_and_grads(self.model, self.maps, self.task.inputs[b].to(self.device), dl)
+                a, gs = map_inputs_and_grads(self.model, self.maps, inputs[b].to(self.device), dl, self.per_token)
                 yield start, a, gs
                 bar.update(b.numel())
 
@@ -182,14 +228,15 @@ class EKFAC:
         eigenvalue correction from per-example gradients in the new eigenbasis. Returns ``self``.
         """
         cfg = self.config
-        idx = as_index(train_idx, self.task, "train_idx")
+        idx = as_index(train_idx, self.data, "train_idx")
         rank, size = D.world(self.distributed)
         part = D.shard(idx.numel(), rank, size)
         mine = idx[part]
         noise = None
         if cfg.fisher == "true":
-            noise = fisher_noise(idx.numel(), cfg.n_samples, self.task.d_vocab_out, cfg.loss, cfg.seed)[part]
-        labels = self.task.labels if cfg.fisher == "empirical" else None
+            d_out, pos = (0, self.data.n_ctx - 1) if self.per_token else (self.data.d_vocab_out, None)
+            noise = fisher_noise(idx.numel(), cfg.n_samples, d_out, cfg.loss, cfg.seed, pos)[part]
+        labels = "labels" if cfg.fisher == "empirical" else None
         f64 = dict(dtype=torch.float64, device=self.device)
         with torch_threads(self.threads):
             A_sum = {m.name: torch.zeros((m.shape[1],) if m.onehot else (m.shape[1],) * 2, **f64) for m in self.maps}
@@ -251,10 +298,11 @@ class EKFAC:
         """Per-example gradients ``G`` ``[n, d_out, d_in (+1)]`` of each map, float64, read through the
         hooks with the examples' ``labels`` (``"labels"`` or ``"true_labels"``). For checks and
         small sets: this materialises all of them."""
-        idx = as_index(idx, self.task, "idx")
+        idx = as_index(idx, self.data, "idx")
+        batch_targets(self.data, idx[:1], labels)  # checks ``labels`` before any pass
         out: dict[str, list[Tensor]] = {m.name: [] for m in self.maps}
         with torch_threads(self.threads):
-            for _, a, gs in self._passes(idx, self._labels(labels), None, "gradients", 0):
+            for _, a, gs in self._passes(idx, labels, None, "gradients", 0):
                 for m in self.maps:
                     out[m.name].append(per_example_G(a[m.name], gs[0][m.name]))
         return {k: torch.cat(v) for k, v in out.items()}
@@ -263,11 +311,6 @@ class EKFAC:
         """``(F + λ)⁻¹ G`` per map with the EK-FAC factors (batched over the leading dim)."""
         self._check_fitted()
         return {k: precondition(v, self.QS_[k], self.QA_[k], self.lambda_[k], self.damping_[k]) for k, v in G.items()}
-
-    def _labels(self, which: str) -> Tensor:
-        if which not in ("labels", "true_labels"):
-            raise ValueError(f"labels must be 'labels' or 'true_labels', got {which!r}")
-        return getattr(self.task, which)
 
     # ------------------------------------------------------------------ scores
     def scores(self, query_idx, train_idx=None, *, by_module: bool = False, low_rank: int | None = None,
@@ -289,8 +332,8 @@ class EKFAC:
         self._check_fitted()
         if low_rank is not None and (isinstance(low_rank, bool) or not isinstance(low_rank, int) or low_rank < 1):
             raise ValueError(f"low_rank must be a positive integer or None, got {low_rank!r}")
-        q = as_index(query_idx, self.task, "query_idx")
-        t = self.fit_idx_ if train_idx is None else as_index(train_idx, self.task, "train_idx")
+        q = as_index(query_idx, self.data, "query_idx")
+        t = self.fit_idx_ if train_idx is None else as_index(train_idx, self.data, "train_idx")
         rank, size = D.world(self.distributed)
         part = D.shard(t.numel(), rank, size)
         with torch_threads(self.threads):
@@ -300,7 +343,7 @@ class EKFAC:
             mine = t[part]
             out = {m.name: torch.zeros(q.numel(), mine.numel(), dtype=torch.float64, device=self.device)
                    for m in self.maps}
-            for start, a, gs in self._passes(mine, self.task.labels, None, "influence scores", rank):
+            for start, a, gs in self._passes(mine, "labels", None, "influence scores", rank):
                 cols = slice(start, start + a[self.maps[0].name].shape[0])
                 for m in self.maps:
                     Pm, am, gm = P[m.name], a[m.name], gs[0][m.name]
@@ -319,7 +362,7 @@ class EKFAC:
         Training gradients are computed once for the union of the sets, so the cost follows the
         union's size; the values equal the matching columns of :meth:`scores`.
         """
-        q = as_index(query_idx, self.task, "query_idx")
+        q = as_index(query_idx, self.data, "query_idx")
         cand = torch.as_tensor(candidates)
         if cand.ndim != 2 or cand.shape[0] != q.numel() or cand.dtype in (torch.bool, torch.float32, torch.float64):
             raise ValueError(f"candidates must be integer task indices [n_query={q.numel()}, k], got shape "
@@ -332,13 +375,13 @@ class EKFAC:
         """Self-influence ``g_zᵀ (F + λI)⁻¹ g_z`` ``[n_train]`` (≥ 0), float64; a common
         memorization / outlier score (Grosse et al. 2023). ``by_module`` as in :meth:`scores`."""
         self._check_fitted()
-        t = self.fit_idx_ if train_idx is None else as_index(train_idx, self.task, "train_idx")
+        t = self.fit_idx_ if train_idx is None else as_index(train_idx, self.data, "train_idx")
         rank, size = D.world(self.distributed)
         part = D.shard(t.numel(), rank, size)
         mine = t[part]
         with torch_threads(self.threads):
             out = {m.name: torch.zeros(1, mine.numel(), dtype=torch.float64, device=self.device) for m in self.maps}
-            for start, a, gs in self._passes(mine, self.task.labels, None, "self-influence", rank):
+            for start, a, gs in self._passes(mine, "labels", None, "self-influence", rank):
                 for m in self.maps:
                     val = rotated_square_dot(a[m.name], gs[0][m.name], self.QS_[m.name],
                                              None if m.onehot else self.QA_[m.name],
@@ -356,15 +399,18 @@ class EKFAC:
         return save(self, folder)
 
     @classmethod
-    def load(cls, folder, model: nn.Module, task: Task, **kwargs: Any) -> EKFAC:
+    def load(cls, folder, model: nn.Module, data: Task | Sequences | Tensor, **kwargs: Any) -> EKFAC:
         """Rebuild a fitted EKFAC from :meth:`save`'s folder for ``model`` (same maps and shapes; the
-        weights may differ, e.g. another checkpoint) and ``task``. ``kwargs``: ``batch_size``,
-        ``progress``, ``distributed``, ``threads``."""
+        weights may differ, e.g. another checkpoint) and ``data`` (of the kind it was fitted on).
+        ``kwargs``: ``batch_size``, ``progress``, ``distributed``, ``threads``."""
         from mechgrok.influence.saving import load
 
-        return load(cls, folder, model, task, **kwargs)
+        return load(cls, folder, model, data, **kwargs)
 
     def __repr__(self) -> str:
         state = f"fitted on {self.fit_idx_.numel()} examples" if self.fitted else "not fitted"
-        return (f"EKFAC({len(self.maps)} maps, fisher={self.config.fisher!r}, damping={self.config.damping} "
-                f"({self.config.damping_mode}), {state})")
+        left = len(self.coverage.not_covered) + len(self.coverage.partial)
+        gaps = f"{left} parameter tensors not or partly covered (see .coverage)" if left else "nothing left out"
+        cfg = self.config
+        return (f"EKFAC({self.coverage.short()}, {gaps}; fisher={cfg.fisher!r}, damping={cfg.damping} "
+                f"({cfg.damping_mode}), data {self.data.name!r}, {state})")

@@ -6,17 +6,19 @@ per-example loss (so a batch gives per-example quantities: the loss is a sum ove
 example's loss depends on another's logits). The caller's model is not modified: hooks are removed
 on exit and no ``.grad`` is written.
 
-The loss is read at the answer (last) position of a transformer, or at the output of an MLP:
+The loss is read at the answer (last) position of a transformer, or at the output of an MLP, for a
+Task; at every position that predicts a next token for :class:`~mechgrok.influence.Sequences`
+(summed, weighted by the loss mask; see :mod:`mechgrok.influence.data`):
 
-- ``cross_entropy``: ``ℓ = -log softmax(z)_y``; ``dℓ/dz = softmax(z) - onehot(y)``.
-- ``mse``: ``ℓ = mean_c (z_c - onehot(y)_c)²`` (Doshi et al.'s loss, per example);
+- ``cross_entropy``: ``ℓ = -log softmax(z)_y``; ``dℓ/dz = softmax(z) - onehot(y)`` (per position).
+- ``mse``: ``ℓ = mean_c (z_c - onehot(y)_c)²`` (Doshi et al.'s loss, per example; Tasks only);
   ``dℓ/dz = (2/C)(z - onehot(y))``.
 
 For the *true* Fisher the target is sampled from the model's predictive distribution: a class
-``y ~ softmax(z)`` for cross-entropy, ``t ~ N(z, (C/2) I)`` for MSE (the Gaussian whose negative
-log-likelihood is ``ℓ`` up to a constant). The random numbers are drawn up front for every fit
-example with a seeded ``torch.Generator`` (:func:`fisher_noise`), so the samples do not depend on the
-batch size or on how examples are sharded over processes.
+``y ~ softmax(z)`` for cross-entropy (one per target position of a sequence), ``t ~ N(z, (C/2) I)``
+for MSE (the Gaussian whose negative log-likelihood is ``ℓ`` up to a constant). The random numbers
+are drawn up front for every fit example with a seeded ``torch.Generator`` (:func:`fisher_noise`), so
+the samples do not depend on the batch size or on how examples are sharded over processes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from mechgrok.influence.data import read_logits
 from mechgrok.influence.maps import LinearMap
 
 __all__ = ["LOSSES", "fisher_noise", "output_grads", "map_inputs_and_grads", "per_example_G"]
@@ -32,44 +35,54 @@ __all__ = ["LOSSES", "fisher_noise", "output_grads", "map_inputs_and_grads", "pe
 LOSSES = ("cross_entropy", "mse")
 
 
-def fisher_noise(n: int, n_samples: int, d_out: int, loss: str, seed: int) -> Tensor:
+def fisher_noise(n: int, n_samples: int, d_out: int, loss: str, seed: int, positions: int | None = None) -> Tensor:
     """Random numbers for the true Fisher's sampled targets: ``[n, n_samples]`` uniforms
-    (cross-entropy) or ``[n, n_samples, d_out]`` standard normals (MSE), float64, from a local
-    generator seeded with ``seed``; row ``i`` belongs to the ``i``-th fit example."""
+    (cross-entropy; ``[n, n_samples, positions]`` for per-token losses) or ``[n, n_samples, d_out]``
+    standard normals (MSE), float64, from a local generator seeded with ``seed``; row ``i`` belongs
+    to the ``i``-th fit example."""
     g = torch.Generator().manual_seed(int(seed))
     if loss == "cross_entropy":
-        return torch.rand(n, n_samples, generator=g, dtype=torch.float64)
+        shape = (n, n_samples) if positions is None else (n, n_samples, positions)
+        return torch.rand(*shape, generator=g, dtype=torch.float64)
+    if positions is not None:
+        raise ValueError("the mse loss is per example; a per-token (Sequences) loss is cross_entropy")
     return torch.randn(n, n_samples, d_out, generator=g, dtype=torch.float64)
 
 
-def output_grads(logits: Float[Tensor, "b C"], labels: Int[Tensor, " b"] | None, loss: str,
-                 noise: Tensor | None = None) -> Float[Tensor, "s b C"]:
+def output_grads(logits: Float[Tensor, "b *P C"], labels: Int[Tensor, "b *P"] | None, loss: str,
+                 noise: Tensor | None = None, mask: Tensor | None = None) -> Float[Tensor, "s b *P C"]:
     """``dℓ/dlogits`` of each example's loss, float64, one slice per label sample.
 
     Args:
-        logits: ``[b, C]`` at the answer position.
-        labels: data labels ``[b]`` (empirical Fisher, scores), used when ``noise`` is None.
+        logits: ``[b, C]`` at the answer position, or ``[b, P, C]`` at the ``P`` target positions of
+            a per-token loss (cross-entropy only).
+        labels: data labels ``[b]`` / ``[b, P]`` (empirical Fisher, scores), used when ``noise`` is None.
         loss: ``"cross_entropy"`` or ``"mse"``.
-        noise: rows of :func:`fisher_noise` for these examples; targets are then sampled from the model.
+        noise: rows of :func:`fisher_noise` for these examples (``[b, s]``, ``[b, s, P]`` or
+            ``[b, s, C]`` for MSE); targets are then sampled from the model.
+        mask: ``[b, P]`` weights of the target positions (a loss mask), or None.
 
     Returns:
-        ``[n_samples, b, C]`` (``n_samples = 1`` for data labels).
+        ``[n_samples, b, C]`` or ``[n_samples, b, P, C]`` (``n_samples = 1`` for data labels).
     """
     z = logits.detach().double()
     C = z.shape[-1]
     if loss == "cross_entropy":
-        p = torch.softmax(z, dim=-1)  # [b, C]
+        p = torch.softmax(z, dim=-1)  # [b, (P,) C]
         if noise is None:
-            y = labels[None]  # [1, b]
+            y = labels.to(z.device)[None]  # [1, b, (P)]
         else:
-            cdf = p.cumsum(-1)  # [b, C]
-            u = noise.to(z.device).T.contiguous()  # [s, b]
-            y = torch.searchsorted(cdf.expand(u.shape[0], -1, -1).contiguous(), u[..., None]).squeeze(-1)
-            y = y.clamp(max=C - 1)  # [s, b]
-        return p[None] - nn.functional.one_hot(y, C).double()  # [s, b, C]
+            u = noise.to(z.device).movedim(1, 0).contiguous()  # [s, b, (P)]
+            cdf = p.cumsum(-1)  # [b, (P,) C]
+            y = torch.searchsorted(cdf.expand(u.shape[0], *cdf.shape).contiguous(), u[..., None]).squeeze(-1)
+            y = y.clamp(max=C - 1)  # [s, b, (P)]
+        d = p[None] - nn.functional.one_hot(y, C).double()  # [s, b, (P,) C]
+        return d if mask is None else d * mask.to(d)[None, ..., None]
     if loss == "mse":
+        if z.ndim != 2:
+            raise ValueError("the mse loss is per example ([b, C] logits); a per-token loss is cross_entropy")
         if noise is None:
-            return ((2.0 / C) * (z - nn.functional.one_hot(labels, C).double()))[None]
+            return ((2.0 / C) * (z - nn.functional.one_hot(labels.to(z.device), C).double()))[None]
         return -(2.0 / C) ** 0.5 * noise.to(z.device).permute(1, 0, 2)  # [s, b, C]
     raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
 
@@ -129,14 +142,17 @@ def _as_tokens(x: Tensor, head: int | None, heads: bool) -> Tensor:
 
 
 def map_inputs_and_grads(model: nn.Module, maps: list[LinearMap], inputs: Int[Tensor, "b n_ctx"],
-                         dlogits_fn) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+                         dlogits_fn, per_token: bool = False) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
     """One forward pass and one backward per label sample.
 
     Args:
-        model: the model; ``model(inputs)`` gives ``[b, C]`` or ``[b, pos, C]`` logits.
+        model: the model; ``model(inputs)`` gives ``[b, C]`` or ``[b, pos, C]`` logits (or an object
+            holding them, see :func:`~mechgrok.influence.data.unwrap_logits`).
         maps: the linear maps to read.
         inputs: token ids ``[b, n_ctx]``.
-        dlogits_fn: ``logits [b, C] -> dℓ/dlogits [s, b, C]`` (see :func:`output_grads`).
+        dlogits_fn: ``logits -> dℓ/dlogits [s, *logits.shape]`` (see :func:`output_grads`); the logits
+            are ``[b, C]`` at the last position, or ``[b, n_ctx - 1, C]`` with ``per_token``.
+        per_token: the loss is read at every position that predicts a next token (Sequences).
 
     Returns:
         ``(a, gs)``: ``a[name]`` is ``[b, T, d_in (+1)]`` float64 (a ones column when the map has a
@@ -144,9 +160,8 @@ def map_inputs_and_grads(model: nn.Module, maps: list[LinearMap], inputs: Int[Te
         positions kept for that map (``1`` for ``positions="last"``).
     """
     with torch.enable_grad(), _Recorder(model, maps) as rec:
-        out = model(inputs)
-        logits = out[:, -1] if out.ndim == 3 else out  # [b, C]
-        dl = dlogits_fn(logits)  # [s, b, C]
+        logits = read_logits(model(inputs), per_token, inputs if per_token else None)  # [b, (T-1,) C]
+        dl = dlogits_fn(logits)  # [s, b, (T-1,) C]
         missing = sorted({m.out_ref for m in maps} - set(rec.out))
         if missing:
             raise ValueError(f"{missing} were not called in the forward pass, so EK-FAC cannot read their maps; "

@@ -11,29 +11,43 @@ whatever the parameter's own layout (transformer-lens stores ``W_in`` as ``[d_in
 
 Maps found by :func:`linear_maps`:
 
-- ``HookedTransformer``: ``embed.W_E`` and ``pos_embed.W_pos`` (one-hot inputs, so their ``A`` is
-  diagonal), per block ``attn.W_Q/W_K/W_V`` (input: the attention input, output ``hook_q/k/v``),
-  ``attn.W_O`` (input ``hook_z``, output ``hook_attn_out``), ``mlp.W_in`` (output ``mlp.hook_pre``),
-  ``mlp.W_out`` (input ``mlp.hook_post``, output ``hook_mlp_out``), and ``unembed.W_U`` (input
-  ``unembed.hook_in``, output ``unembed.hook_out``). Biases (``b_Q``, ``b_in``, ...) ride along as
-  the bias column. With ``per_head=True`` each attention map is split into one map per head
-  (``blocks.0.attn.W_Q.h1``); ``b_O`` belongs to no head and is then left out.
+- ``HookedTransformer`` (read through its hook points): ``embed.W_E`` and ``pos_embed.W_pos``
+  (one-hot inputs, so their ``A`` is diagonal), per block ``attn.W_Q/W_K/W_V`` (input: the attention
+  input, output ``hook_q/k/v``; with grouped-query attention ``W_K``/``W_V`` are the stored
+  ``_W_K``/``_W_V`` of ``n_key_value_heads`` heads), ``attn.W_O`` (input ``hook_z``, output
+  ``hook_attn_out``), ``mlp.W_in`` (output ``mlp.hook_pre``; ``mlp.hook_pre_linear`` in a gated MLP,
+  whose ``mlp.W_gate`` writes ``mlp.hook_pre``), ``mlp.W_out`` (input ``mlp.hook_post``, output
+  ``hook_mlp_out``), and ``unembed.W_U`` (input ``unembed.hook_in``, output ``unembed.hook_out``).
+  Biases (``b_Q``, ``b_in``, ...) ride along as the bias column; a gated MLP's ``b_in`` is added
+  after the gate product, belongs to no map and is not covered. With ``per_head=True`` each attention
+  map is split into one map per head (``blocks.0.attn.W_Q.h1``; key/value heads for ``W_K``/``W_V``
+  under GQA); ``b_O`` belongs to no head and is then left out. Parallel attention + MLP (GPT-J /
+  NeoX) is supported; split q/k/v inputs, mixture-of-experts MLPs, post-norm and shortformer
+  layouts are refused with a message.
 - ``HookedMLP``: ``blocks.0.mlp.W_in`` (input ``hook_in``) and ``blocks.0.mlp.W_out`` (output
   ``hook_out``).
-- Any other ``nn.Module``: every submodule whose type is exactly ``nn.Linear`` (read through its own
-  forward hook; subclasses such as ``nn.MultiheadAttention.out_proj``, whose forward is never called,
-  are skipped).
+- Any other ``nn.Module``: every submodule whose type is exactly ``nn.Linear`` (``y = x Wᵀ + b``) or
+  ``transformers``' ``Conv1D`` (Hugging Face GPT-2; ``y = x W + b`` with ``W`` ``[in, out]``), read
+  through its own forward hook, with a trainable weight. Other layers are not covered; a layer that
+  holds a weight matrix (a trainable parameter of 2+ dims) but is not one of these nor an
+  ``nn.Embedding`` (a subclass of ``nn.Linear``, ``nn.MultiheadAttention``, a convolution, a custom
+  module) is *unsupported*: :class:`~mechgrok.influence.EKFAC` warns about it by name
+  (:mod:`mechgrok.influence.coverage`). A weight shared by two modules (GPT-2's ``lm_head`` tied to
+  ``wte``) is fitted as the linear map that uses it: its ``G`` is that map's share of the
+  gradient (as in kronfluence); the embedding lookup's share is not covered.
 
-Positions that carry no loss are masked out of ``A`` and ``S``: the loss is read at the last
-position only, so in a HookedTransformer's last block the query, output, MLP and unembedding maps
-have a non-zero gradient at the last position alone (``positions="last"``); keys, values, earlier
-blocks and the embeddings act at every position. Plain ``nn.Linear`` models use every position (as
-kronfluence does). LayerNorm scales and the like are not linear maps and are not covered.
+Positions that carry no loss are masked out of ``A`` and ``S``. For a Task the loss is read at the
+last position only, so in a HookedTransformer's last block the query, output, MLP and unembedding
+maps have a non-zero gradient at the last position alone (``positions="last"``); keys, values,
+earlier blocks and the embeddings act at every position. With a per-token loss (Sequences,
+``per_token=True``) every map uses every position. Plain ``nn.Module`` models use every position
+(as kronfluence does). LayerNorm scales and the like are not linear maps and are not covered.
 """
 
 from __future__ import annotations
 
 import difflib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +55,7 @@ from torch import Tensor, nn
 
 from mechgrok.models import HookedMLP, HookedTransformer
 
-__all__ = ["LinearMap", "linear_maps", "select_maps"]
+__all__ = ["LinearMap", "linear_maps", "select_maps", "is_fitted_layer"]
 
 
 @dataclass(frozen=True)
@@ -116,23 +130,44 @@ class LinearMap:
         return [self.weight] + ([self.bias_param] if self.bias else [])
 
 
-def linear_maps(model: nn.Module, per_head: bool = False) -> list[LinearMap]:
-    """Every linear map of ``model`` that EK-FAC can fit, in forward order (see the module docstring)."""
+def linear_maps(model: nn.Module, per_head: bool = False, per_token: bool = False) -> list[LinearMap]:
+    """Every linear map of ``model`` that EK-FAC can fit (see the module docstring); ``per_token``: the
+    loss is read at every position (Sequences), not at the last one. HookedTransformer maps come in
+    forward order, other models' in the order of ``named_modules``."""
     if isinstance(model, HookedTransformer):
-        return _transformer_maps(model, per_head)
+        return _transformer_maps(model, per_head, per_token)
     if isinstance(model, HookedMLP):
         return _mlp_maps(model)
     maps = []
     for name, mod in model.named_modules():
-        if type(mod) is nn.Linear:
-            maps.append(LinearMap(name=name, d_in=mod.in_features, d_out=mod.out_features,
-                                  bias=mod.bias is not None, onehot=False, in_ref=("input", name),
-                                  out_ref=name, weight=f"{name}.weight", layout="out_in",
-                                  bias_param=f"{name}.bias" if mod.bias is not None else None))
+        kind = is_fitted_layer(mod)
+        if kind is None or not mod.weight.requires_grad:
+            continue
+        pre = f"{name}." if name else ""
+        has_bias = mod.bias is not None and mod.bias.requires_grad
+        if kind == "linear":
+            d_in, d_out, layout = mod.in_features, mod.out_features, "out_in"  # weight [out, in]
+        else:  # Conv1D: weight [in, out]
+            (d_in, d_out), layout = mod.weight.shape, "in_out"
+        maps.append(LinearMap(name=name, d_in=int(d_in), d_out=int(d_out), bias=has_bias, onehot=False,
+                              in_ref=("input", name), out_ref=name, weight=f"{pre}weight", layout=layout,
+                              bias_param=f"{pre}bias" if has_bias else None))
     if not maps:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear modules and is not a HookedTransformer "
-                         "or HookedMLP, so EK-FAC finds no linear map to fit")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear or transformers Conv1D layers with a trainable "
+                         "weight and is not a HookedTransformer or HookedMLP, so EK-FAC finds no linear map to fit")
     return maps
+
+
+def is_fitted_layer(mod: nn.Module) -> str | None:
+    """``"linear"`` for an exact ``nn.Linear``, ``"conv1d"`` for ``transformers``' ``Conv1D`` (its
+    exact type), else ``None``. Subclasses are not fitted: their forward may compute something else
+    (``nn.MultiheadAttention.out_proj`` is never even called)."""
+    if type(mod) is nn.Linear:
+        return "linear"
+    utils = sys.modules.get("transformers.pytorch_utils")  # a Conv1D exists only once this is imported
+    if utils is not None and type(mod) is getattr(utils, "Conv1D", None):
+        return "conv1d"
+    return None
 
 
 def select_maps(maps: list[LinearMap], modules: str | list[str]) -> list[LinearMap]:
@@ -162,12 +197,14 @@ def select_maps(maps: list[LinearMap], modules: str | list[str]) -> list[LinearM
 # ---------------------------------------------------------------------------- transformer-lens
 
 
-def _transformer_maps(model: HookedTransformer, per_head: bool) -> list[LinearMap]:
+def _transformer_maps(model: HookedTransformer, per_head: bool, per_token: bool) -> list[LinearMap]:
     cfg = model.cfg
+    n_kv = getattr(cfg, "n_key_value_heads", None)
     unsupported = {
         "use_split_qkv_input": cfg.use_split_qkv_input, "use_attn_in": cfg.use_attn_in,
-        "parallel_attn_mlp": cfg.parallel_attn_mlp, "gated_mlp": cfg.gated_mlp,
-        "grouped-query attention": getattr(cfg, "n_key_value_heads", None) is not None,
+        "ungroup_grouped_query_attention": n_kv is not None and getattr(cfg, "ungroup_grouped_query_attention", False),
+        "a mixture-of-experts MLP (num_experts)": getattr(cfg, "num_experts", None) is not None,
+        "a gated MLP with a LayerNorm activation": cfg.gated_mlp and cfg.is_layer_norm_activation(),
         "use_normalization_before_and_after": cfg.use_normalization_before_and_after,
         f"positional_embedding_type={cfg.positional_embedding_type!r}":
             cfg.positional_embedding_type not in ("standard", "rotary"),
@@ -176,9 +213,10 @@ def _transformer_maps(model: HookedTransformer, per_head: bool) -> list[LinearMa
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
-        raise NotImplementedError(f"EK-FAC on a HookedTransformer supports the standard pre-norm layout; this "
-                                  f"model uses {', '.join(bad)} (switch it off, e.g. set_use_split_qkv_input(False), "
-                                  "or rewrite the model with nn.Linear layers)")
+        raise NotImplementedError(f"EK-FAC on a HookedTransformer supports pre-norm layouts (LayerNorm / RMSNorm / "
+                                  f"none, gated or plain MLPs, GQA, parallel attention); this model uses "
+                                  f"{', '.join(bad)} (switch it off, e.g. set_use_split_qkv_input(False), or "
+                                  "rewrite the model with nn.Linear layers)")
     H, dh, d, L = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.n_layers
     norm = cfg.normalization_type is not None
     maps = [LinearMap(name="embed.W_E", d_in=cfg.d_vocab, d_out=d, bias=False, onehot=True, in_ref=("tokens",),
@@ -189,15 +227,19 @@ def _transformer_maps(model: HookedTransformer, per_head: bool) -> list[LinearMa
                               layout="in_out"))
     for layer in range(L):
         blk = f"blocks.{layer}"
-        last = "last" if layer == L - 1 else "all"
+        last = "last" if layer == L - 1 and not per_token else "all"
         attn_in = ("output", f"{blk}.ln1") if norm else ("output", f"{blk}.hook_resid_pre")
         for W, hook, pos in (("Q", "hook_q", last), ("K", "hook_k", "all"), ("V", "hook_v", "all")):
+            grouped = n_kv is not None and W != "Q"  # GQA stores n_kv heads of keys / values in _W_K, _W_V
+            heads, prefix = (n_kv, "_") if grouped else (H, "")
             common = dict(d_in=d, bias=True, onehot=False, in_ref=attn_in, out_ref=f"{blk}.attn.{hook}",
-                          weight=f"{blk}.attn.W_{W}", layout="qkv", bias_param=f"{blk}.attn.b_{W}", positions=pos)
+                          weight=f"{blk}.attn.{prefix}W_{W}", layout="qkv", bias_param=f"{blk}.attn.{prefix}b_{W}",
+                          positions=pos)
             if per_head:
-                maps += [LinearMap(name=f"{blk}.attn.W_{W}.h{h}", d_out=dh, out_head=h, **common) for h in range(H)]
+                maps += [LinearMap(name=f"{blk}.attn.W_{W}.h{h}", d_out=dh, out_head=h, **common)
+                         for h in range(heads)]
             else:
-                maps.append(LinearMap(name=f"{blk}.attn.W_{W}", d_out=H * dh, **common))
+                maps.append(LinearMap(name=f"{blk}.attn.W_{W}", d_out=heads * dh, **common))
         common = dict(d_out=d, onehot=False, in_ref=("output", f"{blk}.attn.hook_z"), out_ref=f"{blk}.hook_attn_out",
                       weight=f"{blk}.attn.W_O", layout="o", positions=last)
         if per_head:
@@ -207,25 +249,35 @@ def _transformer_maps(model: HookedTransformer, per_head: bool) -> list[LinearMa
                                   **common))
         if cfg.attn_only:
             continue
-        if norm:
+        if norm or cfg.parallel_attn_mlp:  # ln2 (an nn.Identity without normalisation) reads the MLP input
             mlp_in = ("output", f"{blk}.ln2")
         else:
             mlp_in = ("output", f"{blk}.hook_mlp_in" if cfg.use_hook_mlp_in else f"{blk}.hook_resid_mid")
-        maps.append(LinearMap(name=f"{blk}.mlp.W_in", d_in=d, d_out=cfg.d_mlp, bias=True, onehot=False,
-                              in_ref=mlp_in, out_ref=f"{blk}.mlp.hook_pre", weight=f"{blk}.mlp.W_in",
-                              layout="in_out", bias_param=f"{blk}.mlp.b_in", positions=last))
+        mlp = dict(d_in=d, d_out=cfg.d_mlp, onehot=False, in_ref=mlp_in, layout="in_out", positions=last)
+        if cfg.gated_mlp:  # hook_post = act(x W_gate) * (x W_in) + b_in: neither product has a bias
+            maps.append(LinearMap(name=f"{blk}.mlp.W_gate", bias=False, out_ref=f"{blk}.mlp.hook_pre",
+                                  weight=f"{blk}.mlp.W_gate", **mlp))
+            maps.append(LinearMap(name=f"{blk}.mlp.W_in", bias=False, out_ref=f"{blk}.mlp.hook_pre_linear",
+                                  weight=f"{blk}.mlp.W_in", **mlp))
+        else:
+            maps.append(LinearMap(name=f"{blk}.mlp.W_in", bias=True, out_ref=f"{blk}.mlp.hook_pre",
+                                  weight=f"{blk}.mlp.W_in", bias_param=f"{blk}.mlp.b_in", **mlp))
         maps.append(LinearMap(name=f"{blk}.mlp.W_out", d_in=cfg.d_mlp, d_out=d, bias=True, onehot=False,
                               in_ref=("output", f"{blk}.mlp.hook_post"), out_ref=f"{blk}.hook_mlp_out",
                               weight=f"{blk}.mlp.W_out", layout="in_out", bias_param=f"{blk}.mlp.b_out",
                               positions=last))
     maps.append(LinearMap(name="unembed.W_U", d_in=d, d_out=cfg.d_vocab_out, bias=True, onehot=False,
                           in_ref=("output", "unembed.hook_in"), out_ref="unembed.hook_out", weight="unembed.W_U",
-                          layout="in_out", bias_param="unembed.b_U", positions="last"))
-    modules = dict(model.named_modules())
+                          layout="in_out", bias_param="unembed.b_U", positions="all" if per_token else "last"))
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
     for m in maps:
         for ref in (m.in_ref[1:] + (m.out_ref,)):
             if ref not in modules:
                 raise NotImplementedError(f"EK-FAC expected the module {ref!r} in this HookedTransformer (for "
+                                          f"{m.name}); this transformer-lens version lays it out differently")
+        for name in m.param_names():
+            if name not in params:
+                raise NotImplementedError(f"EK-FAC expected the parameter {name!r} in this HookedTransformer (for "
                                           f"{m.name}); this transformer-lens version lays it out differently")
     return maps
 

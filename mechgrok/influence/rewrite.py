@@ -1,4 +1,8 @@
-"""A HookedTransformer rewritten with ``nn.Linear`` layers, so that kronfluence can see it.
+"""Models rewritten with ``nn.Linear`` layers, so that kronfluence can see them.
+
+:func:`conv1d_as_linear` copies any model with ``transformers``' ``Conv1D`` layers (Hugging Face
+GPT-2: ``y = x W + b`` with ``W`` ``[in, out]``) into one with ``nn.Linear`` layers (``W`` transposed,
+same outputs, tied weights kept tied).
 
 kronfluence tracks only ``nn.Linear`` / ``nn.Conv2d`` modules, and a HookedTransformer computes with
 einsums over raw parameters. :func:`as_linear` copies a plain 1+-layer HookedTransformer (no
@@ -10,13 +14,15 @@ the original's (tested to float rounding). Used by the kronfluence comparison te
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from mechgrok.models import HookedTransformer
 
-__all__ = ["LinearTransformer", "as_linear"]
+__all__ = ["LinearTransformer", "as_linear", "conv1d_as_linear"]
 
 
 class _Block(nn.Module):
@@ -94,4 +100,27 @@ def as_linear(model: HookedTransformer) -> LinearTransformer:
         blk.W_out.bias.copy_(src.mlp.b_out)
     out.W_U.weight.copy_(model.W_U.T)
     out.W_U.bias.copy_(model.b_U)
+    return out
+
+
+@torch.no_grad()
+def conv1d_as_linear(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose ``transformers`` ``Conv1D`` layers are ``nn.Linear`` layers with the
+    same weights (transposed: ``Conv1D.weight`` is ``[in, out]``, ``nn.Linear.weight`` ``[out, in]``) and
+    biases, so the copy computes the same outputs; the caller's model is not modified."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError as e:  # pragma: no cover - transformers is a dependency
+        raise ImportError("conv1d_as_linear needs the transformers package (pip install transformers)") from e
+    out = copy.deepcopy(model)
+    for parent in list(out.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is Conv1D:
+                d_in, d_out = child.weight.shape
+                lin = nn.Linear(d_in, d_out, device=child.weight.device, dtype=child.weight.dtype)
+                lin.weight.copy_(child.weight.T)  # [in, out] -> [out, in]
+                lin.bias.copy_(child.bias)
+                lin.weight.requires_grad_(child.weight.requires_grad)
+                lin.bias.requires_grad_(child.bias.requires_grad)
+                setattr(parent, name, lin)
     return out

@@ -2,10 +2,11 @@
 
 ``ekfac.json`` holds the settings (:class:`~mechgrok.influence.ekfac.EKFACConfig`), the absolute
 damping of every map, the token and example counts, the maps' shapes and provenance (model class
-and spec, a hash of the weights, task name, versions). ``factors.safetensors`` holds, per map
-``NAME``: ``NAME/A``, ``NAME/S``, ``NAME/QA``, ``NAME/eigA``, ``NAME/QS``, ``NAME/eigS``,
-``NAME/lambda`` (float64) and ``fit_idx``. Factors can be reused on another checkpoint of the same
-architecture (the weight hash then differs and is logged), never on a model whose maps differ.
+and spec, a hash of the weights, the data's kind and name, the coverage, versions).
+``factors.safetensors`` holds, per map ``NAME``: ``NAME/A``, ``NAME/S``, ``NAME/QA``, ``NAME/eigA``,
+``NAME/QS``, ``NAME/eigS``, ``NAME/lambda`` (float64) and ``fit_idx``. Factors can be reused on
+another checkpoint of the same architecture (the weight hash then differs and is logged), never on
+a model whose maps differ, nor with data of another kind (a Task vs Sequences).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mechgrok._io import atomic_dir, atomic_write_text, read_safetensors
+from mechgrok.influence.data import Sequences
 from mechgrok.tasks import Task
 
 __all__ = ["save", "load", "FORMAT", "weights_hash"]
@@ -58,7 +60,9 @@ def save(ek, folder: str | Path) -> Path:
         "n_examples_": ek.n_examples_,
         "model": {"class": type(ek.model).__name__, "spec": getattr(ek.model, "mechgrok_spec", None),
                   "weights_sha256": weights_hash(ek.model)},
-        "task": ek.task.name,
+        "task": ek.data.name,
+        "data": {"kind": "sequences" if ek.per_token else "task", "name": ek.data.name},
+        "coverage": ek.coverage.to_dict(),
         "torch": torch.__version__,
     }
     with atomic_dir(folder) as tmp:
@@ -67,8 +71,8 @@ def save(ek, folder: str | Path) -> Path:
     return folder
 
 
-def load(cls, folder: str | Path, model: nn.Module, task: Task, **kwargs: Any):
-    """An EKFAC of ``cls`` for ``model`` / ``task`` with the factors saved in ``folder`` (no refit, no pickle)."""
+def load(cls, folder: str | Path, model: nn.Module, data: Task | Sequences, **kwargs: Any):
+    """An EKFAC of ``cls`` for ``model`` / ``data`` with the factors saved in ``folder`` (no refit, no pickle)."""
     folder = Path(folder)
     meta_file, tensor_file = folder / "ekfac.json", folder / "factors.safetensors"
     if not meta_file.exists() or not tensor_file.exists():
@@ -85,9 +89,13 @@ def load(cls, folder: str | Path, model: nn.Module, task: Task, **kwargs: Any):
     modules = list(meta["maps"])
     cfg["modules"] = modules
     try:
-        ek = cls(model, task, **cfg, **kwargs)
+        ek = cls(model, data, **cfg, **kwargs)
     except ValueError as e:
         raise ValueError(f"{folder} does not fit this model: {e}") from e
+    kind = meta.get("data", {}).get("kind", "task")
+    if kind != ("sequences" if ek.per_token else "task"):
+        raise ValueError(f"{folder} was fitted on {'Sequences (a per-token loss)' if kind == 'sequences' else 'a Task'}"
+                         f", not on {'Sequences' if ek.per_token else 'a Task'}; load it with data of that kind")
     diffs = [f"{m.name}: saved {meta['maps'][m.name]['shape']}, model {list(m.shape)}"
              for m in ek.maps if list(m.shape) != meta["maps"][m.name]["shape"]]
     if diffs:

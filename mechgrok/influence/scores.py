@@ -119,6 +119,9 @@ def top_influences(S: Float[Tensor, "q t"], task: Task, train_idx, k: int = 20, 
     """
     if sign not in ("positive", "negative", "abs"):
         raise ValueError(f"sign must be 'positive', 'negative' or 'abs', got {sign!r}")
+    if not isinstance(task, Task):
+        raise TypeError(f"top_influences reads a Task's labels and corruption masks, got {type(task).__name__}; for "
+                        "Sequences take S.topk(k, dim=1) (its indices are positions in train_idx)")
     if isinstance(train_idx, Tensor) and train_idx.ndim == 2:  # per-query candidate sets
         if train_idx.shape != S.shape:
             raise ValueError(f"candidate sets of shape {tuple(train_idx.shape)} do not match S {tuple(S.shape)}")
