@@ -165,7 +165,10 @@ def discover(model: nn.Module, prompts: Prompts | Tensor, *args, method: str = "
         tau = acdc_default_tau(full, empty)
     scores = attribute(model, prompts, metric, method=method, level=level, corruption=corruption,
                        steps=steps, tau=tau, graph=g, progress=progress)
-    spec = getattr(model, "mechgrok_spec", None)
+    try:  # how to rebuild the model (any HookedTransformer: its transformer-lens config)
+        spec = models.spec(model)
+    except (TypeError, ValueError):
+        spec = None
     prov = {"method": method, "metric": getattr(metric, "metric_name", getattr(metric, "__name__", "custom")),
             "corruption": corruption, "level": level, "inputs_sha256": _inputs_digest(prompts),
             "n_examples": len(prompts), "model": spec, **(provenance or {})}

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from mechgrok import models
 from mechgrok._io import atomic_dir, atomic_write_text, read_safetensors
 from mechgrok.influence.data import Sequences
 from mechgrok.tasks import Task
@@ -31,6 +32,14 @@ log = logging.getLogger(__name__)
 
 FORMAT = "mechgrok.ekfac/1"
 _FIELDS = ("A", "S", "QA", "eigA", "QS", "eigS", "lambda")
+
+
+def _spec(model) -> dict | None:
+    """How to rebuild ``model`` (``models.spec``), or None for a module mechgrok cannot rebuild."""
+    try:
+        return models.spec(model)
+    except (TypeError, ValueError):
+        return None
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -58,7 +67,7 @@ def save(ek, folder: str | Path) -> Path:
         "damping_": ek.damping_,
         "n_tokens_": ek.n_tokens_,
         "n_examples_": ek.n_examples_,
-        "model": {"class": type(ek.model).__name__, "spec": getattr(ek.model, "mechgrok_spec", None),
+        "model": {"class": type(ek.model).__name__, "spec": _spec(ek.model),
                   "weights_sha256": weights_hash(ek.model)},
         "task": ek.data.name,
         "data": {"kind": "sequences" if ek.per_token else "task", "name": ek.data.name},
