@@ -76,3 +76,23 @@ def test_induction_run_reloads_and_reports(trained):
     mg.analyze(run, only=["progress", "circuits"], progress=False)
     html = mg.report.build(run).read_text()
     assert "induction" in html and "ircuit" in html
+
+
+@pytest.mark.slow(seconds=30)
+def test_a_converted_hugging_face_model_trains_saves_and_reports(tmp_path):
+    """A Hugging Face GPT-2 checkpoint folder -> from_pretrained -> mg.train -> reload -> report."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    task = mg.tasks.induction(d_vocab=V, n_ctx=T, n=600, seed=1)
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=T, vocab_size=V, bos_token_id=0,
+                                    eos_token_id=0))
+    hf.save_pretrained(tmp_path / "checkpoint")
+    model = mg.models.from_pretrained(tmp_path / "checkpoint")
+    cfg = mg.TrainConfig(steps=30, lr=3e-3, weight_decay=0.1, batch_size=128, eval_every=10, checkpoint_every=15)
+    mg.train(model, task, cfg, tmp_path / "run", progress=False)
+    run = mg.Run(tmp_path / "run")
+    assert torch.equal(run.load_model()(task.inputs[:4]), model(task.inputs[:4]))
+    mg.analyze(run, only=["progress", "circuits"], progress=False)
+    html = mg.report.build(run).read_text()
+    assert "GPT2LMHeadModel" in html and "n_layers=2" in html  # the model line names what it is

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 REPORT_FORMAT = "mechgrok.report/1"
 
 
+_TL_KEYS = ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "act_fn",
+            "normalization_type", "positional_embedding_type", "gated_mlp", "parallel_attn_mlp", "attn_only")
+
+
 def _summary(config: dict[str, Any]) -> list[tuple[str, str]]:
     """One line each for the task, the model and the training settings (for the report header)."""
     def kv(d: dict[str, Any], keys: Sequence[str] | None = None) -> str:
@@ -50,7 +54,12 @@ def _summary(config: dict[str, Any]) -> list[tuple[str, str]]:
     if task := config.get("task"):
         lines.append(("Task", f"`{task.get('kind', '?')}` ({kv({k: v for k, v in task.items() if k != 'kind'})})"))
     if model := config.get("model"):
-        lines.append(("Model", f"`{model.get('kind', '?')}` ({kv(model.get('kwargs', {}))})"))
+        if model.get("kind") == "hooked_transformer":  # any transformer-lens model: its config's sizes
+            tl = model.get("config", {})
+            where = (model.get("source") or {}).get("architecture") or tl.get("original_architecture")
+            lines.append(("Model", f"`HookedTransformer`{f' from `{where}`' if where else ''} ({kv(tl, _TL_KEYS)})"))
+        else:
+            lines.append(("Model", f"`{model.get('kind', '?')}` ({kv(model.get('kwargs', {}))})"))
     if train := config.get("train"):
         lines.append(("Training", kv(train, ["steps", "optimizer", "lr", "weight_decay", "betas",
                                             "warmup", "batch_size", "loss", "dropout", "seed"])))
