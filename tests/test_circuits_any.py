@@ -244,3 +244,11 @@ def test_converted_hugging_face_models(style):
         s = attribute(planted, p, metric, method=method, progress=False)
         top = max(abs(v) for v in s.values())
         assert {k for k, v in s.items() if abs(v) > 1e-4 * top} == live, method
+
+
+def test_prompts_on_another_device_than_the_model_are_refused():
+    model = tl_model("gpt2")
+    p = prompts_for(model)
+    model.to("meta")  # parameters on another device; nothing runs before the check
+    with pytest.raises(ValueError, match=r"prompts are on cpu but the model is on meta; move them with prompts.to"):
+        attribute(model, p, metrics.logit_diff(), method="exact", level="node", progress=False)
