@@ -222,7 +222,7 @@ def test_prompts_are_checked():
 def test_converted_hugging_face_models(style):
     """GPT-2, GPT-NeoX (parallel, rotary) and Llama (RMSNorm, gated SiLU, GQA) converted from
     Hugging Face: patching reproduces both runs, faithfulness is 1 and 0 at every level, and a
-    planted circuit is all exact patching and EAP-IG find."""
+    planted circuit is all exact patching, EAP and EAP-IG find and all ACDC keeps comes from."""
     model = hf_converted(style)
     p = prompts_for(model, n=8, n_pos=8)
     patcher = Patcher(model, graph(model), p.clean, p.corrupted)
@@ -240,10 +240,12 @@ def test_converted_hugging_face_models(style):
     p = prompts_for(planted, n=8, n_pos=8)
     live_nodes = LIVE_HEADS | {"input", "logits", "m1"}
     live = {e.name for e in graph(planted).edges if e.src in live_nodes and e.dst in live_nodes}
-    for method in ("exact", "eap-ig"):
+    for method in ("exact", "eap", "eap-ig"):
         s = attribute(planted, p, metric, method=method, progress=False)
         top = max(abs(v) for v in s.values())
         assert {k for k, v in s.items() if abs(v) > 1e-4 * top} == live, method
+    acdc = mg.circuits.discover(planted, p, metric, method="acdc", progress=False)  # ACDC's own selection
+    assert set(acdc.components) <= live and acdc.provenance["faithfulness"] > 0.9
 
 
 def test_prompts_on_another_device_than_the_model_are_refused():
