@@ -17,6 +17,7 @@ from typing import Any
 from mechgrok import measures, neurons
 from mechgrok._io import child_path
 from mechgrok._threads import torch_threads
+from mechgrok.components import is_neuron, parse
 from mechgrok.run import Run
 from mechgrok.train import evaluate
 
@@ -76,10 +77,11 @@ def _neurons(run: Run, progress: bool) -> dict[str, Any]:
 def _prune_nodes(model, task, names: list[str]) -> dict[str, Any]:
     """Accuracy per split after zeroing the neurons among ``names`` (``m{layer}.n{i}``)."""
     by_layer: dict[int, list[int]] = {}
-    for n in names:
-        if ".n" in n:
-            layer, i = n[1:].split(".n")
-            by_layer.setdefault(int(layer), []).append(int(i))
+    for n in filter(is_neuron, names):
+        c = parse(n)
+        if c.position is not None:
+            raise ValueError(f"{n!r}: pruning zeroes a neuron at every position; give names without '@'")
+        by_layer.setdefault(c.layer, []).append(c.index)
     pruned = model
     for layer, idx in by_layer.items():
         pruned = neurons.prune(pruned, idx, layer=layer)

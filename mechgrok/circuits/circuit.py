@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import types
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -30,12 +29,12 @@ import numpy as np
 from mechgrok._config import check_float
 from mechgrok._io import atomic_path, atomic_write_text, to_jsonable
 from mechgrok.circuits.graph import LEVELS, Graph
+from mechgrok.components import base, is_head, is_neuron, node_of, parse, parse_edge, position_of
 
 __all__ = ["Circuit", "select", "select_greedy", "faithfulness_curve", "faithfulness", "SUFFIXES"]
 
 SUFFIXES = (".json", ".graphml")
 FORMAT = "mechgrok.circuit/1"  # written into every file, checked on load
-_HEAD = re.compile(r"^a\d+\.h\d+(@\d+)?$")
 _SIGN_COLOUR = {True: "tab:blue", False: "tab:red"}  # score >= 0, score < 0
 _QKV_STYLE = {"q": "-", "k": "--", "v": ":"}
 _HIGHLIGHT = "tab:orange"  # outline / halo of highlighted components
@@ -49,10 +48,6 @@ def _freeze(v: Any) -> Any:  # dict -> read-only mapping, list -> tuple, recursi
 def _thaw(v: Any) -> Any:  # the inverse of _freeze, for JSON
     return ({k: _thaw(x) for k, x in v.items()} if isinstance(v, Mapping)
             else list(map(_thaw, v)) if isinstance(v, (list, tuple)) else v)
-
-
-def _base(node: str) -> str:  # "a0.h1@2" -> "a0.h1"
-    return node.split("@")[0]
 
 
 #: At the neuron level, the number of selected neurons drawn per layer (the strongest by |score|).
@@ -89,6 +84,11 @@ class Circuit:
         put("graph_layer", types.MappingProxyType({str(n): int(v) for n, v in dict(self.graph_layer).items()}))
         if set(self.graph_layer) != set(self.graph_nodes):
             raise ValueError("graph_layer must give the layer of every node of graph_nodes and no other")
+        try:  # component names (mechgrok.components), so that .nodes and .edges can read them
+            for n in self.graph_nodes:
+                parse(n)
+        except ValueError as e:
+            raise ValueError(f"graph_nodes must be node names of a graph: {e}") from None
         put("scores", types.MappingProxyType({str(k): float(v) for k, v in dict(self.scores).items()}))
         if bad := [c for c, v in self.scores.items() if not math.isfinite(v)]:
             raise ValueError(f"scores must be finite; {len(bad)} are not, e.g. {bad[:5]}")
@@ -99,7 +99,7 @@ class Circuit:
         for name in self.scores:
             if self.level == "edge":
                 parts[name] = _parse_edge(name, nodes)
-            elif name not in nodes or _base(name) in ("input", "logits"):
+            elif name not in nodes or base(name) in ("input", "logits"):
                 raise ValueError(f"{name!r} is not a head, MLP or neuron of the graph (level {self.level!r})")
         put("_parts", parts)  # edge name -> (src, dst, receiver)
         put("provenance", _freeze(to_jsonable(_thaw(self.provenance))))
@@ -135,7 +135,7 @@ class Circuit:
     def nodes(self) -> tuple[str, ...]:
         """The graph nodes the circuit touches, in graph order; ``input`` and ``logits`` always."""
         used = {n for c in self.components for n in self._parts[c][:2]} if self.level == "edge" else {*self.components}
-        return tuple(n for n in self.graph_nodes if n in used or _base(n) in ("input", "logits"))
+        return tuple(n for n in self.graph_nodes if n in used or base(n) in ("input", "logits"))
 
     @property
     def edges(self) -> tuple[tuple[str, str], ...]:
@@ -145,13 +145,14 @@ class Circuit:
         their own); no ``input -> logits`` skip in a graph without heads (a HookedMLP)."""
         if self.level == "edge":
             return tuple(dict.fromkeys(self._parts[c][:2] for c in self.components))
-        skip, layer, out = any(map(_HEAD.match, self.graph_nodes)), self.graph_layer, []
-        for u in self.nodes:
-            for v in self.nodes:
-                head_u, head_v = bool(_HEAD.match(u)), bool(_HEAD.match(v))
-                pu, pv = (int(n.split("@")[1]) if "@" in n else None for n in (u, v))
+        skip, layer, out = any(map(is_head, self.graph_nodes)), self.graph_layer, []
+        nodes = self.nodes
+        head, pos, merged = ({n: f(n) for n in nodes} for f in (is_head, position_of, base))
+        for u in nodes:
+            for v in nodes:
+                head_u, head_v, pu, pv = head[u], head[v], pos[u], pos[v]
                 if ((layer[u] < layer[v] or (layer[u] == layer[v] and head_u and not head_v))
-                        and (skip or (_base(u), _base(v)) != ("input", "logits"))
+                        and (skip or (merged[u], merged[v]) != ("input", "logits"))
                         and (pu is None or pv is None or (pu <= pv if head_v else pu == pv))):
                     out.append((u, v))
         return tuple(out)
@@ -233,15 +234,15 @@ class Circuit:
         layers = sorted(set(self.graph_layer.values()))
         shown = set()  # at the neuron level: the strongest selected neurons of each layer, at most MAX_DRAWN
         for lv in layers:
-            mine = [n for n in self.components if ".n" in n and self.graph_layer[n] == lv]
+            mine = [n for n in self.components if is_neuron(n) and self.graph_layer[n] == lv]
             shown |= set(sorted(mine, key=lambda n: -abs(self.scores[n]))[:MAX_DRAWN])
-        drawn = [n for n in self.graph_nodes if self.level != "neuron" or ".n" not in n or n in shown]
+        drawn = [n for n in self.graph_nodes if self.level != "neuron" or not is_neuron(n) or n in shown]
         rows = {lv: [n for n in drawn if self.graph_layer[n] == lv] for lv in layers}
         hidden = {lv: sum(self.graph_layer[n] == lv for n in self.graph_nodes) - len(rows[lv]) for lv in layers}
-        hidden_in = {lv: sum(self.graph_layer[n] == lv for n in self.components if n not in shown and ".n" in n)
+        hidden_in = {lv: sum(self.graph_layer[n] == lv for n in self.components if n not in shown and is_neuron(n))
                      for lv in layers}
         marked = set(highlight) & set(self.components)
-        hidden_marked = {lv: sum(self.graph_layer[n] == lv for n in marked if n not in shown and ".n" in n)
+        hidden_marked = {lv: sum(self.graph_layer[n] == lv for n in marked if n not in shown and is_neuron(n))
                          for lv in layers}
         width = max(len(rows[lv]) + (hidden[lv] > 0) for lv in layers)
         if ax is None:
@@ -263,13 +264,13 @@ class Circuit:
                 a = 0.15 + 0.6 * abs(self.scores[n]) / top  # tint of the sign colour
                 face = tuple(1 - a * (1 - c) for c in to_rgb(_SIGN_COLOUR[self.scores[n] >= 0]))
             edge, lw = (_HIGHLIGHT, 2.4) if n in marked else (ink, 0.8)
-            ax.text(x, y, n if "@" in n else _base(n), ha="center", va="center", fontsize=8, color=ink, zorder=3,
+            ax.text(x, y, n, ha="center", va="center", fontsize=8, color=ink, zorder=3,
                     bbox=dict(boxstyle="round,pad=0.3", fc=face, ec=edge, lw=lw))
         edges = ([(*self._parts[c], self.scores[c], c in marked)
                   for c in sorted(self.components, key=lambda c: abs(self.scores[c]))]
                  if self.level == "edge" else [(u, v, v, None, False) for u, v in self.edges if u in xy and v in xy])
         for u, v, receiver, s, halo in edges:
-            qkv = _base(receiver)[-1] if _base(receiver) != _base(v) else ""  # "q", "k", "v" or ""
+            qkv = parse(receiver).port or ""  # "q", "k", "v" or ""
             rad = 0.12 + 0.1 * "qkv".find(qkv or "q") + (0.25 if xy[u][1] == xy[v][1] else 0)  # arc over a row
             style = (dict(color="0.6", lw=0.7, alpha=0.6) if s is None else dict(
                 color=_SIGN_COLOUR[s >= 0], lw=0.5 + 3 * abs(s) / top, alpha=0.35 + 0.65 * abs(s) / top,
@@ -286,7 +287,7 @@ class Circuit:
         ax.spines[:].set_visible(False)
         handles = [Line2D([], [], color=_SIGN_COLOUR[s], lw=2, label=f"score {'>' if s else '<'} 0") for s in (1, 0)]
         handles += [Line2D([], [], color="0.3", ls=ls, label=f"into {r}") for r, ls in _QKV_STYLE.items()
-                    if self.level == "edge" and any(map(_HEAD.match, self.graph_nodes))]
+                    if self.level == "edge" and any(map(is_head, self.graph_nodes))]
         if marked:
             handles.append(Line2D([], [], color=_HIGHLIGHT, lw=3, label=f"{highlight_label} ({len(marked)})"))
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
@@ -298,10 +299,13 @@ class Circuit:
 
 def _parse_edge(name: str, nodes: set[str]) -> tuple[str, str, str]:
     """``"a0.h1->a1.h0.k@2"`` -> ``("a0.h1", "a1.h0@2", "a1.h0.k@2")``: (src, dst, receiver)."""
-    src, sep, receiver = name.partition("->")
-    base, at, pos = receiver.partition("@")
-    dst = receiver if receiver in nodes else base[:-2] + at + pos if base[-2:] in (".q", ".k", ".v") else ""
-    if not sep or src not in nodes or dst not in nodes:
+    try:
+        src, receiver = parse_edge(name)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name!r} is not an edge of the graph (expected 'src->receiver', e.g. 'a0.h1->a1.h0.k'): "
+                         f"{e}") from None
+    dst = node_of(receiver)
+    if src not in nodes or dst not in nodes:
         raise ValueError(f"{name!r} is not an edge of the graph (expected 'src->receiver', e.g. 'a0.h1->a1.h0.k')")
     return src, dst, receiver
 

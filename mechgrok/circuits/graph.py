@@ -1,6 +1,6 @@
 """The computational graph of a model, as circuit discovery sees it.
 
-Names (shared by attribution, ``Circuit`` and drawing):
+Names (shared by attribution, ``Circuit`` and drawing; parsed by ``mechgrok.components``):
 
 - nodes: ``input`` (token + positional embedding, or the one-hot input of a HookedMLP),
   ``a{l}.h{h}`` (attention head ``h`` of layer ``l``), ``m{l}`` (the MLP of layer ``l``),
@@ -24,6 +24,7 @@ from functools import cached_property
 from torch import nn
 
 from mechgrok import models
+from mechgrok.components import PORTS, Component, at, base, is_head, layer_of, parse
 
 __all__ = ["Graph", "Edge", "graph", "LEVELS", "check_supported"]
 
@@ -70,7 +71,7 @@ class Graph:
     def components(self) -> tuple[str, ...]:
         if self.level == "edge":
             return tuple(e.name for e in self.edges)
-        return tuple(n for n in self.nodes if n not in ("input", "logits") and not n.startswith(("input@", "logits@")))
+        return tuple(n for n in self.nodes if base(n) not in ("input", "logits"))
 
     @cached_property
     def edge_index(self) -> dict[str, Edge]:
@@ -83,21 +84,21 @@ class Graph:
 def _transformer_nodes(n_layers: int, n_heads: int, attn_only: bool = False) -> list[tuple[str, int]]:
     nodes = [("input", -1)]
     for layer in range(n_layers):
-        nodes += [(f"a{layer}.h{h}", layer) for h in range(n_heads)]
+        nodes += [(Component("head", layer, h).name, layer) for h in range(n_heads)]
         if not attn_only:
-            nodes.append((f"m{layer}", layer))
+            nodes.append((Component("mlp", layer).name, layer))
     return nodes + [("logits", n_layers)]
 
 
 def _receivers(node: str) -> list[str]:
-    if node.startswith("a"):
-        return [f"{node}.q", f"{node}.k", f"{node}.v"]
-    return [node]
+    """The inputs of ``node``: a head's query, key and value (``a0.h1.q``, ...), else the node itself."""
+    c = parse(node)
+    return [Component("head", c.layer, c.index, port, c.position).name for port in PORTS] if c.kind == "head" else [node]
 
 
-def _is_upstream(src: str, dst: str, layer: dict[str, int], parallel: bool = False) -> bool:
-    """``src`` writes to the residual stream before ``dst`` reads it (``parallel``: attention and
-    MLP of a layer both read the layer's input, as in GPT-J and GPT-NeoX)."""
+def _is_upstream(src: str, dst: str, layer: dict[str, int], heads: frozenset[str], parallel: bool = False) -> bool:
+    """``src`` writes to the residual stream before ``dst`` reads it (``heads``: the head nodes;
+    ``parallel``: attention and MLP of a layer both read the layer's input, as in GPT-J and GPT-NeoX)."""
     if src == dst or src == "logits" or dst == "input":
         return False
     if src == "input":
@@ -105,9 +106,9 @@ def _is_upstream(src: str, dst: str, layer: dict[str, int], parallel: bool = Fal
     ls, ld = layer[src], layer[dst]
     if dst == "logits":
         return True
-    if dst.startswith("a"):  # heads read the stream before their layer's heads and MLP write
+    if dst in heads:  # heads read the stream before their layer's heads and MLP write
         return ls < ld
-    return ls < ld or (ls == ld and src.startswith("a") and not parallel)  # an MLP reads its own layer's heads
+    return ls < ld or (ls == ld and src in heads and not parallel)  # an MLP reads its own layer's heads
 
 
 def graph(model: nn.Module, level: str = "edge", positions: bool = False) -> Graph:
@@ -133,14 +134,15 @@ def graph(model: nn.Module, level: str = "edge", positions: bool = False) -> Gra
     check_supported(cfg, level)
     nodes = _transformer_nodes(cfg.n_layers, cfg.n_heads, cfg.attn_only)
     layer = dict(nodes)
+    heads = frozenset(filter(is_head, layer))
     edges = [Edge(src, dst, r) for dst, _ in nodes for r in _receivers(dst)
-             for src, _ in nodes if _is_upstream(src, dst, layer, bool(cfg.parallel_attn_mlp))]
+             for src, _ in nodes if _is_upstream(src, dst, layer, heads, bool(cfg.parallel_attn_mlp))]
     names = [n for n, _ in nodes]
     if level == "neuron":
-        names = [n for n in names if not n.startswith("m")] + [
-            f"m{li}.n{i}" for li in range(cfg.n_layers) for i in range(0 if cfg.attn_only else cfg.d_mlp)]
-        names = sorted(names, key=lambda n: (_layer_of(n, cfg.n_layers), not n.startswith("a")))
-        layer = {n: _layer_of(n, cfg.n_layers) for n in names}
+        names = [n for n in names if parse(n).kind != "mlp"] + [
+            Component("neuron", li, i).name for li in range(cfg.n_layers) for i in range(0 if cfg.attn_only else cfg.d_mlp)]
+        names = sorted(names, key=lambda n: (layer_of(n, cfg.n_layers), not is_head(n)))
+        layer = {n: layer_of(n, cfg.n_layers) for n in names}
         edges = []  # neuron-level circuits are sets of nodes
     n_pos = int(cfg.n_ctx) if positions else 0
     if positions:
@@ -166,23 +168,16 @@ def check_supported(cfg, level: str = "edge") -> None:
                          "biases, learned or rotary positions, parallel attention, grouped-query attention")
 
 
-def _layer_of(node: str, n_layers: int) -> int:
-    if node == "input":
-        return -1
-    if node == "logits":
-        return n_layers
-    return int(node[1:].split(".")[0])
-
-
 def _split_positions(names: list[str], layer: dict[str, int], edges: list[Edge], n_pos: int):
-    pnames = [f"{n}@{p}" for n in names for p in range(n_pos)]
-    players = {f"{n}@{p}": layer[n] for n in names for p in range(n_pos)}
+    pnames = [at(n, p) for n in names for p in range(n_pos)]
+    players = {at(n, p): layer[n] for n in names for p in range(n_pos)}
     pedges = []
     for e in edges:
+        reads_earlier = parse(e.receiver).port in ("k", "v")
         for pd in range(n_pos):
             # attention keys and values read every earlier position; everything else its own
-            srcs = range(pd + 1) if e.receiver.endswith((".k", ".v")) else [pd]
-            pedges += [Edge(f"{e.src}@{ps}", f"{e.dst}@{pd}", f"{e.receiver}@{pd}") for ps in srcs]
+            srcs = range(pd + 1) if reads_earlier else [pd]
+            pedges += [Edge(at(e.src, ps), at(e.dst, pd), at(e.receiver, pd)) for ps in srcs]
     return pnames, players, pedges
 
 
@@ -191,7 +186,7 @@ def _mlp_graph(model: models.HookedMLP, level: str, positions: bool) -> Graph:
         raise ValueError("a HookedMLP has no positions")
     width = model.blocks[0].mlp.W_in.shape[1]
     if level == "neuron":
-        names = ["input", *[f"m0.n{i}" for i in range(width)], "logits"]
+        names = ["input", *[Component("neuron", 0, i).name for i in range(width)], "logits"]
         layer = {n: (-1 if n == "input" else 1 if n == "logits" else 0) for n in names}
         edges = [Edge("input", n, n) for n in names[1:-1]] + [Edge(n, "logits", "logits") for n in names[1:-1]]
         return Graph("neuron", tuple(names), layer, tuple(edges), 1, 0, width, kind="mlp")

@@ -7,7 +7,8 @@ are relative to the model: two random circuits that each hold half the heads sha
 on average. Every statistic here therefore comes with its value for random circuits of the same
 sizes drawn from the same graph, and a permutation p-value.
 
-For component sets A, B (the ``components`` of two circuits), out of the n components of a graph:
+For component sets A, B (the ``components`` of two circuits, or plain sets of component names:
+``overlap`` takes either), out of the n components of a graph:
 
 - Jaccard |A∩B| / |A∪B|; overlap coefficient |A∩B| / min(|A|, |B|); Dice 2|A∩B| / (|A| + |B|);
   containment |A∩B| / |A| (how much of A lies in B) and |A∩B| / |B|.
@@ -39,7 +40,6 @@ mix the effect of size; see ``overlap_vs_k``.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -48,6 +48,7 @@ import numpy as np
 from mechgrok._config import check_int
 from mechgrok._stats import average_ranks
 from mechgrok.circuits.circuit import Circuit
+from mechgrok.components import Component, base, is_head, is_mlp, is_neuron, node_of, parse, parse_edge
 
 __all__ = ["jaccard", "overlap_coefficient", "dice", "containment", "set_overlap", "weighted_jaccard", "spearman",
            "score_overlap",
@@ -60,11 +61,7 @@ BY = ("components", "nodes", "heads", "mlps", "neurons")
 SET_STATS = ("jaccard", "overlap_coefficient", "dice", "containment_a_in_b", "containment_b_in_a", "intersection")
 SCORE_STATS = ("weighted_jaccard", "spearman")
 _MIRROR = {"containment_a_in_b": "containment_b_in_a", "containment_b_in_a": "containment_a_in_b"}
-_HEAD = re.compile(r"^a\d+\.h\d+(@\d+)?$")
-_MLP = re.compile(r"^m\d+(@\d+)?$")
-_NEURON = re.compile(r"^m(\d+)\.n\d+(@\d+)?$")
-_KEEP = {"nodes": lambda n: bool(_HEAD.match(n) or _MLP.match(n)), "heads": lambda n: bool(_HEAD.match(n)),
-         "mlps": lambda n: bool(_MLP.match(n)), "neurons": lambda n: bool(_NEURON.match(n))}
+_KEEP = {"nodes": lambda n: is_head(n) or is_mlp(n), "heads": is_head, "mlps": is_mlp, "neurons": is_neuron}
 _CHUNK = 1 << 22  # elements per block of permutation draws (32 MiB of int64)
 
 
@@ -159,14 +156,15 @@ def spearman(a: Circuit | Mapping[str, float], b: Circuit | Mapping[str, float],
 
 def _edge_nodes(edge: str) -> tuple[str, str]:
     """``"a0.h1->a1.h0.k@2"`` -> ``("a0.h1", "a1.h0@2")``."""
-    src, _, receiver = edge.partition("->")
-    base, at, pos = receiver.partition("@")
-    return src, (base[:-2] if base[-2:] in (".q", ".k", ".v") else base) + at + pos
+    src, receiver = parse_edge(edge)
+    return src, node_of(receiver)
 
 
 def _mlp_of(node: str) -> str:  # "m1.n7@2" -> "m1@2"; anything else unchanged
-    m = _NEURON.match(node)
-    return f"m{m.group(1)}{node.partition('@')[1]}{node.partition('@')[2]}" if m else node
+    if not is_neuron(node):
+        return node
+    c = parse(node)
+    return Component("mlp", c.layer, position=c.position).name
 
 
 def project(circuit: Circuit, by: str = "nodes") -> Circuit:
@@ -192,7 +190,7 @@ def project(circuit: Circuit, by: str = "nodes") -> Circuit:
                          "(use by='nodes', 'heads' or 'mlps')")
     nodes, layer = circuit.graph_nodes, dict(circuit.graph_layer)
     if circuit.level == "edge":
-        scores = {n: 0.0 for n in nodes if not n.startswith(("input", "logits"))}
+        scores = {n: 0.0 for n in nodes if base(n) not in ("input", "logits")}
         for edge, s in circuit.scores.items():
             for n in _edge_nodes(edge):
                 if n in scores:
@@ -239,28 +237,98 @@ def _score_draws(sa: np.ndarray, sb: np.ndarray, n_draws: int, rng: np.random.Ge
     return np.concatenate(wj), np.concatenate(rho)
 
 
-def _overlap(a: Circuit, b: Circuit, by: str, baseline: int | None, seed: int, stats: Sequence[str],
-             absolute: bool = True) -> dict[str, Any]:
-    if not isinstance(a, Circuit) or not isinstance(b, Circuit):
-        raise TypeError(f"overlap compares two Circuits, got {type(a).__name__} and {type(b).__name__}; "
-                        "for plain sets use set_overlap, for score vectors score_overlap")
-    pa, pb = project(a, by), project(b, by)
-    sa, sb = _score_vectors(pa, pb)  # checks: same graph
-    inter = len(set(pa.components) & set(pb.components))
-    out = _compare(sa, sb, len(pa), len(pb), inter, baseline, seed, stats, absolute)
-    return {"by": by, "level": (a.level, b.level), **out}
+def _names(x: Any, side: str) -> set[str]:
+    """A plain set (list, tuple, ...) of component or edge names, checked with ``mechgrok.components``."""
+    if isinstance(x, (str, bytes)) or isinstance(x, Mapping) or not isinstance(x, Iterable):
+        what = ("a mapping (scores? select a Circuit from them with mechgrok.circuits.select)"
+                if isinstance(x, Mapping) else f"the string {x!r} (write [{x!r}])" if isinstance(x, str)
+                else type(x).__name__)
+        raise TypeError(f"overlap compares Circuits or sets of component names such as {{'a0.h1', 'm0.n5'}}; "
+                        f"{side} is {what}")
+    names = set()
+    for item in x:
+        name = item.name if isinstance(item, Component) else item
+        if not isinstance(name, str):
+            raise TypeError(f"overlap compares Circuits or sets of component names; {side} holds {item!r} "
+                            f"({type(item).__name__}); for scores over numbered components use "
+                            "mechgrok.circuits.score_overlap")
+        parse_edge(name) if "->" in name else parse(name)  # ValueError naming the valid forms
+        names.add(name)
+    return names
 
 
-def _compare(sa: np.ndarray, sb: np.ndarray, ka: int, kb: int, inter: int, baseline: int | None, seed: int,
-             stats: Sequence[str], absolute: bool) -> dict[str, Any]:
-    """The statistics of two selections of sizes ka, kb sharing ``inter`` of n = len(sa) scored
-    components, with their random baselines."""
+def _project_names(names: set[str], by: str) -> set[str]:
+    """``project`` for a plain set of names: edges become the nodes they join, neurons their MLP,
+    then ``by`` keeps one kind (``input`` and ``logits`` are never components)."""
+    if by == "components":
+        return names
+    if by == "neurons":
+        return {n for n in names if is_neuron(n)}
+    nodes = {m for n in names for m in (_edge_nodes(n) if "->" in n else (_mlp_of(n),))}
+    return {n for n in nodes if _KEEP[by](n)}
+
+
+def _overlap(a: Circuit | Iterable[str], b: Circuit | Iterable[str], by: str, baseline: int | None, seed: int,
+             stats: Sequence[str], absolute: bool = True, n: int | None = None) -> dict[str, Any]:
+    if isinstance(a, Circuit) and isinstance(b, Circuit):
+        if n is not None:
+            raise ValueError(f"n={n!r} is for plain sets; two circuits take n from their graph (leave n=None)")
+        pa, pb = project(a, by), project(b, by)
+        sa, sb = _score_vectors(pa, pb)  # checks: same graph
+        inter = len(set(pa.components) & set(pb.components))
+        out = _compare(sa, sb, len(pa), len(pb), inter, baseline, seed, stats, absolute)
+        return {"by": by, "level": (a.level, b.level), **out}
+    return _overlap_sets(a, b, by, baseline, seed, stats, n)
+
+
+def _overlap_sets(a: Circuit | Iterable[str], b: Circuit | Iterable[str], by: str, baseline: int | None, seed: int,
+                  stats: Sequence[str], n: int | None) -> dict[str, Any]:
+    """``overlap`` where one side or both are plain sets of names: set statistics only."""
+    if by not in BY:
+        raise ValueError(f"unknown granularity by={by!r}; choose one of {BY}")
+    sides, universe = [], None
+    for x, side in ((a, "a"), (b, "b")):
+        if isinstance(x, Circuit):
+            if n is not None:
+                raise ValueError(f"n={n!r} is for two plain sets; with a Circuit, n is the size of its graph "
+                                 "(leave n=None)")
+            px = project(x, by)
+            sides.append(set(px.components))
+            universe = set(px.scores)
+        else:
+            sides.append(_project_names(_names(x, side), by))
+    sa, sb = sides
+    if universe is not None:
+        if unknown := sorted((sa | sb) - universe):
+            raise ValueError(f"{len(unknown)} names of the set are not components of the circuit's graph"
+                             f"{'' if by == 'components' else f' at by={by!r}'}, e.g. {unknown[:3]}; compare "
+                             f"names of one graph (it has components like {sorted(universe)[:3]})")
+        n = len(universe)
+    elif n is not None:
+        n = check_int(n, "n", low=0, owner="overlap (the number of components the sets were chosen from)")
+        if n < len(sa | sb):
+            raise ValueError(f"n={n} is smaller than the {len(sa | sb)} names of the two sets; give the number of "
+                             "components they were chosen from, e.g. len(mechgrok.circuits.graph(model, level))")
+    elif baseline:
+        raise ValueError("plain sets have no graph to draw random circuits from: give n= (the number of components "
+                         "they were chosen from, e.g. n=len(mechgrok.circuits.graph(model, level))) or baseline=0 for "
+                         "the statistics alone")
+    out = _compare(None, None, len(sa), len(sb), len(sa & sb), baseline, seed,
+                   [st for st in stats if st in SET_STATS], True, n=n)
+    return {"by": by, "level": tuple(x.level if isinstance(x, Circuit) else None for x in (a, b)), **out}
+
+
+def _compare(sa: np.ndarray | None, sb: np.ndarray | None, ka: int, kb: int, inter: int, baseline: int | None,
+             seed: int, stats: Sequence[str], absolute: bool, n: int | None = None) -> dict[str, Any]:
+    """The statistics of two selections of sizes ka, kb sharing ``inter`` of n (default len(sa))
+    scored components, with their random baselines; ``sa is None``: set statistics only, and ``n``
+    may be None when ``baseline`` is 0."""
     baseline = check_int(0 if baseline is None else baseline, "baseline", low=0)
     seed = check_int(seed, "seed", low=0)
     if baseline and baseline < 20:
         raise ValueError(f"baseline={baseline} draws is too few for percentiles and p-values; use at least 20 "
                          "(or 0 for no baseline)")
-    n = len(sa)
+    n = len(sa) if n is None and sa is not None else n
     set_rng, score_rng = map(np.random.default_rng, np.random.SeedSequence(seed).spawn(2))
     out: dict[str, Any] = {"n": n, "size_a": ka, "size_b": kb, "union": ka + kb - inter,
                            "n_draws": int(baseline or 0), "seed": seed}
@@ -270,7 +338,7 @@ def _compare(sa: np.ndarray, sb: np.ndarray, ka: int, kb: int, inter: int, basel
         draws = _set_stats(ka, kb, rand_inter)
     for s in (s for s in SET_STATS if s in stats):
         out[s] = _summary(float(observed[s]), draws.get(s))
-    if any(s in stats for s in SCORE_STATS):
+    if sa is not None and any(s in stats for s in SCORE_STATS):
         wj, rho = _score_draws(sa, sb, baseline, score_rng, absolute) if baseline else (None, None)
         if "weighted_jaccard" in stats:
             out["weighted_jaccard"] = _summary(float(_wj(_normalised(sa), _normalised(sb))), wj)
@@ -312,12 +380,18 @@ def _indices(x: Iterable[int], name: str) -> set[int]:
     return {int(i) for i in arr}
 
 
-def overlap(a: Circuit, b: Circuit, *, by: str = "components", baseline: int = 1000, seed: int = 0,
-            absolute: bool = True) -> dict[str, Any]:
+def overlap(a: Circuit | Iterable[str], b: Circuit | Iterable[str], *, by: str = "components", baseline: int = 1000,
+            seed: int = 0, absolute: bool = True, n: int | None = None) -> dict[str, Any]:
     """Every overlap statistic of two circuits of one graph, each beside random circuits.
 
     Args:
-        a, b: circuits over the same graph (after ``project(., by)``: the same scored components).
+        a, b: circuits over the same graph (after ``project(., by)``: the same scored components),
+            or plain sets (lists, ...) of component names such as ``{"a0.h1", "m0.n5"}`` or edge
+            names ``"a0.h1->a1.h0.k"`` (``mechgrok.components``), e.g. a circuit from a paper.
+            A plain set has no scores, so only the set statistics (``SET_STATS``) are computed;
+            ``by`` maps it as ``project`` maps a circuit (edges to the nodes they join, neurons to
+            their MLP, then one kind kept). Against a Circuit, its names must be components of the
+            circuit's graph (after ``by``), whose size is n.
         by: granularity, one of ``BY`` (see ``project``).
         baseline: number of random draws (>= 20), or 0 for the values alone.
             Set statistics: random circuits of sizes |A| and |B| drawn uniformly from the n
@@ -326,12 +400,20 @@ def overlap(a: Circuit, b: Circuit, *, by: str = "components", baseline: int = 1
             Score statistics: the scores of b permuted uniformly across components.
         seed: seeds ``numpy.random.default_rng``; the same seed gives the same draws.
         absolute: Spearman on |score| (default) or signed scores.
+        n: for two plain sets, the number of components they were chosen from (the graph's size,
+            ``len(mechgrok.circuits.graph(model, level))``), needed for the baseline; with
+            ``baseline=0`` it may stay None. Not given with a Circuit: its graph says.
     Returns: ``{"by", "level": (a.level, b.level), "n", "size_a", "size_b", "union", "n_draws", "seed"}``
-        and for each of ``SET_STATS + SCORE_STATS`` a dict ``{"value", "baseline_mean",
-        "baseline_std", "p05", "p95", "p_value"}`` (only ``value`` when ``baseline=0``) with
-        p_value = (1 + #{random >= value}) / (1 + draws), in (0, 1]; NaN where the value is.
+        and for each of ``SET_STATS + SCORE_STATS`` (``SET_STATS`` only if a side is a plain set; its
+        level is None) a dict ``{"value", "baseline_mean", "baseline_std", "p05", "p95", "p_value"}``
+        (only ``value`` when ``baseline=0``) with p_value = (1 + #{random >= value}) / (1 + draws),
+        in (0, 1]; NaN where the value is.
+
+    >>> r = overlap({"a0.h1", "a1.h0", "m1"}, ["a0.h1", "m1"], n=20, baseline=0)
+    >>> r["jaccard"], r["containment_b_in_a"], "spearman" in r
+    ({'value': 0.6666666666666666}, {'value': 1.0}, False)
     """
-    return _overlap(a, b, by, baseline, seed, SET_STATS + SCORE_STATS, absolute)
+    return _overlap(a, b, by, baseline, seed, SET_STATS + SCORE_STATS, absolute, n)
 
 
 def expected_jaccard(size_a: int, size_b: int, n: int) -> float:
@@ -358,6 +440,9 @@ def overlap_vs_k(a: Circuit, b: Circuit, ks: Iterable[int] | None = None, *, by:
     "random_intersection": [k²/n], "random_jaccard": [expected_jaccard(k, k, n)]}``; at k = n
     everything is 1 (both circuits are the whole graph).
     """
+    if not isinstance(a, Circuit) or not isinstance(b, Circuit):
+        raise TypeError(f"overlap_vs_k re-selects the top k of each circuit's scores, so it needs two Circuits, got "
+                        f"{type(a).__name__} and {type(b).__name__}; compare plain sets of names with overlap")
     sa, sb = _score_vectors(project(a, by), project(b, by))
     n = len(sa)
     ks = None if ks is None else list(ks)
@@ -373,22 +458,29 @@ def overlap_vs_k(a: Circuit, b: Circuit, ks: Iterable[int] | None = None, *, by:
             "random_intersection": [k * k / n for k in ks], "random_jaccard": [expected_jaccard(k, k, n) for k in ks]}
 
 
-def overlap_matrix(circuits: Mapping[str, Circuit], stat: str = "jaccard", *, by: str = "components",
-                   baseline: int = 1000, seed: int = 0) -> dict[str, Any]:
+def overlap_matrix(circuits: Mapping[str, Circuit | Iterable[str]], stat: str = "jaccard", *, by: str = "components",
+                   baseline: int = 1000, seed: int = 0, n: int | None = None) -> dict[str, Any]:
     """``stat`` (one of ``SET_STATS + SCORE_STATS``) for every ordered pair of circuits.
 
     Row i, column j holds stat(circuits[i], circuits[j]) (containment_a_in_b: the fraction of
     circuit i in circuit j). Each unordered pair is computed once with ``seed`` and mirrored, so
-    the matrix is symmetric for symmetric statistics. Returns ``{"names", "stat", "by", "n_draws",
-    "matrix", "baseline_mean", "p_values"}`` (lists of lists; p-values None when ``baseline=0``).
+    the matrix is symmetric for symmetric statistics. Values may also be plain sets of component
+    names, as in ``overlap`` (``n``: as there; set statistics only). Returns ``{"names", "stat",
+    "by", "n_draws", "matrix", "baseline_mean", "p_values"}`` (lists of lists; p-values None when
+    ``baseline=0``).
     """
     if stat not in SET_STATS + SCORE_STATS:
         raise ValueError(f"unknown statistic {stat!r}; choose one of {SET_STATS + SCORE_STATS}")
+    if stat in SCORE_STATS and (sets := [k for k, c in circuits.items() if not isinstance(c, Circuit)]):
+        raise ValueError(f"{stat} compares scores, which the plain sets {sets[:3]} do not have; use Circuits, or one "
+                         f"of {SET_STATS}")
     names, m = list(circuits), len(circuits)
     value, mean, p = ([[None] * m for _ in range(m)] for _ in range(3))
     for i in range(m):
         for j in range(i, m):
-            r = _overlap(circuits[names[i]], circuits[names[j]], by, baseline, seed, (stat, _MIRROR.get(stat, stat)))
+            a, b = circuits[names[i]], circuits[names[j]]
+            pair_n = n if not (isinstance(a, Circuit) or isinstance(b, Circuit)) else None
+            r = _overlap(a, b, by, baseline, seed, (stat, _MIRROR.get(stat, stat)), n=pair_n)
             for (u, v), s in (((i, j), stat), ((j, i), _MIRROR.get(stat, stat))):
                 value[u][v], mean[u][v], p[u][v] = (r[s].get(key) for key in ("value", "baseline_mean", "p_value"))
     return {"names": names, "stat": stat, "by": by, "n_draws": int(baseline or 0), "matrix": value,

@@ -36,45 +36,48 @@ from torch import Tensor, nn
 
 from mechgrok import models
 from mechgrok.circuits.graph import Graph
+from mechgrok.components import Component, parse
 
 __all__ = ["Patcher", "CORRUPTIONS", "source_hook", "receiver_hook", "patchable", "logits_of"]
 
 CORRUPTIONS = ("resample", "mean", "zero")
 
 
-def _parse(node: str) -> tuple[str, int, int]:
-    """``a1.h2`` -> ("a", 1, 2); ``m0`` -> ("m", 0, -1); ``m0.n5`` -> ("n", 0, 5)."""
-    base, _, rest = node.partition(".")
-    layer = int(base[1:])
-    if base[0] == "a":
-        return "a", layer, int(rest[1:])
-    if rest:
-        return "n", layer, int(rest[1:])
-    return "m", layer, -1
+def _merged(name: str, role: str) -> Component:
+    """``name`` parsed (``mechgrok.components``), refusing what is not a node / receiver of a
+    graph without positions."""
+    c = parse(name)
+    if c.position is not None:
+        raise ValueError(f"{name!r}: patching per position is not supported yet; use names without '@'")
+    if role == "source" and (c.kind == "logits" or c.port is not None):
+        raise ValueError(f"{name!r} writes nothing: a source is 'input', a head, an MLP or a neuron")
+    if role == "receiver" and (c.kind == "input" or (c.kind == "head" and c.port is None)):
+        raise ValueError(f"{name!r} reads nothing: a receiver is a head's input 'a{{l}}.h{{h}}.q' / '.k' / '.v', "
+                         "an MLP 'm{l}' (or a HookedMLP's neuron) or 'logits'")
+    return c
 
 
 def source_hook(model: nn.Module, node: str) -> tuple[str, int | None]:
     """The hook whose output is ``node``'s output, and the index along its last head/neuron axis."""
     mlp = isinstance(model, models.HookedMLP)
-    if node == "input":
+    c = _merged(node, "source")
+    if c.kind == "input":
         return ("hook_in" if mlp else "blocks.0.hook_resid_pre"), None
-    kind, layer, idx = _parse(node)
-    if kind == "a":
-        return f"blocks.{layer}.attn.hook_result", idx
-    if kind == "n":
-        return f"blocks.{layer}.mlp.hook_post", idx
-    return ("hook_out" if mlp else f"blocks.{layer}.hook_mlp_out"), None
+    if c.kind == "head":
+        return f"blocks.{c.layer}.attn.hook_result", c.index
+    if c.kind == "neuron":
+        return f"blocks.{c.layer}.mlp.hook_post", c.index
+    return ("hook_out" if mlp else f"blocks.{c.layer}.hook_mlp_out"), None
 
 
 def receiver_hook(model: nn.Module, receiver: str) -> tuple[str, int | None]:
     """The hook whose output is what ``receiver`` reads, and its head index (q/k/v inputs)."""
-    if receiver == "logits":
+    c = _merged(receiver, "receiver")
+    if c.kind == "logits":
         return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", None
-    node, _, qkv = receiver.rpartition(".") if receiver.endswith((".q", ".k", ".v")) else (receiver, "", "")
-    kind, layer, idx = _parse(node)
-    if kind == "a":
-        return f"blocks.{layer}.hook_{qkv}_input", idx
-    return f"blocks.{layer}.hook_mlp_in", None
+    if c.kind == "head":
+        return f"blocks.{c.layer}.hook_{c.port}_input", c.index
+    return f"blocks.{c.layer}.hook_mlp_in", None
 
 
 _FLAGS = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in", "ungroup_grouped_query_attention")
