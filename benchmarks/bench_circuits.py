@@ -332,13 +332,13 @@ def table(rows: list[dict]) -> str:
 
 def mechgrok_source() -> dict:
     """Which mechgrok circuit code was timed: git commit, uncommitted changes, a hash of the files."""
-    files = sorted((ROOT / "mechgrok" / "circuits").glob("*.py")) + [ROOT / "mechgrok" / "models.py"]
+    files = sorted((ROOT / "mechgrok" / "circuits").glob("*.py")) + sorted((ROOT / "mechgrok" / "models").glob("*.py"))
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
     out = {"circuits_sha256": digest}
     try:
         out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                        text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mechgrok/circuits", "mechgrok/models.py"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mechgrok/circuits", "mechgrok/models"],
                                cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\n")
         out["uncommitted"] = sorted(ln[3:] for ln in dirty if ln.strip())
     except (OSError, subprocess.CalledProcessError):

@@ -54,10 +54,10 @@ from tqdm.auto import tqdm
 from mechgrok._activation_store import FORMAT, ActivationCache, _Sink, load_cache
 from mechgrok._config import check_int
 from mechgrok._io import atomic_dir
-from mechgrok.models import HookedRootModule, check_inputs
+from mechgrok.models import HookedRootModule, check_inputs, device_of
 
 __all__ = ["ActivationCache", "capture", "load_cache", "BACKENDS", "default_backend", "check_hook", "edit_output",
-           "editing", "model_device"]
+           "editing"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def capture(model: nn.Module, inputs: Shaped[Tensor, "N ..."], hooks: Sequence[s
         if not overwrite:
             raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it or choose another folder")
     n = int(inputs.shape[0])
-    device = model_device(model)
+    device = device_of(model)
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -141,12 +141,6 @@ def default_backend(model: nn.Module) -> str:
     """The backend ``capture`` uses when none is named: ``"transformer_lens"`` for a
     ``HookedRootModule`` (its hook points), ``"torch"`` for any other ``nn.Module``."""
     return "transformer_lens" if isinstance(model, HookedRootModule) else "torch"
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device ``model`` computes on: that of its first parameter (or buffer); CPU if it has none."""
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 def check_hook(model: nn.Module, hook: str, backend: str | None = None) -> str:

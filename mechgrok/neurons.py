@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from mechgrok import models
 from mechgrok._config import check_float, check_int
 from mechgrok._threads import torch_threads
-from mechgrok.capture import check_hook, edit_output, model_device
+from mechgrok.capture import check_hook, edit_output
+from mechgrok.models import device_of
 from mechgrok.measures import grid_forward, neuron_ipr, task_grid
 from mechgrok.measures.fourier import ipr as _ipr
 from mechgrok.tasks import Task
@@ -78,7 +79,7 @@ def direct_logit_map(model: nn.Module, layer: int = 0) -> Float[Tensor, "d_mlp d
 def _activations(model: nn.Module, inputs: Tensor, layer: int) -> Float[Tensor, "batch d_mlp"]:
     """Neuron activations at the answer position, ``[batch, d_mlp]``."""
     name = models.mlp_hook(layer)
-    _, cache = model.run_with_cache(inputs.to(model_device(model)), names_filter=name)
+    _, cache = model.run_with_cache(inputs.to(device_of(model)), names_filter=name)
     act = cache[name]
     return act[:, -1] if act.ndim == 3 else act
 
@@ -344,7 +345,7 @@ def _mlp_post(model: nn.Module, task: Task) -> Tensor | None:
         return act
 
     with model.hooks(fwd_hooks=[(models.mlp_hook(0), grab)]):
-        model(task.inputs.to(model_device(model)))
+        model(task.inputs.to(device_of(model)))
     return seen["post"]
 
 
@@ -365,7 +366,7 @@ def _masked_metrics(model: nn.Module, task: Task, layer: int, keep: Tensor, loss
         return act * keep.to(act.device, act.dtype)
 
     with model.hooks(fwd_hooks=[(models.mlp_hook(layer), hook)]):
-        logits = models.final_logits(model, task.inputs.to(model_device(model)))
+        logits = models.final_logits(model, task.inputs.to(device_of(model)))
     return metrics_from_logits(logits.cpu(), task, loss)
 
 

@@ -28,8 +28,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import contextlib
-
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -38,7 +36,9 @@ from mechgrok import models
 from mechgrok.circuits.graph import Graph
 from mechgrok.components import Component, parse
 
-__all__ = ["Patcher", "CORRUPTIONS", "source_hook", "receiver_hook", "patchable", "logits_of"]
+__all__ = ["Patcher", "CORRUPTIONS", "source_hook", "receiver_hook", "logits_of"]
+
+patchable = models.patchable
 
 CORRUPTIONS = ("resample", "mean", "zero")
 
@@ -78,30 +78,6 @@ def receiver_hook(model: nn.Module, receiver: str) -> tuple[str, int | None]:
     if c.kind == "head":
         return f"blocks.{c.layer}.hook_{c.port}_input", c.index
     return f"blocks.{c.layer}.hook_mlp_in", None
-
-
-_FLAGS = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in", "ungroup_grouped_query_attention")
-
-
-@contextlib.contextmanager
-def patchable(model: nn.Module):
-    """Expose per-head outputs (``attn.hook_result``), per-head q/k/v inputs (``hook_q_input``, ...,
-    one per query head under grouped-query attention) and the MLP input (``hook_mlp_in``) of a
-    HookedTransformer while in the block, then restore its settings. Same forward values (float
-    rounding aside)."""
-    if not isinstance(model, models.HookedTransformer):
-        yield model
-        return
-    cfg = model.cfg
-    old = {f: getattr(cfg, f) for f in _FLAGS}
-    cfg.use_attn_result = cfg.use_split_qkv_input = True
-    cfg.use_hook_mlp_in = not cfg.attn_only
-    cfg.ungroup_grouped_query_attention = cfg.n_key_value_heads is not None
-    try:
-        yield model
-    finally:
-        for f, v in old.items():
-            setattr(cfg, f, v)
 
 
 def logits_of(model: nn.Module, x: Tensor, **kwargs) -> Float[Tensor, "batch pos vocab"]:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mechgrok.capture import model_device
+from mechgrok.models import device_of
 from mechgrok.sae.intervene import mean_ablate, splice
 from mechgrok.sae.train import encode, inputs_of, logits_of, site, site_activations
 from mechgrok.tasks import Task
@@ -68,7 +68,7 @@ def next_token_metrics(model: nn.Module, tokens: Tensor, batch_size: int = 64) -
     if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.is_floating_point():
         raise ValueError(f"next-token metrics need integer token ids [N, T] with T >= 2, got {tokens.dtype} "
                          f"{tuple(tokens.shape)}; for other inputs score the SAE with sae.reconstruction(sae, x)")
-    device, was_training = model_device(model), model.training
+    device, was_training = device_of(model), model.training
     model.eval()
     loss, hits, n = 0.0, 0, 0
     try:

@@ -56,7 +56,8 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from mechgrok._config import check_float, check_int
-from mechgrok.capture import capture, editing, model_device
+from mechgrok.capture import capture, editing
+from mechgrok.models import device_of
 from mechgrok.measures import frequency_fractions, frequency_power, task_grid
 from mechgrok.sae.train import ALL, _at, encode, logits_of, site, site_activations
 from mechgrok.tasks import Task
@@ -154,7 +155,7 @@ def _site_gradient(model: nn.Module, inputs: Tensor, hook: str, position, metric
     model.eval()
     try:
         with torch.enable_grad(), editing(model, hook, leaf):
-            out = logits_of(model(inputs.to(model_device(model))))
+            out = logits_of(model(inputs.to(device_of(model))))
             (grad,) = torch.autograd.grad(metric(out[:, -1] if out.ndim == 3 else out), keep["x"])
     finally:
         model.train(was_training)

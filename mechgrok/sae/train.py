@@ -44,7 +44,8 @@ from torch import Tensor, nn
 from mechgrok._config import check_float, check_int
 from mechgrok._config import from_dict as config_from_dict
 from mechgrok._io import atomic_dir, atomic_write_text
-from mechgrok.capture import capture, load_cache, model_device
+from mechgrok.capture import capture, load_cache
+from mechgrok.models import device_of
 from mechgrok.tasks import Task
 
 __all__ = ["ARCHITECTURES", "SAEConfig", "train", "load", "activations", "site", "encode", "reconstruct", "SAE_FILES",
@@ -315,7 +316,7 @@ def train(model: nn.Module | None = None, data: Task | Tensor | None = None, hoo
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="mechgrok-sae-"))
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; choose another folder or pass overwrite=True")
-    device = str(model_device(model)) if model is not None and acts is None else "cpu"
+    device = str(device_of(model)) if model is not None and acts is None else "cpu"
 
     train_cls, cfg_cls, _ = (getattr(sae_lens, name) for name in ARCHITECTURES[architecture])
     options = {"standard": {"l1_coefficient": cfg.l1}, "topk": {"k": int(k)},
