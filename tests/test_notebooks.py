@@ -16,7 +16,8 @@ def test_there_are_notebooks():
 
 # seconds each took in `make test` on a 2-core machine (for conftest's spreading over workers)
 SECONDS = {"01_grokking_tour": 26, "02_memorizing_neurons": 17, "03_circuits": 21, "04_circuit_overlap": 35,
-           "05_sae_features": 20, "06_influence": 14, "07_ablation_study": 20}
+           "05_sae_features": 20, "06_influence": 14, "07_ablation_study": 20,
+           "08_your_own_model": 45}
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow(seconds=SECONDS.get(p.stem, 20)))

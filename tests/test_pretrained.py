@@ -408,3 +408,17 @@ def test_everything_on_cuda(tmp_path, task, hf):  # pragma: no cover - run where
     run = mg.train(t, task, cfg, out=tmp_path / "run", progress=False)  # resumes on the GPU
     assert models.device_of(run.load_model(device="cuda")).type == "cuda"
     mg.evaluate(models.mlp(task, width=8, device="cuda"), task)
+
+
+def test_gpt2_with_its_own_mlp_width_converts():
+    """GPT-2's ``n_inner`` (an MLP width other than 4 d_model) is kept, not replaced by 4 d_model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, n_inner=48, n_positions=8, vocab_size=20,
+                                    bos_token_id=0, eos_token_id=0)).eval()
+    model = mg.models.from_pretrained(hf)
+    assert model.cfg.d_mlp == 48
+    x = torch.randint(0, 20, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(x), hf(x).logits, atol=1e-4)

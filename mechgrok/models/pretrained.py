@@ -228,6 +228,12 @@ def _tl_config_dict(hf_config: Any, arch: str, folder: Path, owner: str) -> dict
         if want is not None and cfg_dict.get(tl_key) != want:
             raise RuntimeError(f"{owner}: transformer-lens converted the config to {tl_key}={cfg_dict.get(tl_key)}, "
                                f"but the checkpoint has {hf_key}={want}; please report this")
+    if arch == "GPT2LMHeadModel" and getattr(hf_config, "n_inner", None):
+        cfg_dict["d_mlp"] = int(hf_config.n_inner)  # TL 3.9's GPT-2 branch assumes d_mlp = 4 d_model
+    want = getattr(hf_config, "intermediate_size", None) if arch != "GPT2LMHeadModel" else cfg_dict["d_mlp"]
+    if want is not None and cfg_dict.get("d_mlp") != want:
+        raise ValueError(f"{owner}: transformer-lens converted the config to d_mlp={cfg_dict.get('d_mlp')}, but the "
+                         f"checkpoint's MLP width is {want}; this {arch} checkpoint cannot be converted as it is")
     return cfg_dict
 
 
