@@ -150,20 +150,19 @@ def _gradient(p: Patcher, metric, steps: int | None) -> dict[str, float]:
             with torch.enable_grad():
                 logits, kept = p.run(interpolate=alpha, retain=retain)
                 scalar(metric, logits).backward()
+            done: dict[int, Tensor] = {}  # the receivers of one hook share its tensor: add its gradient once
             for k, t in kept.items():
-                grads[k] = grads.get(k, 0) + t.grad.detach() / len(alphas)
+                if id(t) not in done:
+                    step = t.grad.detach() / len(alphas)
+                    done[id(t)] = step if k not in grads else grads[k].add_(step)
+                grads[k] = done[id(t)]
     finally:
         for q, r in zip(params, req):
             q.requires_grad_(r)
             q.grad = None
     delta = {n: p.corr_out[n] - p.clean_out[n] for n in p.sources}  # [batch, (pos,) (d)]
     if edge_level:
-        out = {}
-        for e in g.edges:
-            _, idx = receiver_hook(model, e.receiver)
-            grad = grads[e.receiver]
-            out[e.name] = float((delta[e.src] * (grad[..., idx, :] if idx is not None else grad)).sum())
-        return out
+        return _edge_scores(p, delta, grads)
     node_score = {}
     for n in set(nodes):
         hook, idx = p.hook_of(n)
@@ -174,6 +173,32 @@ def _gradient(p: Patcher, metric, steps: int | None) -> dict[str, float]:
     if g.level == "edge":  # HookedMLP: an edge's score is its source's
         return {e.name: node_score[e.src] for e in g.edges}
     return node_score
+
+
+@torch.no_grad()
+def _edge_scores(p: Patcher, delta: dict[str, Tensor], grads: dict[str, Tensor]) -> dict[str, float]:
+    """``score(s -> r) = Σ (out_s^corr − out_s^clean) · ∂m/∂x_r`` for every edge, as one contraction
+    per receiver hook: the deltas of all sources ``[S, batch·pos, d]`` against the hook's gradient
+    ``[batch·pos, heads, d]`` give every (source, head) score of that hook at once, ``[S, heads]``
+    (one matrix product instead of an elementwise product and a sum per edge)."""
+    sources = list(p.sources)
+    row = {s: i for i, s in enumerate(sources)}
+    D = torch.stack([p.to_resid(s, delta[s]) for s in sources])  # [S, batch, pos, d_model]
+    d = D.shape[-1]
+    D = D.reshape(len(sources), -1, d)  # [S, batch·pos, d_model]
+    by_hook: dict[str, list[str]] = {}
+    for r in p.receivers:
+        by_hook.setdefault(receiver_hook(p.model, r)[0], []).append(r)
+    table: dict[str, list[list[float]]] = {}  # receiver hook -> [S][head] scores
+    for hook, recvs in by_hook.items():
+        grad = grads[recvs[0]]  # every receiver of a hook retained the same tensor
+        G = grad.reshape(D.shape[1], -1, d)  # [batch·pos, heads (1 for an MLP or the logits), d]
+        table[hook] = torch.einsum("snd,nhd->sh", D, G).tolist()  # [S, heads]
+    out = {}
+    for e in p.graph.edges:
+        hook, idx = receiver_hook(p.model, e.receiver)
+        out[e.name] = table[hook][row[e.src]][0 if idx is None else idx]
+    return out
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ A ``Patcher`` runs the model on a clean batch while replacing chosen parts of th
 their values on a corrupted batch (resample ablation), by their mean over the clean batch (mean
 ablation) or by zero (zero ablation):
 
-- **node ablation**: a node's output (a head's ``attn.hook_result`` slice, an MLP's
+- **node ablation**: a node's output (a head's ``attn.hook_z`` slice, an MLP's
   ``hook_mlp_out``, a neuron's ``mlp.hook_post`` entry, the ``input`` embedding) takes its
   corrupted value, so every edge leaving it is ablated;
 - **edge ablation**: a receiver ``r`` (a head's q/k/v input, an MLP's input, the logits' input)
@@ -58,13 +58,19 @@ def _merged(name: str, role: str) -> Component:
 
 
 def source_hook(model: nn.Module, node: str) -> tuple[str, int | None]:
-    """The hook whose output is ``node``'s output, and the index along its last head/neuron axis."""
+    """The hook whose output is ``node``'s output, and the index along its last head/neuron axis.
+
+    A head's output is read and patched at ``attn.hook_z`` (its attention-weighted values
+    ``z_h``, ``[batch, pos, d_head]``): it writes ``z_h W_O[h]`` to the residual stream, linear in
+    ``z_h``, so replacing ``z_h`` replaces that write exactly, without transformer-lens's
+    ``hook_result`` (which materialises ``[batch, pos, heads, d_head, d_model]``). ``Patcher.to_resid``
+    maps a head's ``z`` values to the residual stream where an edge needs them."""
     mlp = isinstance(model, models.HookedMLP)
     c = _merged(node, "source")
     if c.kind == "input":
         return ("hook_in" if mlp else "blocks.0.hook_resid_pre"), None
     if c.kind == "head":
-        return f"blocks.{c.layer}.attn.hook_result", c.index
+        return f"blocks.{c.layer}.attn.hook_z", c.index
     if c.kind == "neuron":
         return f"blocks.{c.layer}.mlp.hook_post", c.index
     return ("hook_out" if mlp else f"blocks.{c.layer}.hook_mlp_out"), None
@@ -122,6 +128,11 @@ class Patcher:
         self.model, self.graph, self.clean, self.corrupted, self.corruption = model, graph, clean, corrupted, corruption
         self.sources = [n for n in graph.nodes if n != "logits"]
         self._hooks = {n: source_hook(model, n) for n in self.sources}
+        self._W_O = {}  # head -> W_O[h] [d_head, d_model]: what its z values write to the stream
+        for n in self.sources:
+            c = parse(n)
+            if c.kind == "head":
+                self._W_O[n] = model.blocks[c.layer].attn.W_O[c.index].detach()
         with torch.no_grad(), patchable(model):
             if corruption == "resample":  # one forward over both batches
                 both = self._record(torch.cat([clean, corrupted]), keep_resid=True)
@@ -263,7 +274,7 @@ class Patcher:
                     srcs = self.receivers[r]
                     for s in srcs:
                         if s not in deltas:
-                            deltas[s] = current[s] - self.corr_out[s]
+                            deltas[s] = self.to_resid(s, current[s] - self.corr_out[s])
                     off = (1 - masks[r]).to(act.dtype)
                     x = x - torch.einsum("s,s...->...", off, torch.stack([deltas[s] for s in srcs]))
                 parts[r] = (idx, x)
@@ -281,6 +292,12 @@ class Patcher:
             return act
 
         return fn
+
+    def to_resid(self, node: str, value: Tensor) -> Tensor:
+        """``value`` of ``node``'s source hook (``[batch, pos, d_head]`` for a head) as what it writes
+        to the residual stream (``[batch, pos, d_model]``); other nodes' values already are."""
+        w = self._W_O.get(node)
+        return value if w is None else value @ w  # [batch, pos, d_head] @ [d_head, d_model]
 
     def hook_of(self, node: str) -> tuple[str, int | None]:
         """The source hook of ``node`` and its index there."""

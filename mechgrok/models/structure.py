@@ -39,12 +39,12 @@ def mlp_hook(layer: int = 0, where: str = "post") -> str:
     return f"blocks.{layer}.mlp.hook_{where}"
 
 
-_PATCH_FLAGS = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in", "ungroup_grouped_query_attention")
+_PATCH_FLAGS = ("use_split_qkv_input", "use_hook_mlp_in", "ungroup_grouped_query_attention")
 
 
 @contextlib.contextmanager
 def patchable(model: nn.Module):
-    """Expose per-head outputs (``attn.hook_result``), per-head q/k/v inputs (``hook_q_input``, ...,
+    """Expose per-head q/k/v inputs (``hook_q_input``, ...,
     one per query head under grouped-query attention: ``ungroup_grouped_query_attention``) and the
     MLP input (``hook_mlp_in``) of a HookedTransformer while in the block, then restore its
     settings. The forward computes the same values (float rounding aside); other models pass
@@ -54,7 +54,7 @@ def patchable(model: nn.Module):
         return
     cfg = model.cfg
     old = {f: getattr(cfg, f) for f in _PATCH_FLAGS}
-    cfg.use_attn_result = cfg.use_split_qkv_input = True
+    cfg.use_split_qkv_input = True  # heads' outputs are read at attn.hook_z (not hook_result: see circuits.patching)
     cfg.use_hook_mlp_in = not cfg.attn_only
     cfg.ungroup_grouped_query_attention = cfg.n_key_value_heads is not None
     try:
