@@ -8,13 +8,18 @@ driver, and reads the clean / corrupted batches and answers from ``inputs.safete
 Protocol: one JSON command per line on stdin, one reply per line on stdout prefixed with ``@@``
 (anything else printed on stdout is ignored by the driver). Commands:
 
-- ``{"cmd": "load", "name": N, "dir": D}``: build the model, wrap it with
+- ``{"cmd": "load", "name": N, "dir": D, "forward_reps": R}``: build the model, wrap it with
   ``auto_circuit.utils.graph_utils.patchable_model`` (timed separately: one-off setup), time a
-  plain forward of the unwrapped model (the transformer-lens version's own cost), write its clean
-  final-position logits to ``D/ac_clean_logits.safetensors`` for the driver's check.
+  plain forward of the unwrapped model (the transformer-lens version's own cost; median of ``R``
+  runs after ``min(5, R)`` warm-up runs, default 31: fewer for a large model), write its clean
+  final-position logits to ``D/ac_clean_logits.safetensors`` for the driver's check. Used by
+  ``bench_circuits.py`` and ``bench_gpt2_small.py`` (whose ``config.json`` also carries ``eps``
+  and the other transformer-lens fields a GPT-2 needs; any ``HookedTransformerConfig`` field works).
 - ``{"cmd": "run", "name": N, "method": "eap"|"eap-ig"|"acdc", "tau": float, "ig_samples": int,
   "scores": PATH|null}``: time one call of auto-circuit's prune-score function; with ``scores``,
   write ``{mechgrok edge name: score}`` as JSON there.
+- ``{"cmd": "maxrss"}``: this process's peak resident memory so far (MB; ``bench_gpt2_small.py``'s
+  memory probe).
 - ``{"cmd": "versions"}``, ``{"cmd": "quit"}``.
 
 Timed region (what a user calls): ``mask_gradient_prune_scores`` (EAP: ``mask_val=0``; EAP-IG:
@@ -74,7 +79,7 @@ def edge_name(edge) -> str:
     return f"{_src_name(edge.src.name)}->{_dest_name(edge.dest.name)}"
 
 
-def load(name: str, path: str) -> dict:
+def load(name: str, path: str, forward_reps: int = 31) -> dict:
     cfg = json.load(open(os.path.join(path, "config.json")))
     model = HookedTransformer(HookedTransformerConfig(**cfg, device="cpu"))
     state = load_file(os.path.join(path, "model.safetensors"))
@@ -95,7 +100,7 @@ def load(name: str, path: str) -> dict:
     model.set_use_attn_result(True)
     model.set_use_split_qkv_input(True)
     model.set_use_hook_mlp_in(True)
-    forward_ms = _forward_ms(model, data["clean"])  # this transformer-lens version's own forward cost
+    forward_ms = _forward_ms(model, data["clean"], forward_reps)  # this transformer-lens version's own forward cost
     t0 = time.perf_counter()
     pm = patchable_model(model, factorized=True, slice_output="last_seq", separate_qkv=True,
                          device=torch.device("cpu"))
@@ -110,12 +115,12 @@ def load(name: str, path: str) -> dict:
 
 def _forward_ms(model, x, reps: int = 31) -> float:
     """Median ms of a plain no-grad forward (per-head outputs and q/k/v/MLP inputs hooked)."""
-    ts = []
+    ts, warm = [], min(5, reps)
     with torch.no_grad():
-        for i in range(reps + 5):
+        for i in range(reps + warm):
             t0 = time.perf_counter()
             model(x)
-            if i >= 5:
+            if i >= warm:
                 ts.append(time.perf_counter() - t0)
     return sorted(ts)[len(ts) // 2] * 1e3
 
@@ -162,9 +167,13 @@ def main() -> None:
             if cmd == "quit":
                 reply = {"ok": True}
             elif cmd == "load":
-                reply = {"ok": True, **load(req["name"], req["dir"])}
+                reply = {"ok": True, **load(req["name"], req["dir"], int(req.get("forward_reps", 31)))}
             elif cmd == "run":
                 reply = {"ok": True, **run(**req)}
+            elif cmd == "maxrss":
+                import resource
+
+                reply = {"ok": True, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
             elif cmd == "versions":
                 reply = {"ok": True, **versions()}
             else:
