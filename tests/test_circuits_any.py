@@ -25,6 +25,10 @@ STYLES = {
                   gated_mlp=True, n_key_value_heads=2, final_rms=True),
     "attn-only": dict(normalization_type="LN", attn_only=True),
 }
+MORE_STYLES = {  # for the gradient identities: no norm at all, and shortformer positions
+    "no-norm": dict(normalization_type=None, act_fn="gelu"),
+    "shortformer": dict(normalization_type="LNPre", positional_embedding_type="shortformer"),
+}
 LIVE_HEADS = {"a0.h1", "a1.h2"}  # the planted circuit: these heads and m1 write, nothing else does
 
 
@@ -32,7 +36,7 @@ def tl_model(style: str, seed: int = 0, planted: bool = False) -> HookedTransfor
     """A random 2-layer model of ``style`` with random (non-zero) biases; ``planted``: every head
     but ``LIVE_HEADS`` and the MLP of layer 0 write nothing (their output weights are zero)."""
     cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=16, d_vocab=V, n_ctx=T,
-                                  device="cpu", **{"act_fn": "relu", **STYLES[style]})
+                                  device="cpu", **{"act_fn": "relu", **{**STYLES, **MORE_STYLES}[style]})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = HookedTransformer(cfg)
@@ -103,6 +107,32 @@ def test_patching_reproduces_clean_and_corrupted_runs(style):
         # corrupted run; with the input ablated too it is
         assert torch.allclose(patcher.run(ablate_nodes=nodes + ["input"])[0], corrupted, atol=1e-5)
         assert not torch.allclose(clean, corrupted, atol=1e-3)
+
+
+@pytest.mark.parametrize("style", [*STYLES, *MORE_STYLES])
+@pytest.mark.parametrize("alpha", [None, 0.4])
+def test_receiver_gradients_equal_those_of_the_split_forward(style, alpha):
+    """EAP's receiver gradients come from the shared-input forward (the norm's vector-Jacobian
+    product applied per head); the split-input forward, where every head has its own input tensor,
+    is the definition. Same numbers on every receiver hook, in float64 (so to 1e-10: the two forwards
+    add in different orders, which in float32 moves gradients by ~1e-5 of their size)."""
+    model = tl_model(style).to(torch.float64)
+    p = prompts_for(model)
+    patcher = Patcher(model, graph(model), p.clean, p.corrupted)
+    metric = metrics.bind(metrics.logit_diff(), p, lambda: patcher.run()[0])
+    fast = patcher.receiver_grads(metric, alpha)
+    with torch.enable_grad():
+        logits, kept = patcher.run(interpolate=alpha, retain=list(patcher.receivers))
+        metric(logits).backward()
+    slow = {mg.circuits.patching.receiver_hook(model, r)[0]: t.grad for r, t in kept.items()}
+    for q in model.parameters():
+        q.grad = None
+    assert set(fast) == set(slow)
+    for hook, g in slow.items():
+        scale = g.abs().max().item()
+        assert scale > 0, hook
+        assert fast[hook].shape == g.shape, hook
+        assert (fast[hook] - g).abs().max().item() <= 1e-10 * scale, hook
 
 
 @pytest.mark.parametrize("style", list(STYLES))

@@ -32,7 +32,7 @@ from mechgrok._config import check_float, check_int
 from mechgrok._threads import torch_threads
 from mechgrok.circuits.graph import Graph, graph as build_graph
 from mechgrok.circuits.metrics import bind, check_metric, scalar
-from mechgrok.circuits.patching import Patcher, receiver_hook
+from mechgrok.circuits.patching import Patcher, frozen, receiver_hook
 from mechgrok.circuits.prompts import Prompts, as_prompts
 
 __all__ = ["attribute", "METHODS", "acdc_kept", "acdc_default_tau"]
@@ -131,38 +131,35 @@ def _exact(p: Patcher, metric, progress: bool) -> dict[str, float]:
 
 def _gradient(p: Patcher, metric, steps: int | None) -> dict[str, float]:
     """EAP (steps=None) or EAP-IG: gradients at receivers (edges) or at node outputs (nodes,
-    neurons), averaged over the interpolation steps, dotted with the corrupted-minus-clean deltas."""
-    g, model = p.graph, p.model
+    neurons), averaged over the interpolation steps, dotted with the corrupted-minus-clean deltas.
+    No forward here patches a head's input, so none splits the heads' inputs
+    (``Patcher.receiver_grads``)."""
+    g = p.graph
     edge_level = g.level == "edge" and g.kind == "transformer"
-    nodes = [e.src for e in g.edges] if g.level == "edge" and not edge_level else list(g.components)
-    retain = list(p.receivers) if edge_level else sorted({f"src:{p.hook_of(n)[0]}" for n in nodes})
-    # The input embedding becomes the graph's only grad leaf: the weights are frozen meanwhile,
-    # so backward computes activation gradients only (no weight gradients nobody reads).
-    retain.append(f"src:{p.hook_of('input')[0]}")
     alphas = [None] if steps is None else [k / steps for k in range(1, steps + 1)]
     grads: dict[str, Tensor] = {}
-    params = list(model.parameters())
-    req = [q.requires_grad for q in params]
-    try:
-        for q in params:
-            q.requires_grad_(False)
-        for alpha in alphas:
-            with torch.enable_grad():
-                logits, kept = p.run(interpolate=alpha, retain=retain)
-                scalar(metric, logits).backward()
-            done: dict[int, Tensor] = {}  # the receivers of one hook share its tensor: add its gradient once
-            for k, t in kept.items():
-                if id(t) not in done:
-                    step = t.grad.detach() / len(alphas)
-                    done[id(t)] = step if k not in grads else grads[k].add_(step)
-                grads[k] = done[id(t)]
-    finally:
-        for q, r in zip(params, req):
-            q.requires_grad_(r)
-            q.grad = None
+
+    def add(key: str, grad: Tensor) -> None:
+        step = grad.detach() / len(alphas)
+        grads[key] = step if key not in grads else grads[key].add_(step)
+
     delta = {n: p.corr_out[n] - p.clean_out[n] for n in p.sources}  # [batch, (pos,) (d)]
     if edge_level:
+        for alpha in alphas:
+            for hook, grad in p.receiver_grads(lambda logits: scalar(metric, logits), alpha).items():
+                add(hook, grad)
         return _edge_scores(p, delta, grads)
+    nodes = [e.src for e in g.edges] if g.level == "edge" else list(g.components)
+    # The input embedding becomes the graph's only grad leaf: the weights are frozen meanwhile,
+    # so backward computes activation gradients only (no weight gradients nobody reads).
+    retain = sorted({f"src:{p.hook_of(n)[0]}" for n in nodes} | {f"src:{p.hook_of('input')[0]}"})
+    with frozen(p.model):
+        for alpha in alphas:
+            with torch.enable_grad():
+                logits, kept = p.run(interpolate=alpha, retain=retain, split_heads=False)
+                scalar(metric, logits).backward()
+            for k, t in kept.items():
+                add(k, t.grad)
     node_score = {}
     for n in set(nodes):
         hook, idx = p.hook_of(n)
@@ -191,7 +188,7 @@ def _edge_scores(p: Patcher, delta: dict[str, Tensor], grads: dict[str, Tensor])
         by_hook.setdefault(receiver_hook(p.model, r)[0], []).append(r)
     table: dict[str, list[list[float]]] = {}  # receiver hook -> [S][head] scores
     for hook, recvs in by_hook.items():
-        grad = grads[recvs[0]]  # every receiver of a hook retained the same tensor
+        grad = grads[hook]  # the gradient at the hook: every head's slice at once
         G = grad.reshape(D.shape[1], -1, d)  # [batch·pos, heads (1 for an MLP or the logits), d]
         table[hook] = torch.einsum("snd,nhd->sh", D, G).tolist()  # [S, heads]
     out = {}

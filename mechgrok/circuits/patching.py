@@ -25,6 +25,7 @@ are constants, the same on every run, so they belong to no edge. Forwards return
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -93,6 +94,22 @@ def logits_of(model: nn.Module, x: Tensor, **kwargs) -> Float[Tensor, "batch pos
     return out[:, None] if out.ndim == 2 else out
 
 
+@contextlib.contextmanager
+def frozen(model: nn.Module):
+    """``model``'s parameters without gradients while in the block (then as before, ``.grad``
+    cleared): backward computes activation gradients only, none for weights nobody reads."""
+    params = list(model.parameters())
+    req = [q.requires_grad for q in params]
+    try:
+        for q in params:
+            q.requires_grad_(False)
+        yield model
+    finally:
+        for q, r in zip(params, req):
+            q.requires_grad_(r)
+            q.grad = None
+
+
 def _take(act: Tensor, idx: int | None) -> Tensor:
     return act if idx is None else act[..., idx, :] if act.ndim == 4 else act[..., idx]
 
@@ -133,7 +150,7 @@ class Patcher:
             c = parse(n)
             if c.kind == "head":
                 self._W_O[n] = model.blocks[c.layer].attn.W_O[c.index].detach()
-        with torch.no_grad(), patchable(model):
+        with torch.no_grad(), patchable(model, split_heads=False):  # sources only: no head input is split
             if corruption == "resample":  # one forward over both batches
                 both = self._record(torch.cat([clean, corrupted]), keep_resid=True)
                 n = clean.shape[0]
@@ -169,7 +186,8 @@ class Patcher:
     # ------------------------------------------------------------------------------ forwards
     def run(self, *, ablate_nodes: Iterable[str] = (), masks: Mapping[str, Tensor] | None = None,
             interpolate: float | None = None, retain: Iterable[str] = (),
-            x: Tensor | None = None, start_layer: int = 0) -> tuple[Float[Tensor, "batch d_out"], dict[str, Tensor]]:
+            x: Tensor | None = None, start_layer: int = 0,
+            split_heads: bool = True) -> tuple[Float[Tensor, "batch pos vocab"], dict[str, Tensor]]:
         """One patched forward on the clean batch.
 
         Args:
@@ -184,6 +202,8 @@ class Patcher:
             start_layer: run from this layer's clean input residual stream (transformers, clean
                 inputs only). Valid when nothing before the layer is patched: sources before it
                 keep their clean outputs. ACDC uses it, as auto-circuit does.
+            split_heads: give each head its own q/k/v input (``models.patchable``); False runs the
+                cheaper shared-input forward, allowed only when no receiver is masked or retained.
 
         Returns:
             The logits ``[batch, pos, vocab]`` and the retained tensors.
@@ -195,6 +215,8 @@ class Patcher:
         # receivers whose mask keeps every edge change nothing: leave their hooks out
         masks = {r: m for r, m in (masks or {}).items() if bool((m != 1).any())}
         retain = set(retain)
+        if not split_heads and (masks or retain & set(self.receivers)):
+            raise ValueError("masked or retained receivers need split_heads=True")
         kept: dict[str, Tensor] = {}
         current: dict[str, Tensor] = {}
         fwd: list[tuple[str, Callable]] = []
@@ -220,12 +242,76 @@ class Patcher:
             for node in self.sources:
                 if self.graph.layer[node] < start_layer:
                     current[node] = self.clean_out[node]
-            with patchable(self.model), self.model.hooks(fwd_hooks=fwd):
+            with patchable(self.model, split_heads), self.model.hooks(fwd_hooks=fwd):
                 logits = logits_of(self.model, self.clean_resid[start_layer], start_at_layer=start_layer)
             return logits, kept
-        with patchable(self.model), self.model.hooks(fwd_hooks=fwd):
+        with patchable(self.model, split_heads), self.model.hooks(fwd_hooks=fwd):
             logits = logits_of(self.model, self.clean if x is None else x)
         return logits, kept
+
+    def receiver_grads(self, metric: Callable[[Tensor], Tensor],
+                       interpolate: float | None = None) -> dict[str, Tensor]:
+        """``∂m/∂x_r`` at every receiver hook of an unpatched forward (clean, or with the input
+        interpolated as in ``run``): ``{hook: [batch, pos, heads, d_model]}`` for the q/k/v inputs
+        (``blocks.{l}.hook_q_input``, ...), ``[batch, pos, d_model]`` for ``hook_mlp_in`` and the
+        logits' ``hook_resid_post``. Equal to the gradients ``run(retain=receivers)`` leaves on the
+        split-input forward, without running it: head ``h``'s q input ``x`` enters the model only
+        through ``q_h = norm(x) W_Q[h] + b_Q[h]``, so ``∂m/∂x = J_norm(x)ᵀ W_Q[h] ∂m/∂q_h``, with
+        ``∂m/∂q_h`` read at ``attn.hook_q`` of the shared-input forward and the norm's
+        vector-Jacobian product taken on the layer's ``hook_resid_pre`` (the same for every head).
+        Keys and values are ungrouped under grouped-query attention, one per query head.
+        ``metric``: full logits ``[batch, pos, vocab] -> scalar``. Weights get no gradient."""
+        if not isinstance(self.model, models.HookedTransformer):
+            raise TypeError("receiver_grads needs a HookedTransformer (a HookedMLP's edges are its nodes')")
+        model, L = self.model, self.model.cfg.n_layers
+        kept: dict[str, Tensor] = {}
+        resid: dict[int, Tensor] = {}
+
+        def keep(act: Tensor, hook: Any) -> Tensor:
+            act.retain_grad()
+            kept[hook.name] = act
+            return act
+
+        def keep_resid(layer: int) -> Callable:
+            def fn(act: Tensor, hook: Any) -> Tensor:
+                resid[layer] = act.detach()
+                return act
+            return fn
+
+        def leaf(act: Tensor, hook: Any) -> Tensor:  # the graph's one grad leaf: the input embedding
+            return act if act.requires_grad else act.detach().requires_grad_(True)
+
+        current: dict[str, Tensor] = {}
+        fwd: list[tuple[str, Callable]] = [("blocks.0.hook_resid_pre",
+                                            self._source_fn(["input"], set(), interpolate, current, set(), {})),
+                                           ("blocks.0.hook_resid_pre", leaf)]
+        for layer in range(L):
+            fwd.append((f"blocks.{layer}.hook_resid_pre", keep_resid(layer)))
+            fwd += [(f"blocks.{layer}.attn.hook_{c}", keep) for c in "qkv"]
+            if not model.cfg.attn_only:
+                fwd.append((f"blocks.{layer}.hook_mlp_in", keep))
+        fwd.append((f"blocks.{L - 1}.hook_resid_post", keep))
+        with frozen(model), torch.enable_grad():
+            with patchable(model, split_heads=False), model.hooks(fwd_hooks=fwd):
+                logits = logits_of(model, self.clean)
+            value = metric(logits)
+            if not isinstance(value, Tensor) or value.numel() != 1 or not value.requires_grad:
+                raise ValueError("the metric must return a scalar tensor that depends on the logits")
+            value.reshape(()).backward()
+            out: dict[str, Tensor] = {}
+            for layer in range(L):
+                block = model.blocks[layer]
+                x = resid[layer]  # [batch, pos, d_model]
+                for c in "qkv":
+                    g = kept[f"blocks.{layer}.attn.hook_{c}"].grad  # [batch, pos, heads, d_head]
+                    W = getattr(block.attn, f"W_{c.upper()}").detach()  # [heads, d_model, d_head] (ungrouped)
+                    u = torch.einsum("bphe,hde->bphd", g, W)  # ∂m/∂(normalised input of each head)
+                    x4 = x[:, :, None, :].expand(-1, -1, u.shape[2], -1).clone().requires_grad_(True)
+                    out[f"blocks.{layer}.hook_{c}_input"], = torch.autograd.grad(block.ln1(x4), x4, u)
+                if not model.cfg.attn_only:
+                    out[f"blocks.{layer}.hook_mlp_in"] = kept[f"blocks.{layer}.hook_mlp_in"].grad
+            out[f"blocks.{L - 1}.hook_resid_post"] = kept[f"blocks.{L - 1}.hook_resid_post"].grad
+        return {k: v.detach() for k, v in out.items()}
 
     def _source_fn(self, nodes: list[str], ablate: set[str], interpolate: float | None,
                    current: dict[str, Tensor], retain: set[str], kept: dict[str, Tensor]) -> Callable:

@@ -43,18 +43,20 @@ _PATCH_FLAGS = ("use_split_qkv_input", "use_hook_mlp_in", "ungroup_grouped_query
 
 
 @contextlib.contextmanager
-def patchable(model: nn.Module):
-    """Expose per-head q/k/v inputs (``hook_q_input``, ...,
-    one per query head under grouped-query attention: ``ungroup_grouped_query_attention``) and the
-    MLP input (``hook_mlp_in``) of a HookedTransformer while in the block, then restore its
+def patchable(model: nn.Module, split_heads: bool = True):
+    """Expose per-head q/k/v inputs (``hook_q_input``, ..., with ``split_heads``), one set of keys
+    and values per query head under grouped-query attention (``ungroup_grouped_query_attention``),
+    and the MLP input (``hook_mlp_in``) of a HookedTransformer while in the block, then restore its
     settings. The forward computes the same values (float rounding aside); other models pass
-    through unchanged."""
+    through unchanged. ``split_heads=False`` keeps the one shared attention input (TL's
+    ``use_split_qkv_input`` makes every layer normalise and project ``[batch, pos, heads, d_model]``
+    copies of the stream): enough when no head's input is patched."""
     if not isinstance(model, HookedTransformer):
         yield model
         return
     cfg = model.cfg
     old = {f: getattr(cfg, f) for f in _PATCH_FLAGS}
-    cfg.use_split_qkv_input = True  # heads' outputs are read at attn.hook_z (not hook_result: see circuits.patching)
+    cfg.use_split_qkv_input = bool(split_heads)  # heads' outputs are read at attn.hook_z (not hook_result: see circuits.patching)
     cfg.use_hook_mlp_in = not cfg.attn_only
     cfg.ungroup_grouped_query_attention = cfg.n_key_value_heads is not None
     try:
