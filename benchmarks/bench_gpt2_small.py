@@ -524,15 +524,17 @@ def merge(old: dict, new: dict) -> dict:
     """``new`` with the parts of ``old`` it did not measure: capture / influence as a whole, circuit
     runs by model size, memory probes by (layers, library, method)."""
     out = dict(new, merged=True)
+    if "influence" in new and "influence" in old:  # rows by their maps
+        maps = {r["maps"] for r in new["influence"]["rows"]}
+        kept = [r for r in old["influence"]["rows"] if r["maps"] not in maps]
+        out["influence"] = dict(new["influence"], rows=kept + new["influence"]["rows"])
     for part in ("capture", "influence"):
         if part not in new and part in old:
-            out[part] = dict(old[part], source=old[part].get("source", old.get("source")),
-                             date=old[part].get("date", old.get("date")),
-                             machine=old[part].get("machine", old.get("machine")))
+            out[part] = old[part]
     if "circuits" in old:
         oc = old["circuits"]
         if "runs" not in oc:  # the first format: one run
-            oc = {"runs": [dict(oc, source=old.get("source"), date=old.get("date"))], "memory": oc.get("memory", [])}
+            oc = {"runs": [oc], "memory": oc.get("memory", [])}
         nc = new.get("circuits", {"runs": [], "memory": []})
         have = {r["layers"] for r in nc["runs"]}
         probes = {(r["layers"], r["library"], r["method"]) for r in nc["memory"]}
@@ -557,14 +559,13 @@ def source() -> dict:
 
 
 # ------------------------------------------------------------------------------ report
-def circuit_markdown(c: dict, source: dict) -> list[str]:
+def circuit_markdown(c: dict, res: dict) -> list[str]:
     """The section of one circuits run (one model size)."""
     info = c["info"]
-    code = "" if c.get("source", source) == source else f" Code: {_code(c['source'])}."
     lines = [f"## b. EAP and EAP-IG at edge level vs auto-circuit: {c['layers']} layers ({c['trials']} interleaved "
-             f"rounds after {c['warmup']} warm-up; {c.get('date', '')})\n",
+             f"rounds after {c['warmup']} warm-up)\n", *_provenance(c, res),
              f"The GPT-2-shaped model with **{c['layers']} layers** (d_model 768, 12 heads, d_mlp 3072), "
-             f"{info['n_edges']:,} edges.{code}\n"]
+             f"{info['n_edges']:,} edges.\n"]
     if "autocircuit_versions" in info:
         v = info["autocircuit_versions"]
         lines.append(f"auto-circuit {v['auto-circuit']} on transformer-lens {v['transformer-lens']} (torch "
@@ -597,14 +598,22 @@ def circuit_markdown(c: dict, source: dict) -> list[str]:
     return lines + [""]
 
 
+def measured(src: dict, since: int) -> dict:
+    """When, on which code and under which load (the samples since ``LOAD[since]``) a part was timed."""
+    xs = LOAD[since:]
+    return {"at": time.strftime("%Y-%m-%d %H:%M"), "source": src,
+            "load": {"min": min(xs), "median": med(xs), "max": max(xs)} if xs else None}
+
+
 def _provenance(part: dict, res: dict) -> list[str]:
-    """A line saying where a part kept from an earlier run (``--merge``) was measured, if anywhere else."""
-    if "source" not in part or (part["source"] == res["source"] and "machine" not in part):
+    """Where a part was measured, when the results merge several runs (``--merge``)."""
+    m = part.get("measured")
+    if not res.get("merged") or not m:
         return []
-    m = part.get("machine") or {}
-    load = m.get("loadavg_1min_during") or {}
-    return [f"Measured by an earlier run ({part.get('date', '?')}; code: {_code(part['source'])}"
-            + (f"; load average {load['min']:.1f} to {load['max']:.1f}" if load else "") + ").\n"]
+    load = m.get("load")
+    return [f"Measured {m['at']} UTC, code {_code(m['source'])}"
+            + (f", 1-minute load average {load['min']:.1f} to {load['max']:.1f} (median {load['median']:.1f})"
+               if load else "") + ".\n"]
 
 
 def _code(src: dict) -> str:
@@ -621,10 +630,12 @@ def markdown(res: dict) -> str:
     src = res["source"]
     lines = ["# mechgrok on a GPT-2-small-shaped random model\n",
              f"Machine: {m['arch']} {m['kind']}, {m['cpus']} CPUs ({m['cpu']}), {m['mem_gb']} GB, **shared with other "
-             f"jobs** (1-minute load average {m['loadavg_1min_start']:.1f} at the start, "
-             f"{m['loadavg_1min_end']:.1f} at the end" + (
-                 f", {m['loadavg_1min_during']['min']:.1f} to {m['loadavg_1min_during']['max']:.1f} (median "
-                 f"{m['loadavg_1min_during']['median']:.1f}) after the timed jobs" if m["loadavg_1min_during"] else "")
+             "jobs** (" + ("the 1-minute load average of each part is given with it" if res.get("merged") else
+                          f"1-minute load average {m['loadavg_1min_start']:.1f} at the start, "
+                          f"{m['loadavg_1min_end']:.1f} at the end" + (
+                              f", {m['loadavg_1min_during']['min']:.1f} to {m['loadavg_1min_during']['max']:.1f} "
+                              f"(median {m['loadavg_1min_during']['median']:.1f}) after the timed jobs"
+                              if m["loadavg_1min_during"] else ""))
              + f"; 2 cores: a load above 1 means another job competed for them). torch {m['torch']} with "
              f"{m['threads']} thread, Python {m['python']}, transformer-lens {m['transformer-lens']}, transformers "
              f"{m['transformers']}, kronfluence {m['kronfluence']}, nnsight {m['nnsight']}. Code: {_code(src)}. "
@@ -650,7 +661,7 @@ def markdown(res: dict) -> str:
         lines.append("")
     if "circuits" in res:
         for c in res["circuits"]["runs"]:
-            lines += circuit_markdown(c, res["source"])
+            lines += circuit_markdown(c, res)
         if res["circuits"].get("memory"):
             lines += ["Peak resident memory of one edge-level call, each in a fresh process (MB; 'before': the "
                       "process with the model and inputs loaded):\n",
@@ -666,7 +677,7 @@ def markdown(res: dict) -> str:
     if "influence" in res:
         lines += ["## c. EK-FAC fit + pairwise scores vs kronfluence\n", *_provenance(res["influence"], res)]
         for r in res["influence"]["rows"]:
-            lines += [f"Maps `{r['maps']}`: {len(r['modules'])} maps ({r['modules'][0]}, ...), "
+            lines += [*_provenance(r, res), f"Maps `{r['maps']}`: {len(r['modules'])} maps ({r['modules'][0]}, ...), "
                       f"{r['n_params_in_maps']:,} parameters; fit on {r['n_train']} sequences, {r['n_query']} query "
                       f"sequences, batch {r['batch_size']}, median of {r['trials']} round(s). "
                       f"Factors vs kronfluence, max rel. diff: "
@@ -751,8 +762,10 @@ def main() -> None:
         tmp = Path(tmp)
         if "capture" in args.parts:
             trials, warmup = (1, 1) if quick else (args.trials or 5, 1)
+            since = len(LOAD)
             rows, checks = bench_capture(hf, model, p.clean, trials, warmup)
-            res["capture"] = {"trials": trials, "warmup": warmup, "rows": rows, "checks": checks}
+            res["capture"] = {"trials": trials, "warmup": warmup, "rows": rows, "checks": checks,
+                              "measured": measured(src, since)}
         if "circuits" in args.parts:
             mem = [probe_in_subprocess(lib, method, n, args.vocab, args.autocircuit_python)
                    for n in memory_layers for lib in ("mechgrok", "auto-circuit") for method in ("eap", "eap-ig")
@@ -763,9 +776,10 @@ def main() -> None:
                 # negligible, and round 0 also collects the scores
                 trials, warmup = (1, 1) if quick else (args.trials or 3, 0 if n_layers >= 6 else 1)
                 c_model = model if n_layers == args.layers else build(n_layers, args.vocab)[1]
+                since = len(LOAD)
                 rows, info = bench_circuits(c_model, p, args.autocircuit_python, trials, warmup, tmp)
                 runs.append({"layers": n_layers, "trials": trials, "warmup": warmup, "rows": rows, "info": info,
-                             "source": src, "date": res["date"]})
+                             "measured": measured(src, since)})
                 del c_model
             res["circuits"] = {"runs": runs, "memory": mem}
         if "influence" in args.parts:
@@ -774,8 +788,9 @@ def main() -> None:
             for i, which in enumerate(args.ekfac_maps):
                 default = 3 if which == "attn-out" else 2
                 trials = 1 if quick else (args.ekfac_trials[i] if args.ekfac_trials else default)
+                since = len(LOAD)
                 rows.append(bench_influence(hf, tokens, args.queries, which, args.ekfac_batch, trials, tmp))
-                rows[-1]["trials"] = trials
+                rows[-1].update(trials=trials, measured=measured(src, since))
                 log.info("influence %s: %s", which, {k: v for k, v in rows[-1].items() if "trials" not in k})
             t0 = time.perf_counter()
             gc.collect()  # what each of kronfluence's own gc.collect() calls costs in this process
