@@ -15,12 +15,15 @@ label is wrong. (Doshi et al. draw uniform labels, which coincide with the truth
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from mechgrok.tasks.task import Task
+
+if TYPE_CHECKING:
+    from mechgrok.tasks.sequence import SequenceTask
 
 __all__ = ["OPS", "modular_arithmetic", "multi_task", "from_config", "is_prime"]
 
@@ -179,8 +182,9 @@ def multi_task(specs: Sequence[tuple[str, int] | str], train_frac: float = 0.3, 
                 d_vocab=eq + 1, d_vocab_out=big, p=big, operand_positions=(0, 2), config=config)
 
 
-def from_config(config: dict[str, Any]) -> Task:
-    """Rebuild a task from its ``config`` (as stored in ``Task.config`` and in run folders)."""
+def from_config(config: dict[str, Any]) -> Task | SequenceTask:
+    """Rebuild a task from its ``config`` (as stored in ``Task.config`` / ``SequenceTask.config`` and in run
+    folders)."""
     kind = config.get("kind")
     kw = {k: v for k, v in config.items() if k != "kind"}
     if kind == "modular_arithmetic":
@@ -197,5 +201,9 @@ def from_config(config: dict[str, Any]) -> Task:
         from mechgrok.tasks.induction import induction  # noqa: PLC0415 (kept local: dispatch only)
 
         return induction(**kw)
-    raise ValueError(f"unknown task kind {kind!r}; expected 'modular_arithmetic', 'multi_task', 'knowledge' or "
-                     "'induction'")
+    if kind == "lm_corpus":
+        from mechgrok.tasks.lm import lm_corpus  # noqa: PLC0415 (kept local: dispatch only)
+
+        return lm_corpus(**kw)
+    raise ValueError(f"unknown task kind {kind!r}; expected 'modular_arithmetic', 'multi_task', 'knowledge', "
+                     "'induction' or 'lm_corpus'")

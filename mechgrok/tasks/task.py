@@ -11,7 +11,7 @@ import json
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -20,6 +20,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from mechgrok._io import atomic_dir, atomic_write_text, read_json, read_safetensors, safe_name
+
+if TYPE_CHECKING:
+    from mechgrok.tasks.sequence import SequenceTask
 
 __all__ = ["Task", "load"]
 
@@ -200,6 +203,8 @@ def _n_subtasks(config: dict[str, Any]) -> int | None:
         return 3
     if kind == "induction":
         return 1
+    if kind == "lm_corpus":  # a SequenceTask: task_names is ("lm",)
+        return 1
     return None
 
 
@@ -207,8 +212,9 @@ _META_KEYS = {"name": str, "task_names": list, "d_vocab": int, "d_vocab_out": in
               "operand_positions": list, "config": dict}
 
 
-def load(path: str | Path) -> Task:
-    """Load a task written by ``Task.save``; a damaged or inconsistent folder raises ``ValueError`` naming
+def load(path: str | Path) -> Task | SequenceTask:
+    """Load a task written by ``Task.save`` (or a ``SequenceTask`` written by ``SequenceTask.save``, told
+    apart by the ``format`` in ``task.json``); a damaged or inconsistent folder raises ``ValueError`` naming
     the file and what is wrong with it."""
     path = Path(path)
     meta_file, tensor_file = path / "task.json", path / "tensors.safetensors"
@@ -220,9 +226,14 @@ def load(path: str | Path) -> Task:
         meta = read_json(meta_file, hint=fix)  # a damaged file: a ValueError naming it
     except UnicodeDecodeError as e:
         raise ValueError(f"{meta_file} is damaged (not UTF-8 text: {e.reason} at byte {e.start}); {fix}") from e
+    if isinstance(meta, dict) and meta.get("format") == "mechgrok.sequence_task/1":
+        from mechgrok.tasks.sequence import load_sequence_task  # noqa: PLC0415 (sequence imports this module)
+
+        return load_sequence_task(path)
     if not isinstance(meta, dict) or meta.get("format") != "mechgrok.task/1":
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{meta_file}: unknown task format {got!r}, expected 'mechgrok.task/1'; {fix}")
+        raise ValueError(f"{meta_file}: unknown task format {got!r}, expected 'mechgrok.task/1' (or "
+                         f"'mechgrok.sequence_task/1'); {fix}")
     bad = [f"{k} (expected {t.__name__})" for k, t in _META_KEYS.items()
            if not isinstance(meta.get(k), t) or (t is int and isinstance(meta.get(k), bool))]
     if bad:
