@@ -29,6 +29,10 @@ __all__ = ["check_compatible", "check_inputs"]
 
 def check_compatible(model: nn.Module, task: Task) -> None:
     """Raise a clear error when ``model`` cannot read ``task``'s tokens or predict its classes."""
+    if type(task).__name__ == "SequenceTask":  # a language-model corpus (mg.tasks.lm_corpus)
+        raise TypeError(f"{task.name!r} is a SequenceTask (next-token targets), which mg.train and mg.evaluate do not "
+                        "take yet: they train and score one answer per example (a Task). Its sequences already "
+                        "work with mg.capture, mg.sae.train and mg.influence.EKFAC(model, task.sequences('train'))")
     if not isinstance(task, Task):
         raise TypeError(f"task must be a mechgrok Task, got {type(task).__name__}")
     if isinstance(model, HookedTransformer):
