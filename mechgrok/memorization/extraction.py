@@ -1,0 +1,138 @@
+"""Per-sequence memorization scores of a language model on a ``SequenceTask``: the loss of each
+sequence and whether greedy decoding from its prefix reproduces the rest.
+
+- **Extractability** (Carlini et al. 2021, "Extracting Training Data from Large Language Models";
+  the k-prefix form of Carlini et al. 2023, "Quantifying Memorization Across Neural Language
+  Models", and Biderman et al. 2023, "Emergent and Predictable Memorization in Large Language
+  Models"): give the model the first ``k`` tokens of a sequence, decode greedily to the sequence's
+  length, and compare with the true continuation. ``match`` is the share of continuation tokens
+  the greedy output gets right position by position (Biderman et al.'s memorization score);
+  ``extractable`` is ``match == 1``. A continuation that a rule predicts (the repeated half of an
+  induction sequence) is "extractable" without being memorized: compare planted sequences with
+  held-out ones of the same kind, never scores of one kind with those of another.
+- **Sequence loss**: the mean next-token cross-entropy over the sequence's target tokens (its
+  loss mask), in nats; the loss gap of a memorized sequence is its loss against that of held-out
+  sequences of the same kind.
+
+Limits: decoding runs the full forward once per generated token (no key/value cache), which is
+what the short sequences of ``mg.tasks.lm_corpus`` need; greedy only (no sampling, no beam).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+from mechgrok import models
+from mechgrok._config import check_int
+from mechgrok._threads import torch_threads
+from mechgrok.tasks.sequence import IGNORE
+
+__all__ = ["Extraction", "extract", "sequence_loss"]
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """Greedy continuations of ``k``-token prefixes (``extract``).
+
+    Attributes:
+        rows: the task's row of each sequence ``[n]``.
+        k: prefix length, BOS included.
+        generated: the greedy continuation ``[n, T - k]``.
+        match: share of continuation tokens equal to the true ones, position by position ``[n]``.
+        extractable: ``match == 1`` ``[n]``.
+    """
+
+    rows: Int[Tensor, " n"]
+    k: int
+    generated: Int[Tensor, "n T_k"]
+    match: Float[Tensor, " n"]
+    extractable: Bool[Tensor, " n"]
+
+    @property
+    def rate(self) -> float:
+        """The share of sequences that are extractable (NaN when there are none)."""
+        return float(self.extractable.double().mean()) if len(self.rows) else float("nan")
+
+
+def _check(model: nn.Module, task, owner: str) -> None:
+    if type(task).__name__ != "SequenceTask":
+        raise TypeError(f"{owner} scores a SequenceTask (e.g. mg.tasks.lm_corpus(...)), got {type(task).__name__}")
+    if not isinstance(model, models.HookedTransformer):
+        raise TypeError(f"{owner} needs a HookedTransformer (logits [batch, pos, vocab]), got {type(model).__name__}; "
+                        "a Hugging Face model converts with mg.models.from_pretrained")
+    cfg = model.cfg
+    if cfg.d_vocab < task.d_vocab or cfg.d_vocab_out < task.d_vocab or cfg.n_ctx < task.n_ctx:
+        raise ValueError(f"{owner}: the model (d_vocab {cfg.d_vocab}, d_vocab_out {cfg.d_vocab_out}, n_ctx {cfg.n_ctx}) "
+                         f"cannot read or predict {task.name!r} (d_vocab {task.d_vocab}, n_ctx {task.n_ctx}); build it "
+                         "with mg.models.transformer(task, ...)")
+
+
+def _batches(n: int, batch_size: int):
+    for i in range(0, n, batch_size):
+        yield slice(i, min(n, i + batch_size))
+
+
+@torch.no_grad()
+def extract(model: nn.Module, task, k: int, split: str = "all", batch_size: int = 256,
+            threads: int | None = 1) -> Extraction:
+    """Greedy-decode each sequence of ``split`` from its first ``k`` tokens (module docstring).
+
+    Args:
+        model: a HookedTransformer whose vocabulary and context fit ``task``.
+        task: a ``SequenceTask``.
+        k: prefix length, BOS included, ``1 <= k < n_ctx``.
+        split: a group of ``task`` (``"planted_r10"``, ``"held_out_planted"``, ...) or ``"all"``.
+        batch_size: sequences per forward.
+        threads: torch threads meanwhile (restored afterwards; None leaves them).
+    """
+    _check(model, task, "memorization.extract")
+    k = check_int(k, "k", low=1, high=task.n_ctx - 1, owner="memorization.extract (prefix length, BOS included)")
+    batch_size = check_int(batch_size, "batch_size", low=1, owner="memorization.extract")
+    rows = task.mask(split).nonzero().flatten()  # [n]
+    device = models.device_of(model)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch_threads(threads):
+            for b in _batches(len(rows), batch_size):
+                x = task.inputs[rows[b], :k].to(device)  # [b, k]
+                for _ in range(task.n_ctx - k):
+                    nxt = model(x)[:, -1].argmax(-1)  # [b]
+                    x = torch.cat([x, nxt[:, None]], dim=1)
+                out.append(x[:, k:].cpu())
+    finally:
+        model.train(was_training)
+    generated = torch.cat(out) if out else torch.zeros(0, task.n_ctx - k, dtype=torch.long)  # [n, T - k]
+    match = (generated == task.inputs[rows, k:]).double().mean(-1)  # [n]
+    return Extraction(rows=rows, k=k, generated=generated, match=match, extractable=match == 1)
+
+
+@torch.no_grad()
+def sequence_loss(model: nn.Module, task, split: str = "all", batch_size: int = 256,
+                  threads: int | None = 1) -> Float[Tensor, " n"]:
+    """The mean next-token cross-entropy (nats, float64) of each sequence of ``split`` over its
+    target tokens (``task.loss_mask``), ``[n]`` in row order; NaN for a sequence without targets."""
+    _check(model, task, "memorization.sequence_loss")
+    batch_size = check_int(batch_size, "batch_size", low=1, owner="memorization.sequence_loss")
+    rows = task.mask(split).nonzero().flatten()
+    device = models.device_of(model)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch_threads(threads):
+            for b in _batches(len(rows), batch_size):
+                logits = model(task.inputs[rows[b]].to(device)).double().cpu()  # [b, T, d_vocab_out]
+                y = task.targets[rows[b]]  # [b, T], IGNORE where no loss
+                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=IGNORE,
+                                                        reduction="none")  # [b, T], 0 where ignored
+                m = y != IGNORE
+                out.append(nll.sum(-1) / m.sum(-1))  # NaN (0/0) without targets
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
