@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from mechgrok import models
 from mechgrok._config import check_int
 from mechgrok._threads import torch_threads
-from mechgrok.tasks.sequence import IGNORE
+from mechgrok.tasks.sequence import IGNORE, SequenceTask
 
 __all__ = ["Extraction", "extract", "sequence_loss"]
 
@@ -58,8 +58,8 @@ class Extraction:
         return float(self.extractable.double().mean()) if len(self.rows) else float("nan")
 
 
-def _check(model: nn.Module, task, owner: str) -> None:
-    if type(task).__name__ != "SequenceTask":
+def _check(model: nn.Module, task: SequenceTask, owner: str) -> None:
+    if not isinstance(task, SequenceTask):
         raise TypeError(f"{owner} scores a SequenceTask (e.g. mg.tasks.lm_corpus(...)), got {type(task).__name__}")
     if not isinstance(model, models.HookedTransformer):
         raise TypeError(f"{owner} needs a HookedTransformer (logits [batch, pos, vocab]), got {type(model).__name__}; "
@@ -77,7 +77,7 @@ def _batches(n: int, batch_size: int):
 
 
 @torch.no_grad()
-def extract(model: nn.Module, task, k: int, split: str = "all", batch_size: int = 256,
+def extract(model: nn.Module, task: SequenceTask, k: int, split: str = "all", batch_size: int = 256,
             threads: int | None = 1) -> Extraction:
     """Greedy-decode each sequence of ``split`` from its first ``k`` tokens (module docstring).
 
@@ -113,7 +113,7 @@ def extract(model: nn.Module, task, k: int, split: str = "all", batch_size: int 
 
 
 @torch.no_grad()
-def sequence_loss(model: nn.Module, task, split: str = "all", batch_size: int = 256,
+def sequence_loss(model: nn.Module, task: SequenceTask, split: str = "all", batch_size: int = 256,
                   threads: int | None = 1) -> Float[Tensor, " n"]:
     """The mean next-token cross-entropy (nats, float64) of each sequence of ``split`` over its
     target tokens (``task.loss_mask``), ``[n]`` in row order; NaN for a sequence without targets."""

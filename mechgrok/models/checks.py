@@ -22,14 +22,14 @@ from torch import Tensor, nn
 
 from mechgrok.models._tl import HookedTransformer
 from mechgrok.models.hooked_mlp import HookedMLP
-from mechgrok.tasks import Task
+from mechgrok.tasks import SequenceTask, Task
 
 __all__ = ["check_compatible", "check_inputs"]
 
 
 def check_compatible(model: nn.Module, task: Task) -> None:
     """Raise a clear error when ``model`` cannot read ``task``'s tokens or predict its classes."""
-    if type(task).__name__ == "SequenceTask":  # a language-model corpus (mg.tasks.lm_corpus)
+    if isinstance(task, SequenceTask):  # a language-model corpus (mg.tasks.lm_corpus)
         raise TypeError(f"{task.name!r} is a SequenceTask (next-token targets), which mg.train and mg.evaluate do not "
                         "take yet: they train and score one answer per example (a Task). Its sequences already "
                         "work with mg.capture, mg.sae.train and mg.influence.EKFAC(model, task.sequences('train'))")
