@@ -52,7 +52,9 @@ def test_sequence_loss_is_the_mean_cross_entropy_over_target_tokens():
     for n in range(task.n):
         ts = [t for t in range(T) if int(task.targets[n, t]) != IGNORE]
         want = -sum(float(logp[n, t, task.targets[n, t]]) for t in ts) / len(ts)
-        assert float(loss[n]) == pytest.approx(want, rel=1e-9)
+        # float32 forwards of batches of 5 and of all rows round differently on some kernels
+        # (generic ones: 3e-9 relative); the loss itself is float64
+        assert float(loss[n]) == pytest.approx(want, rel=1e-5)
 
 
 @pytest.mark.slow(seconds=8)
