@@ -20,6 +20,7 @@ what the short sequences of ``mg.tasks.lm_corpus`` need; greedy only (no samplin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,9 +72,18 @@ def _check(model: nn.Module, task: SequenceTask, owner: str) -> None:
                          "with mg.models.transformer(task, ...)")
 
 
-def _batches(n: int, batch_size: int):
-    for i in range(0, n, batch_size):
-        yield slice(i, min(n, i + batch_size))
+def _per_batch(model: nn.Module, task: SequenceTask, split: str, batch_size: int, threads: int | None,
+               fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """The rows of ``split`` ``[n]`` and ``fn(rows of one batch)`` for each batch of ``batch_size``,
+    with the model in eval mode (restored afterwards) and ``threads`` torch threads."""
+    rows = task.mask(split).nonzero().flatten()  # [n]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch_threads(threads):
+            return rows, [fn(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -92,21 +102,15 @@ def extract(model: nn.Module, task: SequenceTask, k: int, split: str = "all", ba
     _check(model, task, "memorization.extract")
     k = check_int(k, "k", low=1, high=task.n_ctx - 1, owner="memorization.extract (prefix length, BOS included)")
     batch_size = check_int(batch_size, "batch_size", low=1, owner="memorization.extract")
-    rows = task.mask(split).nonzero().flatten()  # [n]
     device = models.device_of(model)
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        with torch_threads(threads):
-            for b in _batches(len(rows), batch_size):
-                x = task.inputs[rows[b], :k].to(device)  # [b, k]
-                for _ in range(task.n_ctx - k):
-                    nxt = model(x)[:, -1].argmax(-1)  # [b]
-                    x = torch.cat([x, nxt[:, None]], dim=1)
-                out.append(x[:, k:].cpu())
-    finally:
-        model.train(was_training)
+
+    def greedy(rows: Tensor) -> Tensor:
+        x = task.inputs[rows, :k].to(device)  # [b, k]
+        for _ in range(task.n_ctx - k):
+            x = torch.cat([x, model(x)[:, -1].argmax(-1)[:, None]], dim=1)  # one greedy token more
+        return x[:, k:].cpu()  # [b, T - k]
+
+    rows, out = _per_batch(model, task, split, batch_size, threads, greedy)
     generated = torch.cat(out) if out else torch.zeros(0, task.n_ctx - k, dtype=torch.long)  # [n, T - k]
     match = (generated == task.inputs[rows, k:]).double().mean(-1)  # [n]
     return Extraction(rows=rows, k=k, generated=generated, match=match, extractable=match == 1)
@@ -119,20 +123,14 @@ def sequence_loss(model: nn.Module, task: SequenceTask, split: str = "all", batc
     target tokens (``task.loss_mask``), ``[n]`` in row order; NaN for a sequence without targets."""
     _check(model, task, "memorization.sequence_loss")
     batch_size = check_int(batch_size, "batch_size", low=1, owner="memorization.sequence_loss")
-    rows = task.mask(split).nonzero().flatten()
     device = models.device_of(model)
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        with torch_threads(threads):
-            for b in _batches(len(rows), batch_size):
-                logits = model(task.inputs[rows[b]].to(device)).double().cpu()  # [b, T, d_vocab_out]
-                y = task.targets[rows[b]]  # [b, T], IGNORE where no loss
-                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=IGNORE,
-                                                        reduction="none")  # [b, T], 0 where ignored
-                m = y != IGNORE
-                out.append(nll.sum(-1) / m.sum(-1))  # NaN (0/0) without targets
-    finally:
-        model.train(was_training)
+
+    def loss(rows: Tensor) -> Tensor:
+        logits = model(task.inputs[rows].to(device)).double().cpu()  # [b, T, d_vocab_out]
+        y = task.targets[rows]  # [b, T], IGNORE where no loss
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=IGNORE,
+                                                reduction="none")  # [b, T], 0 where ignored
+        return nll.sum(-1) / (y != IGNORE).sum(-1)  # [b]; NaN (0/0) without targets
+
+    _, out = _per_batch(model, task, split, batch_size, threads, loss)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)

@@ -32,8 +32,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
-from mechgrok._io import atomic_dir, atomic_write_text, read_json, read_safetensors, safe_name
-from mechgrok.tasks.task import _INT_DTYPES, _is_int
+from mechgrok._io import atomic_dir, atomic_write_text, read_safetensors, safe_name
+from mechgrok.tasks.task import _INT_DTYPES, _is_int, check_meta, read_meta
 
 if TYPE_CHECKING:
     from mechgrok.influence import Sequences
@@ -270,26 +270,20 @@ def _check(task: SequenceTask) -> None:
 _META_KEYS = {"name": str, "d_vocab": int, "groups": list, "metadata": list, "config": dict}
 
 
-def load_sequence_task(path: str | Path) -> SequenceTask:
+def load_sequence_task(path: str | Path, meta: dict | None = None) -> SequenceTask:
     """Load a task written by ``SequenceTask.save``; a damaged or inconsistent folder raises ``ValueError``
-    naming the file and what is wrong with it."""
+    naming the file and what is wrong with it. ``meta``: its ``task.json`` when already read
+    (``tasks.load``)."""
     path = Path(path)
-    meta_file, tensor_file = path / "task.json", path / "tensors.safetensors"
-    if not meta_file.exists() or not tensor_file.exists():
-        raise FileNotFoundError(f"{path} is not a saved sequence task: expected task.json and tensors.safetensors "
-                                "(write one with SequenceTask.save)")
     fix = "restore it, or write the task again with SequenceTask.save (or rebuild it with tasks.from_config)"
-    try:
-        meta = read_json(meta_file, hint=fix)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{meta_file} is damaged (not UTF-8 text: {e.reason} at byte {e.start}); {fix}") from e
+    if meta is None:
+        meta, meta_file, tensor_file = read_meta(path, "sequence task", "SequenceTask.save", fix)
+    else:
+        meta_file, tensor_file = path / "task.json", path / "tensors.safetensors"
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"{meta_file}: unknown task format {got!r}, expected {FORMAT!r}; {fix}")
-    bad = [f"{k} (expected {t.__name__})" for k, t in _META_KEYS.items()
-           if not isinstance(meta.get(k), t) or (t is int and isinstance(meta.get(k), bool))]
-    if bad:
-        raise ValueError(f"{meta_file} lacks or has wrong types for {', '.join(bad)}; {fix}")
+    check_meta(meta, _META_KEYS, meta_file, fix)
     for key, what in (("groups", "group name"), ("metadata", "metadata name")):
         for name in meta[key]:
             safe_name(name, what=what, source=meta_file)

@@ -212,32 +212,43 @@ _META_KEYS = {"name": str, "task_names": list, "d_vocab": int, "d_vocab_out": in
               "operand_positions": list, "config": dict}
 
 
+def read_meta(path: Path, what: str, writer: str, fix: str) -> tuple[Any, Path, Path]:
+    """``task.json`` of a saved task folder (parsed, not yet checked), with the paths of it and of
+    ``tensors.safetensors``; a missing or unreadable file is an error naming it and ``fix``."""
+    meta_file, tensor_file = path / "task.json", path / "tensors.safetensors"
+    if not meta_file.exists() or not tensor_file.exists():
+        raise FileNotFoundError(f"{path} is not a saved {what}: expected task.json and "
+                                f"tensors.safetensors (write one with {writer})")
+    try:
+        return read_json(meta_file, hint=fix), meta_file, tensor_file  # a damaged file: a ValueError naming it
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{meta_file} is damaged (not UTF-8 text: {e.reason} at byte {e.start}); {fix}") from e
+
+
+def check_meta(meta: dict, keys: dict[str, type], meta_file: Path, fix: str) -> None:
+    """A ValueError naming ``meta_file`` when ``meta`` lacks one of ``keys`` or has it with another type."""
+    bad = [f"{k} (expected {t.__name__})" for k, t in keys.items()
+           if not isinstance(meta.get(k), t) or (t is int and isinstance(meta.get(k), bool))]
+    if bad:
+        raise ValueError(f"{meta_file} lacks or has wrong types for {', '.join(bad)}; {fix}")
+
+
 def load(path: str | Path) -> Task | SequenceTask:
     """Load a task written by ``Task.save`` (or a ``SequenceTask`` written by ``SequenceTask.save``, told
     apart by the ``format`` in ``task.json``); a damaged or inconsistent folder raises ``ValueError`` naming
     the file and what is wrong with it."""
     path = Path(path)
-    meta_file, tensor_file = path / "task.json", path / "tensors.safetensors"
-    if not meta_file.exists() or not tensor_file.exists():
-        raise FileNotFoundError(f"{path} is not a saved task: expected task.json and "
-                                "tensors.safetensors (write one with Task.save)")
     fix = "restore it, or write the task again with Task.save (a run's task: retrain the run into a new folder)"
-    try:
-        meta = read_json(meta_file, hint=fix)  # a damaged file: a ValueError naming it
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{meta_file} is damaged (not UTF-8 text: {e.reason} at byte {e.start}); {fix}") from e
+    meta, meta_file, tensor_file = read_meta(path, "task", "Task.save", fix)
     if isinstance(meta, dict) and meta.get("format") == "mechgrok.sequence_task/1":
         from mechgrok.tasks.sequence import load_sequence_task  # noqa: PLC0415 (sequence imports this module)
 
-        return load_sequence_task(path)
+        return load_sequence_task(path, meta)
     if not isinstance(meta, dict) or meta.get("format") != "mechgrok.task/1":
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"{meta_file}: unknown task format {got!r}, expected 'mechgrok.task/1' (or "
                          f"'mechgrok.sequence_task/1'); {fix}")
-    bad = [f"{k} (expected {t.__name__})" for k, t in _META_KEYS.items()
-           if not isinstance(meta.get(k), t) or (t is int and isinstance(meta.get(k), bool))]
-    if bad:
-        raise ValueError(f"{meta_file} lacks or has wrong types for {', '.join(bad)}; {fix}")
+    check_meta(meta, _META_KEYS, meta_file, fix)
     for name in meta["task_names"]:
         safe_name(name, what="sub-task name", source=meta_file)
     n_sub = _n_subtasks(meta["config"])
