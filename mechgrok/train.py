@@ -38,15 +38,16 @@ from mechgrok._io import atomic_write_text
 from mechgrok._runfolder import open_run, resume_point
 from mechgrok._threads import torch_threads
 from mechgrok.checkpoints import load_training_state, save_training_state
-from mechgrok.losses import loss_fn, softmax_collapse
+from mechgrok.losses import IGNORE, loss_fn, softmax_collapse
 from mechgrok.run import RUN_FORMAT, Run, checkpoint_name
-from mechgrok.tasks import Task
+from mechgrok.tasks import SequenceTask, Task
 
-__all__ = ["TrainConfig", "train", "evaluate", "metrics_from_logits", "HISTORY_KEYS", "EVAL_SPLITS",
-           "TrainingDiverged"]
+__all__ = ["TrainConfig", "train", "evaluate", "metrics_from_logits", "sequence_metrics", "HISTORY_KEYS",
+           "SEQUENCE_METRICS", "EVAL_SPLITS", "OBJECTIVES", "TrainingDiverged"]
 
 log = logging.getLogger(__name__)
 
+OBJECTIVES = ("auto", "last_token", "next_token")
 # evaluate() splits: train_corrupted scores corrupted examples against their (corrupted) training
 # label, train_corrupted_true against their true label.
 EVAL_SPLITS = ("train", "test", "train_clean", "train_corrupted", "train_corrupted_true")
@@ -70,6 +71,7 @@ class TrainConfig:
     warmup: int = 0  # linear warm-up steps from 0 to lr
     batch_size: int | None = None  # None = full batch (all training examples every step)
     loss: str = "cross_entropy"  # cross_entropy | mse (one-hot targets) | stablemax; all in float64
+    objective: str = "auto"  # last_token (a Task) | next_token (a SequenceTask, over its loss mask) | auto: the task's
     optimizer: str = "adamw"  # adamw | adamw_orthograd (⊥Grad, Prieto et al. 2025)
     dropout: float = 0.0  # dropout on MLP neurons (blocks.*.mlp.hook_post) during training
     eval_every: int = 100  # steps between evaluations (history.jsonl rows)
@@ -99,10 +101,18 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: {e}") from None
         if self.optimizer not in ("adamw", "adamw_orthograd"):
             raise ValueError(f"TrainConfig: optimizer must be 'adamw' or 'adamw_orthograd', got {self.optimizer!r}")
+        if not isinstance(self.objective, str) or self.objective not in OBJECTIVES:
+            raise ValueError(f"TrainConfig: objective must be one of {OBJECTIVES} ('last_token': one label at the last "
+                             "position, for a Task; 'next_token': every target of a SequenceTask's loss mask; 'auto': "
+                             f"the one the task has), got {self.objective!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values. ``objective="auto"`` is left out: the task implies it, and
+        run folders written before the field existed keep matching (and resuming)."""
         d = asdict(self)
         d["betas"] = list(self.betas)
+        if d["objective"] == "auto":
+            del d["objective"]
         return d
 
     @classmethod
@@ -142,14 +152,22 @@ def _checked(name: str, value: Any, check: Callable, what: str, bounds: dict, sh
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, loss: str = "cross_entropy", by_task: bool = False) -> dict:
+def evaluate(model: nn.Module, task: Task | SequenceTask, loss: str = "cross_entropy", by_task: bool = False) -> dict:
     """Accuracy and loss per split: ``{"train": {"acc", "loss"}, "test": ..., "train_clean": ...,
     "train_corrupted": ... (against the corrupted label), "train_corrupted_true": ... (against the
     true label)}``. Empty splits give NaN. One forward pass over all examples.
 
     ``by_task=True`` (multi-task data) returns ``{sub-task name: that dict}`` instead.
+
+    A ``SequenceTask`` gives ``{group: {"loss", "acc", "exact"}}`` for each of its groups
+    (``sequence_metrics``).
     """
     models.check_compatible(model, task)
+    if isinstance(task, SequenceTask):
+        if by_task:
+            raise ValueError(f"{task.name!r} is a SequenceTask, which has one sub-task ('lm'); evaluate it with "
+                             "by_task=False")
+        return sequence_metrics(model, task, loss)
     was_training = model.training
     model.eval()
     try:
@@ -180,12 +198,89 @@ def metrics_from_logits(logits: Tensor, task: Task, loss: str = "cross_entropy",
     return out
 
 
+#: What ``sequence_metrics`` (and a next-token run's history, as ``GROUP_METRIC``) gives per group.
+SEQUENCE_METRICS = {
+    "loss": "mean loss (cross-entropy: nats) per target token of the group, every token weighted equally",
+    "acc": "share of target tokens whose argmax is right (teacher forcing: each position sees the true prefix)",
+    "exact": "share of sequences with every target token right; for a sequence whose targets are all the tokens "
+             "after position k - 1 this equals k-extractability (greedy decoding from the true k-token prefix "
+             "reproduces the rest: see mg.memorization.extract)",
+}
+_EVAL_BATCH = 512  # sequences per forward in sequence_metrics
+
+
+@torch.no_grad()
+def sequence_metrics(model: nn.Module, task: SequenceTask, loss: str = "cross_entropy",
+                     batch_size: int = _EVAL_BATCH) -> dict[str, dict[str, float]]:
+    """Next-token loss, token accuracy and sequence exact match per group of ``task``
+    (``SEQUENCE_METRICS``): ``{group: {"loss", "acc", "exact"}}``; NaN for a group without targets.
+
+    The model runs in eval mode (restored afterwards) on batches of ``batch_size`` sequences; the
+    loss is ``TrainConfig.loss`` (cross-entropy by default) in float64.
+    """
+    stats = _token_stats(model, task, loss_fn(loss), batch_size)
+    return {g: _group_metrics(stats, m) for g, m in task.groups.items()}
+
+
+@torch.no_grad()
+def _token_stats(model: nn.Module, task: SequenceTask, fn: Callable, batch_size: int) -> tuple[Tensor, ...]:
+    """Per sequence ``[N]`` (float64): summed loss over its targets, targets whose argmax is right,
+    number of targets."""
+    was_training = model.training
+    model.eval()
+    device = models.device_of(model)
+    loss_sum, right, count = (torch.zeros(task.n, dtype=torch.float64) for _ in range(3))
+    try:
+        for i in range(0, task.n, batch_size):
+            y = task.targets[i:i + batch_size]  # [b, T]
+            logits = model(task.inputs[i:i + batch_size].to(device)).cpu()  # [b, T, d_vocab_out]
+            keep = y != IGNORE  # [b, T]
+            rows = keep.nonzero()[:, 0]  # [tokens] the batch row of each target token
+            flat_logits, flat_y = logits[keep], y[keep]  # [tokens, d_vocab_out], [tokens]
+            per_token = fn(flat_logits, flat_y, reduction="none")  # [tokens] float64
+            loss_sum[i:i + batch_size] = torch.zeros(len(y), dtype=torch.float64).index_add_(0, rows, per_token)
+            right[i:i + batch_size] = torch.zeros(len(y), dtype=torch.float64).index_add_(
+                0, rows, (flat_logits.argmax(-1) == flat_y).double())
+            count[i:i + batch_size] = keep.sum(-1).double()
+    finally:
+        model.train(was_training)
+    return loss_sum, right, count
+
+
+def _group_metrics(stats: tuple[Tensor, ...], mask: Tensor) -> dict[str, float]:
+    loss_sum, right, count = (t[mask] for t in stats)
+    n_tokens = float(count.sum())
+    if n_tokens == 0:
+        return {"loss": float("nan"), "acc": float("nan"), "exact": float("nan")}
+    has = count > 0
+    return {"loss": float(loss_sum.sum()) / n_tokens, "acc": float(right.sum()) / n_tokens,
+            "exact": float((right[has] == count[has]).double().mean())}
+
+
+@torch.no_grad()
+def _sequence_history_row(step: int, model: nn.Module, task: SequenceTask, cfg: TrainConfig, lr: float,
+                          elapsed: float) -> dict:
+    stats = _token_stats(model, task, loss_fn(cfg.loss), _EVAL_BATCH)
+    row: dict[str, Any] = {"step": step}
+    for g, m in task.groups.items():
+        for k, v in _group_metrics(stats, m).items():
+            row[f"{g}_{k}"] = None if math.isnan(v) else v
+    row.update(weight_norm=_weight_norm(model), lr=lr, elapsed_s=round(elapsed, 3))
+    return row
+
+
+def _weight_norm(model: nn.Module) -> float:
+    return math.sqrt(sum(float((p.double() ** 2).sum()) for p in model.parameters()))
+
+
 def _history_row(step: int, model: nn.Module, task: Task, cfg: TrainConfig, lr: float, elapsed: float) -> dict:
+    if isinstance(task, SequenceTask):
+        return _sequence_history_row(step, model, task, cfg, lr, elapsed)
     model.eval()
     with torch.no_grad():
         logits = models.final_logits(model, task.inputs).cpu()  # [N, d_out]
         metrics = metrics_from_logits(logits, task, cfg.loss)
-        wnorm = math.sqrt(sum(float((p.double() ** 2).sum()) for p in model.parameters()))
+        wnorm = _weight_norm(model)
         collapse = softmax_collapse(logits[task.train], task.labels[task.train])
     model.train()
     row: dict[str, Any] = {"step": step}
@@ -287,6 +382,7 @@ def train(model: nn.Module, task: Task, config: TrainConfig | None = None, out: 
     if stop_at is not None:
         stop_at = check_int(stop_at, "stop_at", low=0, owner="train")
     models.check_compatible(model, task)
+    _objective(cfg, task)
     if cfg.dropout and not models.has_mlp(model):
         raise ValueError(f"TrainConfig: dropout={cfg.dropout} acts on MLP neurons (blocks.*.mlp.hook_post), but this "
                          "model is attention-only; train it with dropout=0")
@@ -297,12 +393,86 @@ def train(model: nn.Module, task: Task, config: TrainConfig | None = None, out: 
         model_spec = models.spec(model)
     except (TypeError, ValueError) as e:
         raise type(e)(f"train: the run folder cannot record how to rebuild this model: {e}") from None
-    run_config = {"format": RUN_FORMAT, "task": task.config, "model": model_spec, "train": cfg.to_dict()}
+    # the objective is the task's (checked above), so it is recorded as "auto": one run whichever way it was given
+    run_config = {"format": RUN_FORMAT, "task": task.config, "model": model_spec,
+                  "train": cfg.replace(objective="auto").to_dict()}
     lock = open_run(out, json.loads(json.dumps(run_config)), task, overwrite)
     try:
         return _train_locked(model, task, cfg, out, progress, stop_at, resume)
     finally:
         lock.release()
+
+
+def _objective(cfg: TrainConfig, task: Task | SequenceTask) -> str:
+    """The objective ``task`` trains with; an error when ``cfg.objective`` names another one."""
+    want = "next_token" if isinstance(task, SequenceTask) else "last_token"
+    if cfg.objective not in ("auto", want):
+        kind = "a SequenceTask (a target per position)" if want == "next_token" else "a Task (one label per example)"
+        raise ValueError(f"TrainConfig: objective={cfg.objective!r} does not fit {task.name!r}, which is {kind}: "
+                         f"its objective is {want!r}; pass objective={want!r} or 'auto'")
+    return want
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """A seed of its own for each epoch's shuffle (a 64-bit mix of the run's seed and the epoch)."""
+    return (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + 1) % 2**64
+
+
+class _SequenceBatches:
+    """The training rows of each step of a next-token run.
+
+    Step ``s`` takes rows ``[s·B, (s+1)·B)`` of the endless stream of epochs, each epoch being
+    ``task.epoch_rows`` (every train row ``repeats`` times) shuffled by a generator seeded with
+    ``_epoch_seed(seed, epoch)``. A batch is therefore a function of the step alone: resuming
+    needs no sampler state. ``batch_size=None`` (or one at least an epoch) takes a whole epoch,
+    unshuffled, every step.
+    """
+
+    def __init__(self, task: SequenceTask, batch_size: int | None, seed: int):
+        self.task, self.seed = task, seed
+        self._epochs: dict[int, Tensor] = {}
+        self.per_epoch = len(task.epoch_rows(torch.Generator().manual_seed(0)))
+        if self.per_epoch == 0:
+            raise ValueError(f"task {task.name!r} has no training sequence to draw (its train rows have repeats 0 or "
+                             "it has none); give some train rows repeats >= 1")
+        if not bool(task.loss_mask[self._epoch(0)].any()):
+            raise ValueError(f"task {task.name!r}: no training sequence has a target (its loss mask, targets != "
+                             f"{IGNORE}, is empty on every train row), so there is nothing to learn; set the targets "
+                             "of the tokens to predict")
+        self.full = batch_size is None or batch_size >= self.per_epoch
+        self.batch_size = self.per_epoch if self.full else batch_size
+
+    def _epoch(self, e: int) -> Tensor:
+        if e not in self._epochs:
+            if len(self._epochs) > 2:  # steps only move forward: keep the few epochs a batch can span
+                self._epochs.pop(min(self._epochs))
+            self._epochs[e] = self.task.epoch_rows(torch.Generator().manual_seed(_epoch_seed(self.seed, e)))
+        return self._epochs[e]
+
+    def rows(self, step: int) -> Tensor:
+        """The task rows of step ``step`` ``[B]``."""
+        if self.full:
+            idx = self.task.train.nonzero().squeeze(1)
+            reps = self.task.metadata.get("repeats")
+            return idx if reps is None else torch.repeat_interleave(idx, reps[idx].long())
+        start, end = step * self.batch_size, (step + 1) * self.batch_size
+        parts = []
+        for e in range(start // self.per_epoch, (end - 1) // self.per_epoch + 1):
+            lo, hi = max(start - e * self.per_epoch, 0), min(end - e * self.per_epoch, self.per_epoch)
+            parts.append(self._epoch(e)[lo:hi])
+        return torch.cat(parts)
+
+
+def _next_token_loss(model: nn.Module, task: SequenceTask, rows: Tensor, fn: Callable) -> Tensor:
+    """The loss ``fn`` over every target token of the sequences ``rows`` ``[B]`` (a row listed twice
+    counts twice): the mean over the batch's target tokens, each weighted equally."""
+    device = models.device_of(model)
+    y = task.targets[rows].to(device)  # [B, T]
+    keep = y != IGNORE
+    logits = model(task.inputs[rows].to(device))  # [B, T, d_vocab_out]
+    if not bool(keep.any()):  # a batch of sequences without targets: no loss (weight decay still acts)
+        return logits.sum() * 0.0
+    return fn(logits[keep], y[keep])
 
 
 def _train_locked(model: nn.Module, task: Task, cfg: TrainConfig, out: Path, progress: bool,
@@ -328,8 +498,23 @@ def _train_locked(model: nn.Module, task: Task, cfg: TrainConfig, out: Path, pro
         log.info("resuming %s from step %d", out, start)
 
     device = models.device_of(model)
-    x, y = task.inputs[task.train].to(device), task.labels[task.train].to(device)  # [n_train, n_ctx], [n_train]
     fn = loss_fn(cfg.loss)
+    if isinstance(task, SequenceTask):  # next-token: the loss over every target of the batch's loss masks
+        batches = _SequenceBatches(task, cfg.batch_size, cfg.seed)
+
+        def batch_loss(step: int) -> Tensor:
+            return _next_token_loss(model, task, batches.rows(step), fn)
+    else:  # last-token: one label per example
+        x, y = task.inputs[task.train].to(device), task.labels[task.train].to(device)  # [n_train, n_ctx], [n_train]
+
+        def batch_loss(step: int) -> Tensor:
+            if cfg.batch_size is None or cfg.batch_size >= len(y):
+                xb, yb = x, y
+            else:
+                idx = torch.randperm(len(y), generator=g)[: cfg.batch_size].to(device)
+                xb, yb = x[idx], y[idx]
+            return fn(models.training_logits(model, xb), yb)
+
     with torch_threads(cfg.threads):
         hooks = _dropout_hooks(model, cfg.dropout, g) if cfg.dropout else []
         t0 = time.perf_counter() - elapsed0
@@ -353,12 +538,7 @@ def _train_locked(model: nn.Module, task: Task, cfg: TrainConfig, out: Path, pro
                     lr = _lr_at(step, cfg)
                     for group in opt.param_groups:
                         group["lr"] = lr
-                    if cfg.batch_size is None or cfg.batch_size >= len(y):
-                        xb, yb = x, y
-                    else:
-                        idx = torch.randperm(len(y), generator=g)[: cfg.batch_size].to(device)
-                        xb, yb = x[idx], y[idx]
-                    loss = fn(models.training_logits(model, xb), yb)
+                    loss = batch_loss(step)
                     if not math.isfinite(value := loss.detach().item()):  # one scalar read a step: cheap on CPU
                         raise TrainingDiverged(
                             f"training diverged: the loss became {value} at step {step} (lr {lr:g}, weight decay "

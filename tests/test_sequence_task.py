@@ -311,11 +311,3 @@ def test_lm_corpus_arguments(kwargs, err, match):
 def test_no_planted_or_held_out():
     t = lm_corpus(**{**SMALL, "n_planted": 0, "n_held_out": 0})
     assert t.n == 60 and int(t.groups["planted_r10"].sum()) == 0 and len(t.epoch_rows()) == 54
-
-
-def test_train_and_evaluate_refuse_a_sequence_task_with_what_works_instead():
-    task = mg.tasks.lm_corpus(n_structured=20, n_planted=3, repeats=(1, 10, 100), n_held_out=2, seq_len=9, d_vocab=16)
-    model = mg.models.transformer(d_vocab=16, d_vocab_out=16, n_ctx=9, d_model=16, n_heads=2, n_layers=1)
-    for call in (lambda: mg.train(model, task, mg.TrainConfig(steps=1)), lambda: mg.evaluate(model, task)):
-        with pytest.raises(TypeError, match="SequenceTask.*EKFAC"):
-            call()

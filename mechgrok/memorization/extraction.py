@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from mechgrok import models
 from mechgrok._config import check_int
 from mechgrok._threads import torch_threads
-from mechgrok.tasks.sequence import IGNORE, SequenceTask
+from mechgrok.losses import IGNORE, token_nll
+from mechgrok.tasks.sequence import SequenceTask
 
 __all__ = ["Extraction", "extract", "sequence_loss"]
 
@@ -126,10 +127,8 @@ def sequence_loss(model: nn.Module, task: SequenceTask, split: str = "all", batc
     device = models.device_of(model)
 
     def loss(rows: Tensor) -> Tensor:
-        logits = model(task.inputs[rows].to(device)).double().cpu()  # [b, T, d_vocab_out]
         y = task.targets[rows]  # [b, T], IGNORE where no loss
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=IGNORE,
-                                                reduction="none")  # [b, T], 0 where ignored
+        nll = token_nll(model(task.inputs[rows].to(device)).cpu(), y)  # [b, T], 0 where ignored
         return nll.sum(-1) / (y != IGNORE).sum(-1)  # [b]; NaN (0/0) without targets
 
     _, out = _per_batch(model, task, split, batch_size, threads, loss)

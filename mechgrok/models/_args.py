@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mechgrok.tasks import Task
+from mechgrok.tasks import SequenceTask, Task
 
 
 def _check_choice(value: Any, name: str, choices: tuple[str, ...], owner: str) -> str:
@@ -38,7 +38,12 @@ def _need(task: Task | None, attr: str) -> int:
     return int(getattr(task, attr))
 
 
-def _check_task(task: Any, owner: str) -> None:
+def _check_task(task: Any, owner: str, sequences: bool = True) -> None:
+    if sequences and isinstance(task, SequenceTask):
+        return
+    if isinstance(task, SequenceTask):
+        raise TypeError(f"{owner}: {task.name!r} is a SequenceTask (a target per position), which this model cannot "
+                        "predict; build a transformer with mg.models.transformer(task, ...)")
     if task is not None and not isinstance(task, Task):
-        raise TypeError(f"{owner}: task must be a mechgrok Task (e.g. mg.tasks.modular_arithmetic(p=113)) or None, "
-                        f"got {type(task).__name__}")
+        raise TypeError(f"{owner}: task must be a mechgrok Task (e.g. mg.tasks.modular_arithmetic(p=113)), a "
+                        f"SequenceTask (mg.tasks.lm_corpus(...)) or None, got {type(task).__name__}")

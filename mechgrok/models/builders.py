@@ -204,7 +204,7 @@ def mlp(task: Task | None = None, *, width: int = 500, act: str = "square", bias
     default device (weights are initialised on the CPU, then moved).
     """
     owner = "models.mlp"
-    _check_task(task, owner)
+    _check_task(task, owner, sequences=False)
     if task is not None and len(task.task_names) != 1:
         raise ValueError(f"the MLP sees only the two operands; task {task.name!r} mixes several ops "
                          "(use a transformer for multi-task data)")

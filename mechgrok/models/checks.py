@@ -30,9 +30,8 @@ __all__ = ["check_compatible", "check_inputs"]
 def check_compatible(model: nn.Module, task: Task) -> None:
     """Raise a clear error when ``model`` cannot read ``task``'s tokens or predict its classes."""
     if isinstance(task, SequenceTask):  # a language-model corpus (mg.tasks.lm_corpus)
-        raise TypeError(f"{task.name!r} is a SequenceTask (next-token targets), which mg.train and mg.evaluate do not "
-                        "take yet: they train and score one answer per example (a Task). Its sequences already "
-                        "work with mg.capture, mg.sae.train and mg.influence.EKFAC(model, task.sequences('train'))")
+        _check_sequence_model(model, task)
+        return
     if not isinstance(task, Task):
         raise TypeError(f"task must be a mechgrok Task, got {type(task).__name__}")
     if isinstance(model, HookedTransformer):
@@ -54,6 +53,22 @@ def check_compatible(model: nn.Module, task: Task) -> None:
         detail = ", ".join(f"{k}: model {m} vs task {t}" for k, (m, t) in bad.items())
         raise ValueError(f"model and task {task.name!r} do not match ({detail}); build the model from "
                          "this task, e.g. mg.models.transformer(task, ...)")
+
+
+def _check_sequence_model(model: nn.Module, task: SequenceTask) -> None:
+    """A model fits a SequenceTask when it is a HookedTransformer that reads every token id, predicts
+    every target and has the context: a larger vocabulary (a brought model) is fine."""
+    if not isinstance(model, HookedTransformer):
+        raise TypeError(f"{task.name!r} is a SequenceTask (a target per position): it needs a HookedTransformer, whose "
+                        f"logits are [batch, pos, vocab], got {type(model).__name__}; build one with "
+                        "mg.models.transformer(task, ...) (a Hugging Face model converts with mg.models.from_pretrained)")
+    cfg = model.cfg
+    small = [f"{k}: model {m} < task {t}" for k, m, t in (("d_vocab", cfg.d_vocab, task.d_vocab),
+                                                            ("d_vocab_out", cfg.d_vocab_out, task.d_vocab),
+                                                            ("n_ctx", cfg.n_ctx, task.n_ctx)) if m < t]
+    if small:
+        raise ValueError(f"the model cannot read or predict {task.name!r} ({', '.join(small)}); build it with "
+                         "mg.models.transformer(task, ...), which sizes it from the task")
 
 
 def check_inputs(model: nn.Module, inputs: Any, what: str = "inputs") -> None:

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from mechgrok._io import atomic_dir, atomic_write_text, read_safetensors, safe_name
+from mechgrok.losses import IGNORE
 from mechgrok.tasks.task import _INT_DTYPES, _is_int, check_meta, read_meta
 
 if TYPE_CHECKING:
@@ -40,8 +41,6 @@ if TYPE_CHECKING:
 
 __all__ = ["SequenceTask", "IGNORE", "FORMAT", "load_sequence_task"]
 
-IGNORE = -100
-"""The target of a position that carries no loss (PyTorch's and Hugging Face's ignore index)."""
 
 FORMAT = "mechgrok.sequence_task/1"
 _META_DTYPES = (*_INT_DTYPES, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool)
