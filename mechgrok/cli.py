@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a preset into a run folder (resumes a killed run)")
-    t.add_argument("--preset", default="demo", help="demo | test | doshi-mlp | multi | demo-multi | composition | nanda (default: demo)")
+    t.add_argument("--preset", default="demo", help="demo | test | doshi-mlp | multi | demo-multi | composition | lm | nanda (default: demo)")
     t.add_argument("--out", help="run folder (default: runs/PRESET)")
     t.add_argument("--steps", type=int, help="override the number of training steps")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

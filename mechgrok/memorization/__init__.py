@@ -1,10 +1,16 @@
-"""Memorization of sequences by language models (issue 15): per-sequence scores on a
-``SequenceTask`` (``mg.tasks.lm_corpus``).
+"""Memorization of sequences by language models: per-sequence scores, counterfactual memorization,
+localization and deletion, on a ``SequenceTask`` (``mg.tasks.lm_corpus``).
 
-So far: k-extractability and match rate under greedy decoding (``extract``) and the per-sequence
-loss (``sequence_loss``). Localization and deletion come next.
+- ``extract`` (k-extractability under greedy decoding), ``sequence_loss``, ``token_accuracy``;
+- ``scores``: extractability, loss gap and EK-FAC self-influence side by side, with AUROCs per
+  repetition count and the methods' agreement (``MemorizationScores``);
+- ``counterfactual``: Zhang et al. 2023's counterfactual memorization from a sweep over training
+  subsets (``lm_corpus(subset_seed=...)``).
 """
 
-from mechgrok.memorization.extraction import Extraction, extract, sequence_loss
+from mechgrok.memorization.counterfactual import Counterfactual, counterfactual
+from mechgrok.memorization.extraction import Extraction, extract, sequence_loss, token_accuracy
+from mechgrok.memorization.scores import SCORE_METHODS, MemorizationScores, scores
 
-__all__ = ["Extraction", "extract", "sequence_loss"]
+__all__ = ["Extraction", "extract", "sequence_loss", "token_accuracy", "scores", "MemorizationScores",
+           "SCORE_METHODS", "Counterfactual", "counterfactual"]

@@ -33,7 +33,7 @@ from mechgrok._threads import torch_threads
 from mechgrok.losses import IGNORE, token_nll
 from mechgrok.tasks.sequence import SequenceTask
 
-__all__ = ["Extraction", "extract", "sequence_loss"]
+__all__ = ["Extraction", "extract", "sequence_loss", "token_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -132,4 +132,23 @@ def sequence_loss(model: nn.Module, task: SequenceTask, split: str = "all", batc
         return nll.sum(-1) / (y != IGNORE).sum(-1)  # [b]; NaN (0/0) without targets
 
     _, out = _per_batch(model, task, split, batch_size, threads, loss)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+@torch.no_grad()
+def token_accuracy(model: nn.Module, task: SequenceTask, split: str = "all", batch_size: int = 256,
+                   threads: int | None = 1) -> Float[Tensor, " n"]:
+    """The share of each sequence's target tokens whose argmax is right under teacher forcing
+    (float64), ``[n]`` for the rows of ``split`` in row order; NaN for a sequence without targets."""
+    _check(model, task, "memorization.token_accuracy")
+    batch_size = check_int(batch_size, "batch_size", low=1, owner="memorization.token_accuracy")
+    device = models.device_of(model)
+
+    def acc(rows: Tensor) -> Tensor:
+        y = task.targets[rows]  # [b, T]
+        keep = y != IGNORE
+        right = (model(task.inputs[rows].to(device)).argmax(-1).cpu() == y) & keep  # [b, T]
+        return right.sum(-1).double() / keep.sum(-1)  # [b]; NaN without targets
+
+    _, out = _per_batch(model, task, split, batch_size, threads, acc)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)

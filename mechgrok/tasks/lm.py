@@ -61,7 +61,8 @@ _MAX_ROUNDS = 100  # redraws of duplicate sequences before giving up
 
 def lm_corpus(structure: str = "induction", n_structured: int = 4096, n_planted: int = 192,
               repeats: Sequence[int] = (1, 10, 100), n_held_out: int = 192, seq_len: int = 32, d_vocab: int = 64,
-              test_frac: float = 0.1, seed: int = 0) -> SequenceTask:
+              test_frac: float = 0.1, seed: int = 0, subset_seed: int | None = None,
+              subset_frac: float = 0.5) -> SequenceTask:
     """A corpus of structured, planted (repeated) and held-out planted sequences (module docstring).
 
     Args:
@@ -76,6 +77,12 @@ def lm_corpus(structure: str = "induction", n_structured: int = 4096, n_planted:
             distinct content tokens, arithmetic ``d_vocab >= 4`` (so that ``p >= 2``).
         test_frac: share of the structured sequences held out, in (0, 1).
         seed: seeds every draw and the split (a local generator).
+        subset_seed: ``None`` (default) trains on every training row. An integer leaves a seeded
+            ``1 - subset_frac`` of the structured training rows and of each planted group out of
+            training (groups ``left_out_structured`` and ``left_out_r{R}``, repeats 0), the
+            sequences themselves unchanged: the random training subsets of Zhang et al. 2023's
+            counterfactual memorization (``mg.memorization.counterfactual``), one per seed.
+        subset_frac: the share of each of those groups that stays in training, in (0, 1).
 
     Returns:
         A SequenceTask ``[N, seq_len]`` with ``N = n_structured + n_planted + n_held_out`` (structured
@@ -107,6 +114,10 @@ def lm_corpus(structure: str = "induction", n_structured: int = 4096, n_planted:
                          f"counts {repeats}; use a multiple of {len(repeats)}, e.g. {lo} or {lo + len(repeats)}")
     test_frac = check_float(test_frac, "test_frac", low=0.0, high=1.0, low_open=True, high_open=True, owner=owner)
     seed = check_int(seed, "seed", low=0, owner=owner)
+    if subset_seed is not None:
+        subset_seed = check_int(subset_seed, "subset_seed", low=0, owner=f"{owner} (None: train on every row)")
+    subset_frac = check_float(subset_frac, "subset_frac", low=0.0, high=1.0, low_open=True, high_open=True,
+                              owner=owner)
 
     g = torch.Generator().manual_seed(seed)
     bos, n_content = d_vocab - 1, d_vocab - 1
@@ -154,12 +165,24 @@ def lm_corpus(structure: str = "induction", n_structured: int = 4096, n_planted:
         groups[f"planted_r{r}"] = m
         rep[m] = r
     groups["held_out_planted"] = torch.arange(N) >= n_s + n_p
+    if subset_seed is not None:  # a counterfactual subset: the same sequences, some left out of training
+        sub = torch.Generator().manual_seed(subset_seed)
+        for name, out_name in [("structured_train", "left_out_structured"),
+                               *((f"planted_r{r}", f"left_out_r{r}") for r in repeats)]:
+            members = groups[name].nonzero().flatten()
+            n_out = len(members) - round(subset_frac * len(members))
+            out = torch.zeros(N, dtype=torch.bool)
+            out[members[torch.randperm(len(members), generator=sub)[:n_out]]] = True
+            groups[name] = groups[name] & ~out
+            groups[out_name] = out
+            groups["train"] = groups["train"] & ~out
+            rep[out] = 0
     kind = torch.full((N,), KIND_STRUCTURED, dtype=torch.long)
     kind[planted] = KIND_PLANTED
     kind[groups["held_out_planted"]] = KIND_HELD_OUT
     config = {"kind": "lm_corpus", "structure": structure, "n_structured": n_structured, "n_planted": n_planted,
               "repeats": repeats, "n_held_out": n_held_out, "seq_len": seq_len, "d_vocab": d_vocab,
-              "test_frac": test_frac, "seed": seed}
+              "test_frac": test_frac, "seed": seed, "subset_seed": subset_seed, "subset_frac": subset_frac}
     return SequenceTask(name=f"lm_{structure}_v{d_vocab}_t{seq_len}", inputs=inputs, targets=targets, groups=groups,
                         d_vocab=d_vocab, metadata={"repeats": rep, "kind": kind}, config=config)
 

@@ -1,0 +1,603 @@
+"""Which MLP neurons hold a memorized sequence, and what dropping them does: the localization
+methods and the two benchmarks of Chang et al. 2024 ("Do Localization Methods Actually Localize
+Memorized Data in LLMs? A Tale of Two Benchmarks", NAACL 2024), on a ``SequenceTask``.
+
+The unit is an MLP neuron ``(layer, n)``: entry ``n`` of ``blocks.{layer}.mlp.hook_post``, over
+every layer. ``localize`` gives each neuron a score (higher: more responsible for the *target*
+sequences); the methods are listed in ``METHODS`` and documented at their functions. The "target
+loss" is the mean over target sequences of each one's mean next-token cross-entropy over its
+target tokens (``task.loss_mask``), as ``sequence_loss`` computes it.
+
+- **INJ** (ground truth by construction): ``inject`` fine-tunes only a chosen set of neurons on
+  some sequences, so those neurons hold them; ``inj_recall`` is the share of them a localization
+  ranks in its top ``|injected|``, against ``random_recall`` for a random ranking.
+- **DEL** (no ground truth): ``delete`` drops a localization's top neurons (a copy; the caller's
+  model is untouched) and ``deletion_curve`` measures whether the target stops being extractable
+  (``extract``) while the loss of the reference sequences stays where it was.
+
+Limits: neurons only (no attention heads, no single weights); every method but ``activations``
+and ``memorization_score`` reads the target alone, so a neuron the target shares with all text
+scores high too (Chang et al.'s finding: localized neurons are not specific to one sequence);
+``zero_out`` costs one forward per neuron, fine for small models only; the mask methods optimise
+with a fixed number of steps and no early stopping, so their scores depend on ``lam`` and ``steps``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mechgrok import models
+from mechgrok._config import check_float, check_int
+from mechgrok._threads import torch_threads
+from mechgrok.losses import IGNORE, token_nll
+from mechgrok.memorization.extraction import _check, extract, sequence_loss
+from mechgrok.neurons import neuron_indices, prune
+from mechgrok.tasks.sequence import SequenceTask
+
+__all__ = ["Localization", "localize", "METHODS", "delete", "inject", "inj_recall", "random_recall",
+           "DeletionPoint", "deletion_curve"]
+
+_L, _R = -0.1, 1.1  # Hard Concrete stretch interval (Louizos et al. 2018)
+
+
+@dataclass(frozen=True)
+class Localization:
+    """Neuron scores of one localization method (``localize``).
+
+    Attributes:
+        method: the method's name (``METHODS``).
+        scores: ``[n_layers, d_mlp]`` float64; higher = more responsible for the target sequences.
+        target_rows: the task rows localized ``[n]``.
+        reference_rows: the rows contrasted against ``[m]`` (``activations``,
+            ``memorization_score``), ``None`` for methods that read the target alone.
+        options: the method's settings (steps, lam, ...), for provenance.
+    """
+
+    method: str
+    scores: Float[Tensor, "n_layers d_mlp"]
+    target_rows: Int[Tensor, " n"]
+    reference_rows: Int[Tensor, " m"] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        s = torch.as_tensor(self.scores).detach().cpu().double()
+        if s.ndim != 2 or not bool(torch.isfinite(s).all()):
+            raise ValueError(f"Localization.scores must be a finite [n_layers, d_mlp] tensor, got shape "
+                             f"{tuple(s.shape)}" + ("" if s.ndim != 2 else " with NaN or inf entries"))
+        object.__setattr__(self, "scores", s)
+        object.__setattr__(self, "options", dict(self.options))
+
+    @property
+    def n_neurons(self) -> int:
+        return int(self.scores.numel())
+
+    def top(self, k: int | float) -> list[tuple[int, int]]:
+        """The ``(layer, neuron)`` pairs of the highest scores, best first; ties go to the lower
+        ``(layer, neuron)``. ``k``: an int count (``1``: one neuron) or a float fraction in (0, 1]
+        of all neurons (``1.0``: all of them), rounded, at least one."""
+        n = _count(k, self.n_neurons, "Localization.top")
+        order = torch.sort(-self.scores.flatten(), stable=True).indices[:n]  # stable: ties by flat index
+        d = self.scores.shape[1]
+        return [(int(i) // d, int(i) % d) for i in order]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "scores": self.scores.tolist(), "target_rows": self.target_rows.tolist(),
+                "reference_rows": None if self.reference_rows is None else self.reference_rows.tolist(),
+                "options": self.options}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Localization:
+        ref = d.get("reference_rows")
+        return cls(method=d["method"], scores=torch.tensor(d["scores"], dtype=torch.float64),
+                   target_rows=torch.tensor(d["target_rows"], dtype=torch.long),
+                   reference_rows=None if ref is None else torch.tensor(ref, dtype=torch.long),
+                   options=d.get("options", {}))
+
+
+def _count(k: Any, n: int, owner: str) -> int:
+    """``k`` as a number of neurons out of ``n``: an int in [1, n] or a fraction in (0, 1]."""
+    if isinstance(k, float):
+        f = check_float(k, "k", low=0.0, high=1.0, low_open=True,
+                        owner=f"{owner} (a fraction of the {n} neurons; pass an int for a count)")
+        return max(1, round(f * n))
+    return check_int(k, "k", low=1, high=n, owner=f"{owner} (a count of the {n} neurons, or a float fraction)")
+
+
+# ---------------------------------------------------------------------------- rows and forwards
+def _rows(task: SequenceTask, spec: Any, what: str, owner: str) -> Tensor:
+    """A group name or 1-D row indices as sorted distinct rows that carry a target, or a clear error."""
+    if isinstance(spec, str):
+        if spec not in task.groups and spec != "all":
+            raise ValueError(f"{owner}: {what} group {spec!r} is not in task {task.name!r}; choose one of "
+                             f"{sorted(task.groups) + ['all']}, or pass a 1-D tensor of row indices")
+        rows = task.mask(spec).nonzero().flatten()
+    else:
+        t = torch.as_tensor(spec)
+        if t.ndim != 1 or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise TypeError(f"{owner}: {what} must be a group name or a 1-D tensor of row indices, got dtype "
+                            f"{t.dtype}, shape {tuple(t.shape)} (for a boolean mask m pass m.nonzero().flatten())")
+        rows = t.long()
+        if bad := [r for r in rows.tolist() if not 0 <= r < task.n]:
+            raise ValueError(f"{owner}: {what} rows {bad[:10]} do not exist; task {task.name!r} has rows [0, {task.n})")
+        if len(set(rows.tolist())) < len(rows):
+            raise ValueError(f"{owner}: {what} lists rows more than once; pass each row once")
+        rows = rows.sort().values
+    if len(rows) == 0:
+        raise ValueError(f"{owner}: {what} is empty (no sequences); give a non-empty group or rows")
+    if bad := rows[~task.loss_mask[rows].any(1)].tolist():
+        raise ValueError(f"{owner}: {what} rows {bad[:10]} have no target token (targets all IGNORE), so they have "
+                         "no loss to localize; leave them out")
+    return rows
+
+
+def _batches(rows: Tensor, size: int) -> list[Tensor]:
+    return [rows[i:i + size] for i in range(0, len(rows), max(1, size))]
+
+
+def _xy(model: nn.Module, task: SequenceTask, rows: Tensor) -> tuple[Tensor, Tensor]:
+    device = models.device_of(model)
+    return task.inputs[rows].to(device), task.targets[rows].to(device)  # [b, T] each
+
+
+def _seq_nll(model: nn.Module, x: Tensor, y: Tensor, fwd: list | None = None) -> Float[Tensor, " b"]:
+    """Per-sequence mean target-token NLL (float64) of a forward with the hooks ``fwd``."""
+    with model.hooks(fwd_hooks=fwd or []):
+        nll = token_nll(model(x), y)  # [b, T], 0 where IGNORE
+    return nll.sum(-1) / (y != IGNORE).sum(-1)
+
+
+def _scaling_hooks(gates: Tensor) -> list:
+    """Hooks multiplying each layer's ``hook_post`` by ``gates[layer]`` (``[n_layers, d_mlp]``)."""
+    return [(models.mlp_hook(l), lambda act, hook, g=gates[l]: act * g.to(act.dtype)) for l in range(len(gates))]
+
+
+def _post_acts(model: nn.Module, x: Tensor, extra: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    names = {models.mlp_hook(l) for l in range(models.n_layers(model))} | set(extra)
+    _, cache = model.run_with_cache(x, names_filter=lambda n: n in names)
+    return cache
+
+
+def _masked_seq_mean(v: Tensor, y: Tensor) -> Tensor:
+    """Mean of ``v [b, T, d]`` over each sequence's target positions, summed over sequences ``[d]``."""
+    m = (y != IGNORE).double()  # [b, T]
+    return ((v.double() * m[..., None]).sum(1) / m.sum(1)[:, None]).sum(0)
+
+
+# ---------------------------------------------------------------------------- the methods
+def _activations(model, task, target, reference, batch_size, steps, seed, progress, *, weight_norm=False):
+    """ACTIVATIONS (Chang et al. 2024; activation magnitude as in Geva et al. 2022, "Transformer
+    Feed-Forward Layers Build Predictions by Promoting Concepts in the Vocabulary Space"): the mean
+    of ``|act|`` over each target sequence's target-token positions (the positions that predict a
+    target), averaged over sequences, minus the same over the reference sequences. With
+    ``weight_norm=True`` it is multiplied by ``||W_out[n]||`` (Chang et al.'s code weighs by it)."""
+    def mean_abs(rows: Tensor) -> Tensor:
+        out = torch.zeros(models.n_layers(model), model.cfg.d_mlp, dtype=torch.float64)
+        for b in tqdm(_batches(rows, batch_size), disable=not progress, desc="activations"):
+            x, y = _xy(model, task, b)
+            cache = _post_acts(model, x)
+            for l in range(len(out)):
+                out[l] += _masked_seq_mean(cache[models.mlp_hook(l)].abs(), y).cpu()
+        return out / len(rows)
+
+    s = mean_abs(target) - mean_abs(reference)
+    if weight_norm:
+        s = s * torch.stack([model.blocks[l].mlp.W_out.detach().double().norm(dim=1).cpu() for l in range(len(s))])
+    return s
+
+
+def _zero_out(model, task, target, reference, batch_size, steps, seed, progress):
+    """ZERO-OUT (Chang et al. 2024): the increase of the target loss when that neuron alone is set
+    to 0 at ``hook_post`` (exact; ``n_layers * d_mlp`` masked forwards, batched: a batch stacks
+    copies of the target sequences, each copy with another neuron zeroed)."""
+    n_layers, d = models.n_layers(model), model.cfg.d_mlp
+    loss = torch.zeros(n_layers, d, dtype=torch.float64)
+    base = 0.0
+    for b in tqdm(_batches(target, batch_size), disable=not progress, desc="zero_out"):
+        x, y = _xy(model, task, b)
+        base += float(_seq_nll(model, x, y).sum())
+        c = max(1, batch_size // len(b))  # neurons per forward
+        for l in range(n_layers):
+            for lo in range(0, d, c):
+                idx = torch.arange(lo, min(lo + c, d))
+                keep = torch.ones(len(idx), d, device=x.device)  # [c, d]: copy j zeroes neuron idx[j]
+                keep[torch.arange(len(idx)), idx] = 0
+
+                def hook(act, hook, keep=keep):  # [c*b, T, d], copy-major
+                    return (act.view(len(keep), -1, *act.shape[1:]) * keep[:, None, None].to(act.dtype)).view(act.shape)
+
+                nll = _seq_nll(model, x.repeat(len(idx), 1), y.repeat(len(idx), 1), [(models.mlp_hook(l), hook)])
+                loss[l, idx] += nll.view(len(idx), len(b)).sum(1).cpu()
+    return (loss - base) / len(target)
+
+
+def _integrated_gradients(model, task, target, reference, batch_size, steps, seed, progress, *, ig_steps=16):
+    """INTEGRATED GRADIENTS, knowledge neurons (Dai et al. 2022, "Knowledge Neurons in Pretrained
+    Transformers"; Sundararajan et al. 2017). For each layer, every neuron of its ``hook_post`` at
+    every position is scaled by ``alpha`` from 0 to 1 together (the other layers compute as they
+    do), and the objective is a sequence's summed target-token log-likelihood ``ll``. A neuron's
+    attribution is ``sum_t act[t, n] * mean_k d ll / d act[t, n] |_(alpha_k act)`` with the
+    midpoint Riemann sum ``alpha_k = (k - 1/2) / ig_steps``, averaged over target sequences;
+    positive: the neuron raises the target's likelihood (removing it raises the loss). Over a
+    layer the attributions sum (up to the Riemann error) to ``ll(model) - ll(layer zeroed)``.
+    Dai et al. attribute the probability of one answer token; this is the log-likelihood of all."""
+    m = check_int(ig_steps, "ig_steps", low=1, owner="localize(method='integrated_gradients')")
+    n_layers = models.n_layers(model)
+    score = torch.zeros(n_layers, model.cfg.d_mlp, dtype=torch.float64)
+    for b in tqdm(_batches(target, max(1, batch_size // m)), disable=not progress, desc="integrated_gradients"):
+        x, y = _xy(model, task, b)
+        with torch.no_grad():
+            cache = _post_acts(model, x)
+        for l in range(n_layers):
+            a = cache[models.mlp_hook(l)]  # [b, T, d]
+            alpha = (torch.arange(m, device=a.device, dtype=a.dtype) + 0.5) / m  # [m]
+            scaled = (alpha[:, None, None, None] * a[None]).reshape(m * len(b), *a.shape[1:]).requires_grad_(True)
+            with torch.enable_grad(), model.hooks(fwd_hooks=[(models.mlp_hook(l), lambda act, hook: scaled)]):
+                ll = -token_nll(model(x.repeat(m, 1)), y.repeat(m, 1)).sum()
+                (g,) = torch.autograd.grad(ll, scaled)  # [m*b, T, d]; no parameter's .grad is touched
+            g = g.double().view(m, len(b), *a.shape[1:]).mean(0)  # [b, T, d]
+            score[l] += (a.double() * g).sum((0, 1)).cpu()
+    return score / len(target)
+
+
+def _train_gates(model, task, target, batch_size, steps, progress, params, gates_of, penalty, lr, desc):
+    """Adam on ``params`` minimizing target loss (with ``gates_of(step)`` at hook_post) + penalty."""
+    opt = torch.optim.Adam([params], lr=lr)
+    for step in tqdm(range(steps), disable=not progress, desc=desc):
+        with torch.enable_grad():
+            gates = gates_of(step)
+            grad = torch.autograd.grad(penalty(), params)[0]
+            for b in _batches(target, batch_size):
+                x, y = _xy(model, task, b)
+                nll = _seq_nll(model, x, y, _scaling_hooks(gates)).sum() / len(target)
+                grad = grad + torch.autograd.grad(nll, params, retain_graph=True)[0]
+        params.grad = grad
+        opt.step()
+        yield params
+
+
+def _slimming(model, task, target, reference, batch_size, steps, seed, progress, *, lam=1.0, lr=0.1):
+    """SLIMMING (Chang et al. 2024, after Liu et al. 2017, "Learning Efficient Convolutional
+    Networks through Network Slimming"): a real mask ``m`` per neuron, initialised at 1 and
+    multiplying ``hook_post``, trained with Adam (``lr``, ``steps``) to minimize
+    ``target loss(m) + lam * mean(|m|)`` (the L1 norm over all neurons, divided by their number, as
+    Chang et al.'s code does), ``m`` projected onto [0, 1] after every step. The target keeps what it
+    needs, so the score is ``m``: the neurons the sparsity could not shut are the ones it needs."""
+    lam = check_float(lam, "lam", low=0.0, owner="localize(method='slimming')")
+    lr = check_float(lr, "lr", low=0.0, low_open=True, owner="localize(method='slimming')")
+    mask = torch.ones(models.n_layers(model), model.cfg.d_mlp, device=models.device_of(model), requires_grad=True)
+    for p in _train_gates(model, task, target, batch_size, steps, progress, mask, lambda _: mask,
+                          lambda: lam * mask.abs().mean(), lr, "slimming"):
+        with torch.no_grad():
+            p.clamp_(0.0, 1.0)
+    return mask.detach().double().cpu()
+
+
+def _hard_concrete(model, task, target, reference, batch_size, steps, seed, progress, *, lam=1.0, lr=0.1,
+                   beta=2 / 3, init=0.5):
+    """HARD CONCRETE (Chang et al. 2024; gates of Louizos et al. 2018, "Learning Sparse Neural
+    Networks through L0 Regularization"): a gate per neuron, ``z = clamp(sigmoid((log u - log(1 - u)
+    + log_alpha) / beta) * 1.2 - 0.1, 0, 1)`` with ``u ~ U(0, 1)`` drawn per neuron and step (a
+    generator seeded by ``seed``), multiplying ``hook_post``; ``log_alpha`` starts where the
+    deterministic gate ``clamp(sigmoid(log_alpha) * 1.2 - 0.1, 0, 1)`` is ``init`` (Chang et al.:
+    0.5) and is trained with Adam to minimize ``target loss(z) + lam * mean P(z != 0)``, the expected
+    L0 norm per neuron, ``P(z != 0) = sigmoid(log_alpha - beta * log(0.1 / 1.1))``. Score: ``P(z != 0)``."""
+    owner = "localize(method='hard_concrete')"
+    lam = check_float(lam, "lam", low=0.0, owner=owner)
+    lr = check_float(lr, "lr", low=0.0, low_open=True, owner=owner)
+    beta = check_float(beta, "beta", low=0.0, low_open=True, owner=owner)
+    init = check_float(init, "init", low=0.0, high=1.0, low_open=True, high_open=True, owner=owner)
+    p = (init - _L) / (_R - _L)
+    device = models.device_of(model)
+    log_alpha = torch.full((models.n_layers(model), model.cfg.d_mlp), math.log(p / (1 - p)), device=device,
+                           requires_grad=True)
+    g = torch.Generator().manual_seed(seed)
+
+    def gates(_: int) -> Tensor:
+        u = torch.rand(log_alpha.shape, generator=g).clamp(1e-4, 1 - 1e-4).to(device)  # on the CPU: same on every device
+        s = torch.sigmoid((u.log() - (1 - u).log() + log_alpha) / beta)
+        return (s * (_R - _L) + _L).clamp(0.0, 1.0)
+
+    def open_prob() -> Tensor:
+        return torch.sigmoid(log_alpha - beta * math.log(-_L / _R))
+
+    for _ in _train_gates(model, task, target, batch_size, steps, progress, log_alpha, gates,
+                          lambda: lam * open_prob().mean(), lr, "hard_concrete"):
+        pass
+    return open_prob().detach().double().cpu()
+
+
+def _memorization_score(model, task, target, reference, batch_size, steps, seed, progress):
+    """Direct-logit memorization score (mechgrok's, the sequence version of
+    ``mg.neurons.memorization_score``): per target token ``y_t`` at position ``t``, the neuron's
+    direct push on the correct logit, ``act[t, n] * (W_out[n] @ W_U)[y_t]``, averaged over a
+    sequence's target tokens and over sequences, target minus reference. With a final LayerNorm the
+    push goes through it with that position's scale frozen: ``W_out[n]`` is centred (LN, not RMS),
+    times ``ln_final.w``, and divided by ``ln_final.hook_scale`` at ``t``. Direct path only: what the
+    neuron does through later layers is not counted."""
+    norm = model.cfg.normalization_type
+    maps = []  # [d_mlp, d_vocab_out] per layer
+    for l in range(models.n_layers(model)):
+        W = model.blocks[l].mlp.W_out.detach()  # [d_mlp, d_model]
+        if norm in ("LN", "LNPre"):
+            W = W - W.mean(-1, keepdim=True)
+        if getattr(model.ln_final, "w", None) is not None:
+            W = W * model.ln_final.w.detach()
+        maps.append((W @ model.W_U.detach()).double())
+    scale_hook = "ln_final.hook_scale" if norm is not None else None
+
+    def mean_push(rows: Tensor) -> Tensor:
+        out = torch.zeros(len(maps), model.cfg.d_mlp, dtype=torch.float64)
+        for b in tqdm(_batches(rows, batch_size), disable=not progress, desc="memorization_score"):
+            x, y = _xy(model, task, b)
+            cache = _post_acts(model, x, (scale_hook,) if scale_hook else ())
+            scale = cache[scale_hook].double() if scale_hook else 1.0  # [b, T, 1]
+            for l, D in enumerate(maps):
+                push = cache[models.mlp_hook(l)].double() * D.T[y.clamp(min=0)] / scale  # [b, T, d]
+                out[l] += _masked_seq_mean(push, y).cpu()
+        return out / len(rows)
+
+    return mean_push(target) - mean_push(reference)
+
+
+# name -> (function, its options, whether it reads the reference, whether it trains (steps))
+METHODS: dict[str, tuple[Any, tuple[str, ...], bool, bool]] = {
+    "activations": (_activations, ("weight_norm",), True, False),
+    "integrated_gradients": (_integrated_gradients, ("ig_steps",), False, False),
+    "zero_out": (_zero_out, (), False, False),
+    "slimming": (_slimming, ("lam", "lr"), False, True),
+    "hard_concrete": (_hard_concrete, ("lam", "lr", "beta", "init"), False, True),
+    "memorization_score": (_memorization_score, (), True, False),
+}
+
+
+def _check_model(model: nn.Module, task: SequenceTask, owner: str) -> None:
+    _check(model, task, owner)
+    if not models.has_mlp(model):
+        raise ValueError(f"{owner}: this model is attention-only, so it has no MLP neurons to localize or drop; "
+                         "build it with MLPs (mg.models.transformer(..., attn_only=False))")
+
+
+def localize(model: nn.Module, task: SequenceTask, target: str | Tensor, method: str, *,
+             reference: str | Tensor | None = None, batch_size: int = 256, steps: int | None = None, seed: int = 0,
+             threads: int | None = 1, progress: bool = False, **options: Any) -> Localization:
+    """Score every MLP neuron for how much the ``target`` sequences depend on it (module docstring).
+
+    Args:
+        model: a HookedTransformer with MLPs whose vocabulary and context fit ``task``; it is run
+            in eval mode with temporary hooks and left as it was (no weight, mode or ``.grad`` changes).
+        task: a ``SequenceTask``.
+        target: a group of ``task`` (``"planted_r10"``) or a 1-D tensor of its row indices.
+        method: one of ``METHODS`` (each documented at its function: ``_zero_out``, ...).
+        reference: the sequences whose behaviour should be kept (group or rows), read by
+            ``activations`` and ``memorization_score`` only (others refuse it); default: the
+            ``"train"`` rows not in ``target``.
+        batch_size: sequences (or sequence copies) per forward.
+        steps: optimisation steps of ``slimming`` / ``hard_concrete`` (default 200); others refuse it.
+        seed: seeds the gates' noise of ``hard_concrete`` (a local generator).
+        threads: torch threads meanwhile (restored afterwards; None leaves them).
+        progress: show progress bars.
+        **options: the method's settings: ``weight_norm`` (activations), ``ig_steps`` (16),
+            ``lam`` (1.0) and ``lr`` (0.1) of the mask methods, ``beta`` (2/3) and ``init`` (0.5)
+            of ``hard_concrete``.
+
+    Returns:
+        A ``Localization`` with ``scores [n_layers, d_mlp]`` (float64).
+    """
+    owner = f"localize(method={method!r})"
+    if method not in METHODS:
+        raise ValueError(f"unknown localization method {method!r}; choose one of {list(METHODS)}")
+    fn, allowed, uses_reference, trains = METHODS[method]
+    if unknown := sorted(set(options) - set(allowed)):
+        raise TypeError(f"{owner}: unknown options {unknown}; it takes {list(allowed) or 'none'}")
+    _check_model(model, task, "localize")
+    batch_size = check_int(batch_size, "batch_size", low=1, owner=owner)
+    seed = check_int(seed, "seed", low=0, owner=owner)
+    if steps is not None and not trains:
+        raise ValueError(f"{owner}: steps is for the mask methods (slimming, hard_concrete); leave it out")
+    steps = check_int(200 if steps is None else steps, "steps", low=1, owner=owner)
+    target_rows = _rows(task, target, "target", owner)
+    ref_rows = None
+    if uses_reference:
+        if reference is None:
+            default = task.train.clone()
+            default[target_rows] = False
+            if not bool(default.any()):
+                raise ValueError(f"{owner}: the default reference (train rows not in target) is empty; pass reference=")
+            reference = default.nonzero().flatten()
+        ref_rows = _rows(task, reference, "reference", owner)
+    elif reference is not None:
+        raise ValueError(f"{owner}: this method reads the target alone and would ignore reference=; leave it out "
+                         "(activations and memorization_score contrast with a reference)")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch_threads(threads):
+            with torch.no_grad():  # the gradient methods turn it on where they need it
+                scores = fn(model, task, target_rows, ref_rows, batch_size, steps, seed, progress, **options)
+    finally:
+        model.train(was_training)
+    settings = {**options, **({"steps": steps, "seed": seed} if trains else {})}
+    return Localization(method=method, scores=scores, target_rows=target_rows, reference_rows=ref_rows,
+                        options=settings)
+
+
+# ---------------------------------------------------------------------------- INJ and DEL
+def delete(model: nn.Module, localization: Localization, k: int | float) -> nn.Module:
+    """A copy of ``model`` without the ``localization.top(k)`` neurons: ``mg.neurons.prune`` per
+    layer zeroes their ``W_in[:, n]``, ``b_in[n]`` (and a gated MLP's ``W_gate``) and ``W_out[n, :]``,
+    so they read 0 at ``hook_post`` and add nothing. The caller's model is untouched (one deep copy
+    per layer with dropped neurons)."""
+    if not isinstance(localization, Localization):
+        raise TypeError(f"delete needs a Localization (from localize), got {type(localization).__name__}")
+    if not models.has_mlp(model):
+        raise ValueError("delete: this model is attention-only and has no MLP neurons to drop")
+    shape = (models.n_layers(model), model.cfg.d_mlp)
+    if tuple(localization.scores.shape) != shape:
+        raise ValueError(f"delete: the localization scores {tuple(localization.scores.shape)} neurons, the model has "
+                         f"{shape} (n_layers, d_mlp); localize this model first")
+    by_layer: dict[int, list[int]] = {}
+    for l, n in localization.top(k):
+        by_layer.setdefault(l, []).append(n)
+    out = model
+    for l, idx in sorted(by_layer.items()):
+        out = prune(out, idx, layer=l)
+    return out
+
+
+def _neurons(model: nn.Module, neurons: Any, owner: str) -> list[tuple[int, int]]:
+    if isinstance(neurons, (str, bytes)) or not hasattr(neurons, "__len__") or len(neurons) == 0:
+        raise ValueError(f"{owner}: neurons must be a non-empty list of (layer, neuron) pairs, got {neurons!r}")
+    pairs = []
+    for p in neurons:
+        if not (isinstance(p, (tuple, list)) and len(p) == 2):
+            raise TypeError(f"{owner}: each neuron is a (layer, neuron) pair, got {p!r}")
+        pairs.append((check_int(p[0], "layer", low=0, owner=owner), check_int(p[1], "neuron", low=0, owner=owner)))
+    if len(set(pairs)) < len(pairs):
+        raise ValueError(f"{owner}: neurons lists a (layer, neuron) pair more than once; pass each once")
+    if model is not None:
+        for l in {l for l, _ in pairs}:
+            neuron_indices(model, [n for m, n in pairs if m == l], layer=l)  # a clear error if out of range
+    return pairs
+
+
+def inject(model: nn.Module, task: SequenceTask, rows: str | Tensor, neurons: Sequence[tuple[int, int]], *,
+           steps: int = 300, lr: float = 1e-2, batch_size: int | None = None, seed: int = 0,
+           threads: int | None = 1) -> nn.Module:
+    """INJ (Chang et al. 2024): a copy of ``model`` fine-tuned on the sequences ``rows`` (group or
+    row indices) so that only ``neurons`` (``(layer, n)`` pairs) hold them.
+
+    Plain Adam (no weight decay, ``lr``, ``steps``) on the mean target-token NLL (``token_nll``)
+    with every gradient entry outside ``W_in[:, n]``, ``b_in[n]`` and ``W_out[n, :]`` of the chosen
+    neurons zeroed each step and all other parameters frozen, so every other entry stays bitwise
+    equal. ``batch_size`` None: all rows each step; else a random batch per step (``seed``).
+    Chang et al. tune ``W_out`` only; here the neuron's input weights learn too, so that it can fire
+    on the injected sequences. The caller's model is untouched.
+    """
+    owner = "memorization.inject"
+    _check_model(model, task, owner)
+    pairs = _neurons(model, neurons, owner)
+    rows = _rows(task, rows, "rows", owner)
+    steps = check_int(steps, "steps", low=0, owner=owner)
+    lr = check_float(lr, "lr", low=0.0, low_open=True, owner=owner)
+    seed = check_int(seed, "seed", low=0, owner=owner)
+    if batch_size is not None:
+        batch_size = check_int(batch_size, "batch_size", low=1, owner=owner)
+    out = copy.deepcopy(model)
+    flags = {name: p.requires_grad for name, p in out.named_parameters()}
+    masks: dict[Tensor, Tensor] = {}
+    for l in sorted({l for l, _ in pairs}):
+        mlp = out.blocks[l].mlp
+        idx = torch.tensor([n for m, n in pairs if m == l], device=mlp.W_out.device)
+        for name, dim in (("W_in", 1), ("b_in", 0), ("W_out", 0)):
+            p = getattr(mlp, name)
+            m = torch.zeros_like(p)
+            m.index_fill_(dim, idx, 1.0)
+            masks[p] = m
+    for p in out.parameters():
+        p.requires_grad_(any(p is q for q in masks))
+    opt = torch.optim.Adam(list(masks), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    was_training = out.training
+    out.eval()
+    try:
+        with torch_threads(threads), torch.enable_grad():
+            for _ in range(steps):
+                b = rows if batch_size is None else rows[torch.randperm(len(rows), generator=g)[:batch_size]]
+                x, y = _xy(out, task, b)
+                nll = token_nll(out(x), y)  # [b, T]
+                loss = nll.sum() / (y != IGNORE).sum()
+                opt.zero_grad(set_to_none=False)
+                loss.backward()
+                for p, m in masks.items():
+                    p.grad.mul_(m.to(p.grad.dtype))
+                opt.step()
+    finally:
+        out.train(was_training)
+        for name, p in out.named_parameters():
+            p.requires_grad_(flags[name])
+            p.grad = None
+    return out
+
+
+def inj_recall(localization: Localization, injected_neurons: Sequence[tuple[int, int]]) -> float:
+    """INJ recall (Chang et al. 2024): ``|top(|injected|) ∩ injected| / |injected|``."""
+    pairs = _neurons(None, injected_neurons, "inj_recall")
+    if len(pairs) > localization.n_neurons:
+        raise ValueError(f"inj_recall: {len(pairs)} injected neurons but the localization has {localization.n_neurons}")
+    return len(set(localization.top(len(pairs))) & set(pairs)) / len(pairs)
+
+
+def random_recall(n_injected: int, n_neurons: int) -> float:
+    """The expected INJ recall of a random ranking: ``n_injected / n_neurons``."""
+    n_neurons = check_int(n_neurons, "n_neurons", low=1, owner="random_recall")
+    return check_int(n_injected, "n_injected", low=1, high=n_neurons, owner="random_recall") / n_neurons
+
+
+@dataclass(frozen=True)
+class DeletionPoint:
+    """One point of a DEL curve (``deletion_curve``).
+
+    Attributes:
+        fraction: share of all neurons asked for; ``n_dropped = max(1, round(fraction * n_neurons))``.
+        n_dropped: neurons dropped (the localization's top ones).
+        target_extractable: share of target sequences still k-extractable after dropping.
+        target_loss: mean ``sequence_loss`` of the target sequences after dropping.
+        reference_loss_change: mean ``sequence_loss`` of the reference sequences, after − before.
+    """
+
+    fraction: float
+    n_dropped: int
+    target_extractable: float
+    target_loss: float
+    reference_loss_change: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fraction": self.fraction, "n_dropped": self.n_dropped, "target_extractable": self.target_extractable,
+                "target_loss": self.target_loss, "reference_loss_change": self.reference_loss_change}
+
+
+def deletion_curve(model: nn.Module, task: SequenceTask, localization: Localization,
+                   fractions: Sequence[float] = (0.001, 0.005, 0.01), *, k: int, target: str | Tensor | None = None,
+                   reference: str | Tensor | None = None, batch_size: int = 256,
+                   threads: int | None = 1) -> list[DeletionPoint]:
+    """DEL (Chang et al. 2024): for each fraction, drop the localization's top neurons (``delete``)
+    and measure the target's extractability from ``k``-token prefixes (``extract``) and loss, and
+    the change of the reference loss. ``target`` defaults to ``localization.target_rows``,
+    ``reference`` to the ``"train"`` rows not in the target. The caller's model is untouched."""
+    owner = "memorization.deletion_curve"
+    _check_model(model, task, owner)
+    if isinstance(fractions, (str, bytes, float, int)) or not hasattr(fractions, "__len__") or not fractions:
+        raise TypeError(f"{owner}: fractions must be a non-empty list of floats in (0, 1], got {fractions!r}")
+    fractions = [check_float(f, "fractions[]", low=0.0, high=1.0, low_open=True, owner=owner) for f in fractions]
+    k = check_int(k, "k", low=1, high=task.n_ctx - 1, owner=f"{owner} (prefix length, BOS included)")
+    t_rows = _rows(task, localization.target_rows if target is None else target, "target", owner)
+    if reference is None:
+        reference = task.train.clone()
+        reference[t_rows] = False
+        reference = reference.nonzero().flatten()
+    r_rows = _rows(task, reference, "reference", owner)
+    names = {"target": "_del_target", "reference": "_del_reference"}
+    while any(n in task.groups for n in names.values()):
+        names = {k_: n + "_" for k_, n in names.items()}
+    t_mask, r_mask = (torch.zeros(task.n, dtype=torch.bool) for _ in range(2))
+    t_mask[t_rows], r_mask[r_rows] = True, True
+    tk = task.with_groups(**{names["target"]: t_mask, names["reference"]: r_mask})
+    before = float(sequence_loss(model, tk, names["reference"], batch_size, threads).mean())
+    points = []
+    for f in fractions:
+        n = max(1, round(f * localization.n_neurons))
+        cut = delete(model, localization, n)
+        ex = extract(cut, tk, k, names["target"], batch_size, threads)
+        t_loss = float(sequence_loss(cut, tk, names["target"], batch_size, threads).mean())
+        r_loss = float(sequence_loss(cut, tk, names["reference"], batch_size, threads).mean())
+        points.append(DeletionPoint(f, n, ex.rate, t_loss, r_loss - before))
+    return points
