@@ -19,10 +19,11 @@ from mechgrok._io import child_path
 from mechgrok._threads import torch_threads
 from mechgrok.components import is_neuron, parse
 from mechgrok.run import Run
+from mechgrok.tasks import SequenceTask
 from mechgrok.train import evaluate
 
 __all__ = ["analyze", "ANALYSES", "neuron_analysis", "circuit_analysis", "overlap_analysis", "sae_analysis",
-           "influence_analysis"]
+           "influence_analysis", "memorization_analysis"]
 
 log = logging.getLogger(__name__)
 
@@ -368,14 +369,54 @@ def _influence(run: Run, progress: bool) -> dict[str, Any] | None:
     return influence_analysis(run, progress=progress)
 
 
+def memorization_analysis(model, task: SequenceTask, *, k: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Memorized sequences of a language-model run (JSON-ready): the memorization scores
+    (``mg.memorization.scores``: AUROC per repetition count, agreement, means by repetition
+    count), the k-extractability rate per group at several prefix lengths, and the induction-head
+    scores (``mg.measures.induction_scores``, BOS = the corpus' last token id)."""
+    from mechgrok import memorization  # noqa: PLC0415 (only language-model runs need it)
+
+    s = memorization.scores(model, task, k=k, progress=progress)
+    ks = sorted({2, 4, s.k, task.n_ctx // 2} & set(range(1, task.n_ctx)))
+    rates = {str(kk): {g: memorization.extract(model, task, kk, split=g).rate for g in task.groups
+                       if bool(task.groups[g].any())} for kk in ks}
+    bos = task.d_vocab - 1 if task.config.get("kind") == "lm_corpus" else None
+    induction = measures.induction_scores(model, bos=bos).to_dict()
+    return {"k": s.k, "reference": s.reference, "auroc": s.auroc_by_group(), "agreement": s.agreement(),
+            "by_repeats": s.by_repeats(), "extractable_rate": rates, "induction": induction}
+
+
+def _memorization(run: Run, progress: bool) -> dict[str, Any] | None:
+    task = run.task()
+    if not isinstance(task, SequenceTask):
+        log.info("memorization: scores memorized sequences of a language-model corpus; %s trains on a %s",
+                 run.path, type(task).__name__)
+        return None
+    return memorization_analysis(run.load_model(), task, progress=progress)
+
+
+def _answer_tasks_only(fn: Callable[[Run, bool], dict[str, Any] | None]) -> Callable[[Run, bool], dict[str, Any] | None]:
+    """``fn`` for runs on a Task (one answer per example); not applicable to a language-model corpus."""
+    def wrapped(run: Run, progress: bool) -> dict[str, Any] | None:
+        if isinstance(run.task(), SequenceTask):
+            log.info("%s: not applicable to %s, a language-model run (a SequenceTask); its analysis is "
+                     "'memorization'", fn.__name__.strip("_"), run.path)
+            return None
+        return fn(run, progress)
+
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
 #: name -> analysis function; the order is the order they run in.
 ANALYSES: dict[str, Callable[[Run, bool], dict[str, Any] | None]] = {
     "progress": _progress,
-    "neurons": _neurons,
-    "circuits": _circuits,
-    "overlap": _overlap,
-    "sae": _sae,
-    "influence": _influence,
+    "neurons": _answer_tasks_only(_neurons),
+    "circuits": _answer_tasks_only(_circuits),
+    "overlap": _answer_tasks_only(_overlap),
+    "sae": _answer_tasks_only(_sae),
+    "influence": _answer_tasks_only(_influence),
+    "memorization": _memorization,
 }
 
 

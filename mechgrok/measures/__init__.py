@@ -6,10 +6,12 @@
 - ``restricted``: restricted and excluded loss.
 - ``sparsity``: Gini of Fourier norms, weight norm, softmax collapse.
 - ``progress``: all of them on every checkpoint of a run.
+- ``induction``: prefix-matching and copying scores of attention heads (Olsson et al. 2022).
 """
 
 from mechgrok.measures.fourier import basis_labels, fourier_basis, frequency_power, ipr, n_frequencies
 from mechgrok.measures.grid import TaskGrid, grid_forward, grid_inputs, grid_logits, task_grid
+from mechgrok.measures.induction import InductionScores, induction_scores, repeated_sequences
 from mechgrok.measures.keyfreq import (
     KeyFrequencies,
     NeuronFrequencies,
@@ -36,7 +38,7 @@ from mechgrok.measures.sparsity import (
     weight_norm,
 )
 
-__all__ = ["fourier_basis", "basis_labels", "frequency_power", "ipr", "n_frequencies",
+__all__ = ["InductionScores", "induction_scores", "repeated_sequences", "fourier_basis", "basis_labels", "frequency_power", "ipr", "n_frequencies",
            "TaskGrid", "task_grid", "grid_inputs", "grid_forward", "grid_logits",
            "NeuronFrequencies", "KeyFrequencies", "embedding_frequency_norms", "neuron_frequencies",
            "frequency_fractions", "neuron_ipr", "key_frequencies", "key_frequencies_from",

@@ -264,7 +264,7 @@ def _train_gates(model, task, target, batch_size, steps, progress, params, gates
         yield params
 
 
-def _slimming(model, task, target, reference, batch_size, steps, seed, progress, *, lam=1.0, lr=0.1):
+def _slimming(model, task, target, reference, batch_size, steps, seed, progress, *, lam=30.0, lr=0.1):
     """SLIMMING (Chang et al. 2024, after Liu et al. 2017, "Learning Efficient Convolutional
     Networks through Network Slimming"): a real mask ``m`` per neuron, initialised at 1 and
     multiplying ``hook_post``, trained with Adam (``lr``, ``steps``) to minimize
@@ -281,7 +281,7 @@ def _slimming(model, task, target, reference, batch_size, steps, seed, progress,
     return mask.detach().double().cpu()
 
 
-def _hard_concrete(model, task, target, reference, batch_size, steps, seed, progress, *, lam=1.0, lr=0.1,
+def _hard_concrete(model, task, target, reference, batch_size, steps, seed, progress, *, lam=30.0, lr=0.1,
                    beta=2 / 3, init=0.5):
     """HARD CONCRETE (Chang et al. 2024; gates of Louizos et al. 2018, "Learning Sparse Neural
     Networks through L0 Regularization"): a gate per neuron, ``z = clamp(sigmoid((log u - log(1 - u)
@@ -470,8 +470,8 @@ def _neurons(model: nn.Module, neurons: Any, owner: str) -> list[tuple[int, int]
 
 
 def inject(model: nn.Module, task: SequenceTask, rows: str | Tensor, neurons: Sequence[tuple[int, int]], *,
-           steps: int = 300, lr: float = 1e-2, batch_size: int | None = None, seed: int = 0,
-           threads: int | None = 1) -> nn.Module:
+           keep: str | Tensor | None = None, steps: int = 300, lr: float = 1e-2, batch_size: int | None = None,
+           seed: int = 0, threads: int | None = 1) -> nn.Module:
     """INJ (Chang et al. 2024): a copy of ``model`` fine-tuned on the sequences ``rows`` (group or
     row indices) so that only ``neurons`` (``(layer, n)`` pairs) hold them.
 
@@ -486,6 +486,10 @@ def inject(model: nn.Module, task: SequenceTask, rows: str | Tensor, neurons: Se
     _check_model(model, task, owner)
     pairs = _neurons(model, neurons, owner)
     rows = _rows(task, rows, "rows", owner)
+    keep = None if keep is None else _rows(task, keep, "keep", owner)
+    if keep is not None and bool(torch.isin(keep, rows).any()):
+        raise ValueError(f"{owner}: rows {sorted(set(keep.tolist()) & set(rows.tolist()))[:10]} are in both rows and "
+                         "keep; a sequence is either injected or kept")
     steps = check_int(steps, "steps", low=0, owner=owner)
     lr = check_float(lr, "lr", low=0.0, low_open=True, owner=owner)
     seed = check_int(seed, "seed", low=0, owner=owner)
@@ -511,10 +515,11 @@ def inject(model: nn.Module, task: SequenceTask, rows: str | Tensor, neurons: Se
     try:
         with torch_threads(threads), torch.enable_grad():
             for _ in range(steps):
-                b = rows if batch_size is None else rows[torch.randperm(len(rows), generator=g)[:batch_size]]
-                x, y = _xy(out, task, b)
-                nll = token_nll(out(x), y)  # [b, T]
-                loss = nll.sum() / (y != IGNORE).sum()
+                loss = 0.0
+                for part in (rows,) if keep is None else (rows, keep):
+                    b = part if batch_size is None else part[torch.randperm(len(part), generator=g)[:batch_size]]
+                    x, y = _xy(out, task, b)
+                    loss = loss + token_nll(out(x), y).sum() / (y != IGNORE).sum()  # mean over target tokens
                 opt.zero_grad(set_to_none=False)
                 loss.backward()
                 for p, m in masks.items():

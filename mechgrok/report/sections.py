@@ -38,7 +38,7 @@ from mechgrok.report.figures import fig_to_png, line_figure
 from mechgrok.run import Run
 
 __all__ = ["Section", "Figure", "Table", "section", "unregister", "SECTIONS", "first_step", "series",
-           "slugify", "read_analysis", "run_file", "MEMORIZED_ACC", "GENERALIZED_ACC"]
+           "slugify", "read_analysis", "run_file", "MEMORIZED_ACC", "GENERALIZED_ACC", "is_sequence_run"]
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,21 @@ _STYLE = {label: style for label, _, style in _SPLITS}
 _X_NOTE = "x axis: step + 1, log scale (step 0 sits at 1); dashed lines: memorization and generalization done."
 
 
+def is_sequence_run(run: Run) -> bool:
+    """Whether ``run`` trained on a language-model corpus (a ``SequenceTask``: next-token targets),
+    read from the format of its saved task (no task folder: not one)."""
+    from mechgrok.tasks.sequence import FORMAT  # noqa: PLC0415
+
+    f = run.path / "task" / "task.json"
+    if not f.is_file():
+        return False
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # the sections that load the task say what is wrong with it
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
 def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f}%"
 
@@ -218,7 +233,7 @@ def _pct(v: float | None) -> str:
 @section(order=20, title="Training")
 def training(run: Run) -> Section | None:
     hist = run.history()
-    if not hist:
+    if not hist or is_sequence_run(run):  # a language-model run has its own (mechgrok.report.memorization)
         return None
     x = series(hist, "step") + 1
     last_step = int(hist[-1]["step"])
