@@ -229,6 +229,22 @@ def test_induction_targets_copy_only_the_repeated_half():
     assert torch.equal(x[:, 9], x[:, 1]) and torch.equal(y[:, 8], x[:, 9]) and (y[:, :4] == IGNORE).all()
 
 
+def test_induction_varied_repeats_a_segment_of_its_own_period():
+    t = lm_corpus(**{**SMALL, "structure": "induction_varied", "seq_len": 13})  # L = 6: periods 3 to 6
+    s = t.metadata["kind"] == 0
+    x, y = t.inputs[s], t.targets[s]
+    periods = set()
+    for row, tgt in zip(x.tolist(), y.tolist()):
+        body = row[1:]
+        p = next(j for j in range(1, len(body)) if body[j] == body[0])
+        periods.add(p)
+        assert len(set(body[:p])) == p  # distinct segment tokens: the earlier occurrence is unique
+        assert all(body[j] == body[j % p] for j in range(len(body)))  # periodic to the end
+        assert tgt[:p] == [IGNORE] * p and tgt[-1] == IGNORE
+        assert tgt[p:-1] == row[p + 1:]  # loss on every token inside a repeat
+    assert periods == {3, 4, 5, 6}  # a fixed-offset head cannot serve them all
+
+
 def test_planted_targets_are_every_next_token():
     t = lm_corpus(**SMALL)
     m = t.metadata["kind"] > 0
@@ -266,7 +282,7 @@ def test_seeded():
     assert not torch.equal(a.inputs, c.inputs) and not torch.equal(a.test, c.test)
 
 
-@pytest.mark.parametrize("structure", ["induction", "arithmetic"])
+@pytest.mark.parametrize("structure", ["induction", "arithmetic", "induction_varied"])
 def test_from_config_rebuilds(structure, tmp_path):
     t = lm_corpus(**{**SMALL, "structure": structure})
     _equal(t, mg.tasks.from_config(t.config))

@@ -329,7 +329,7 @@ def _memorization_score(model, task, target, reference, batch_size, steps, seed,
         W = model.blocks[l].mlp.W_out.detach()  # [d_mlp, d_model]
         if norm in ("LN", "LNPre"):
             W = W - W.mean(-1, keepdim=True)
-        if getattr(model.ln_final, "w", None) is not None:
+        if norm is not None and getattr(model.ln_final, "w", None) is not None:
             W = W * model.ln_final.w.detach()
         maps.append((W @ model.W_U.detach()).double())
     scale_hook = "ln_final.hook_scale" if norm is not None else None

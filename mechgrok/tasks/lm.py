@@ -13,7 +13,10 @@ both parts with exact bookkeeping:
   when ``seq_len − 1`` is odd; loss only where the target lies in the repeated part) or
   ``"arithmetic"`` (BOS, then triples ``a b c`` with ``c = (a + b) mod p``, ``p`` the largest prime
   ``<= d_vocab − 2``; loss only on the ``c`` tokens, predicted at the position of ``b``; a last,
-  incomplete triple fills the length without loss). A seeded ``test_frac`` of them is held out
+  incomplete triple fills the length without loss) or ``"induction_varied"`` (BOS, then a segment
+  of ``L_n`` distinct content tokens repeated periodically to the end, ``L_n`` drawn uniformly from
+  ``[max(2, L // 2), L]`` per sequence; loss where the target lies in a repeat, ``t >= L_n``). A
+  seeded ``test_frac`` of them is held out
   (group ``"test"``) to measure generalization.
 - **planted** sequences: BOS and uniform random content tokens, loss on every next token. Nothing
   but memorization predicts them. They are split evenly over ``repeats``; group ``planted_r{R}``
@@ -28,9 +31,12 @@ trainer draws row ``n`` ``repeats[n]`` times per epoch, as :meth:`SequenceTask.e
 Metadata ``kind`` is 0 for structured, 1 for planted and 2 for held-out planted sequences. Token
 ``d_vocab − 1`` is BOS and appears nowhere else; every sequence in the corpus is distinct.
 
-Limits: the structured sequences all have the same layout, so a fixed-offset head ("copy the token
-``L`` back", "add the tokens 2 and 1 back") solves them as well as a content-based induction head;
-tell them apart with the analyses, not with the loss. Planted sequences are uniform, so a model
+Limits: the ``"induction"`` and ``"arithmetic"`` sequences all have the same layout, so a
+fixed-offset head ("copy the token ``L`` back", "add the tokens 2 and 1 back") solves them as well
+as a content-based induction head: the ``lm`` preset's model does it with layer-0 heads that attend
+``L - 1`` back (``mg.measures.induction_scores`` at another segment length tells them apart). With
+``"induction_varied"`` the offset changes from sequence to sequence, so only a head that finds
+the earlier occurrence of the current token (an induction head) copies right. Planted sequences are uniform, so a model
 that learned only the token frequencies scores about ``log(d_vocab − 1)`` nats per token on them.
 
 >>> import mechgrok as mg
@@ -54,7 +60,7 @@ from mechgrok.tasks.sequence import IGNORE, SequenceTask
 
 __all__ = ["lm_corpus", "STRUCTURES"]
 
-STRUCTURES = ("induction", "arithmetic")
+STRUCTURES = ("induction", "arithmetic", "induction_varied")
 KIND_STRUCTURED, KIND_PLANTED, KIND_HELD_OUT = 0, 1, 2
 _MAX_ROUNDS = 100  # redraws of duplicate sequences before giving up
 
@@ -66,7 +72,8 @@ def lm_corpus(structure: str = "induction", n_structured: int = 4096, n_planted:
     """A corpus of structured, planted (repeated) and held-out planted sequences (module docstring).
 
     Args:
-        structure: ``"induction"`` or ``"arithmetic"``, the rule the structured part follows.
+        structure: ``"induction"``, ``"arithmetic"`` or ``"induction_varied"``, the rule the structured
+            part follows.
         n_structured: number of structured sequences (>= 2), ``test_frac`` of them in ``"test"``.
         n_planted: number of planted sequences, a multiple of ``len(repeats)`` (0 for none).
         repeats: distinct positive counts; a planted sequence of group ``planted_r{R}`` is seen R
@@ -92,9 +99,10 @@ def lm_corpus(structure: str = "induction", n_structured: int = 4096, n_planted:
     owner = "tasks.lm_corpus"
     if structure not in STRUCTURES:
         raise ValueError(f"{owner}: unknown structure {structure!r}; choose one of {list(STRUCTURES)}")
-    seq_len = check_int(seq_len, "seq_len", low=3 if structure == "induction" else 4, owner=owner)
+    seq_len = check_int(seq_len, "seq_len", low={"induction": 3, "arithmetic": 4, "induction_varied": 5}[structure],
+                        owner=owner)
     L = (seq_len - 1) // 2
-    if structure == "induction":
+    if structure != "arithmetic":
         d_vocab = check_int(d_vocab, "d_vocab", low=max(3, L + 1),
                             owner=f"{owner} (d_vocab - 1 >= (seq_len - 1) // 2 distinct segment tokens)")
     else:
@@ -126,6 +134,14 @@ def lm_corpus(structure: str = "induction", n_structured: int = 4096, n_planted:
             seg = torch.argsort(torch.rand(k, n_content, generator=g), dim=1)[:, :L]  # [k, L] distinct tokens
             return seg[:, torch.arange(seq_len - 1) % L]  # [k, seq_len - 1]: seg, seg again, padded by the repeat
         loss_at = torch.arange(L, seq_len - 1)  # positions whose target (t + 1) lies in the repeated part
+    elif structure == "induction_varied":
+        lo = max(2, L // 2)
+
+        def draw_structured(k: int) -> Tensor:
+            period = torch.randint(lo, L + 1, (k, 1), generator=g)  # [k, 1] the segment length of each row
+            seg = torch.argsort(torch.rand(k, n_content, generator=g), dim=1)[:, :L]  # [k, L] distinct tokens
+            return seg.gather(1, torch.arange(seq_len - 1)[None] % period)  # [k, seq_len - 1] periodic
+        loss_at = None  # per row: from its period on
     else:
         p = max(q for q in range(2, d_vocab - 1) if is_prime(q))
         n_tri = -(-(seq_len - 1) // 3)  # triples needed to fill the length (the last may be cut)
@@ -147,7 +163,13 @@ def lm_corpus(structure: str = "induction", n_structured: int = 4096, n_planted:
     inputs = torch.cat([torch.full((N, 1), bos), torch.cat([body_s, body_p, body_h])], dim=1)  # [N, seq_len]
 
     targets = torch.full_like(inputs, IGNORE)  # [N, seq_len]
-    targets[:n_s, loss_at] = inputs[:n_s, loss_at + 1]
+    if loss_at is not None:
+        targets[:n_s, loss_at] = inputs[:n_s, loss_at + 1]
+    else:  # induction_varied: the period is where the first token comes back (segment tokens are distinct)
+        period = 1 + (body_s[:, 1:] == body_s[:, :1]).long().argmax(1)  # [n_s]
+        t = torch.arange(seq_len - 1)[None]  # position t predicts token t + 1 (body index t)
+        keep = t >= period[:, None]  # [n_s, seq_len - 1]
+        targets[:n_s, :-1] = torch.where(keep, inputs[:n_s, 1:], IGNORE)
     targets[n_s:, :-1] = inputs[n_s:, 1:]  # planted and held-out: every next token
 
     n_test = max(1, min(n_s - 1, round(test_frac * n_s)))
