@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_overlap.py
 	$(PY) benchmarks/bench_sae.py
 	$(PY) benchmarks/bench_influence.py
+	$(PY) benchmarks/bench_memorization.py
 
 # API reference (HTML from the docstrings) in docs/api/, with pdoc
 docs: $(STAMP)

@@ -7,10 +7,11 @@
    repeated 100 times, their number varied, so the repeated share of the training sequences goes
    from 0 to more than half; induction scores of each run; the figure
    ``docs/img/lm_repeated_data.png``.
+3. Chang et al. 2024's INJ and DEL benchmarks of every localization method on the trained model.
 
 Writes ``benchmarks/results/repro_lm_memorization.json``. About 15 minutes on a 2-core CPU::
 
-    .venv/bin/python benchmarks/repro_lm_memorization.py --out /tmp/repro_lm [--skip-sweep]
+    .venv/bin/python benchmarks/repro_lm_memorization.py --out /tmp/repro_lm [--parts 1,2,3]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import mechgrok as mg
 
 HERE = Path(__file__).resolve().parent
 N_PLANTED = (0, 8, 32, 96)  # x 100 repeats: 0, 9.8, 30 and 57% of an epoch's training sequences
+SEGMENTS = (8, 11, 15)  # segment lengths of the induction probes (the corpus' periods: 7 to 15)
 
 
 def part1(run_dir: Path) -> dict:
@@ -51,14 +53,13 @@ def part1(run_dir: Path) -> dict:
     out["auroc"] = s.auroc_by_group()
     out["agreement"] = s.agreement()
     out["by_repeats"] = s.by_repeats()
-    ind = mg.measures.induction_scores(model, bos=task.d_vocab - 1)
-    other = mg.measures.induction_scores(model, bos=task.d_vocab - 1, segment=11)
-    out["induction"] = {"corpus_layout": ind.to_dict(), "segment_11": other.to_dict()}
+    out["induction"] = {str(seg): mg.measures.induction_scores(model, bos=task.d_vocab - 1, segment=seg).to_dict()
+                        for seg in SEGMENTS}
     return out
 
 
 def part2(out_dir: Path) -> dict:
-    grid = {"n_planted": list(N_PLANTED), "repeats": [[100]]}
+    grid = {"n_planted": list(N_PLANTED), "repeats": [[100]]}  # the lm preset otherwise (induction_varied)
     t0 = time.perf_counter()
     table = mg.sweep("lm", grid, out=out_dir, workers=2, progress=False)
     seconds = time.perf_counter() - t0
@@ -69,16 +70,60 @@ def part2(out_dir: Path) -> dict:
         n_rep = int(task.metadata["repeats"][task.groups.get("planted_r100", torch.zeros(task.n, dtype=torch.bool))]
                     .sum())
         per_epoch = int(task.metadata["repeats"][task.train].sum())
-        ind = mg.measures.induction_scores(model, bos=task.d_vocab - 1)
-        other = mg.measures.induction_scores(model, bos=task.d_vocab - 1, segment=11)
+        probes = {seg: mg.measures.induction_scores(model, bos=task.d_vocab - 1, segment=seg) for seg in SEGMENTS}
         last = run.history()[-1]
         rows.append({"n_planted": int(r["n_planted"]), "repeated_fraction": n_rep / per_epoch,
-                     "prefix_matching": ind.strength, "prefix_matching_any_layer": float(ind.prefix_matching.max()),
-                     "in_context_gain": ind.in_context_gain, "prefix_matching_segment_11": other.strength,
-                     "in_context_gain_segment_11": other.in_context_gain, "test_loss": last["test_loss"],
-                     "test_exact": last["test_exact"]})
+                     **{f"in_context_gain_{seg}": p.in_context_gain for seg, p in probes.items()},
+                     **{f"prefix_matching_{seg}": p.strength for seg, p in probes.items()},
+                     "test_loss": last["test_loss"], "test_exact": last["test_exact"],
+                     "planted_r100_loss": last.get("planted_r100_loss")})
     _figure(rows, HERE.parent / "docs" / "img" / "lm_repeated_data.png")
     return {"sweep_seconds": seconds, "rows": rows}
+
+
+def part3(run_dir: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """Chang et al. 2024's benchmarks on the trained ``lm`` model (512 MLP neurons).
+
+    INJ: 8 never-seen planted sequences are injected into 8 random neurons (1.6%) by fine-tuning those
+    neurons only (300 Adam steps, a batch of 64 structured training sequences kept), then each method
+    localizes them; recall@8 against random (8 / 512). DEL: each method localizes the 32
+    ``planted_r100`` sequences (k=8 extractable) and its top 0.1 / 0.5 / 1 / 5% neurons are dropped."""
+    mem = mg.memorization
+    run = mg.Run(run_dir)
+    model, task = run.load_model(), run.task()
+    n_neurons = model.cfg.n_layers * model.cfg.d_mlp
+    held = task.groups["held_out_planted"].nonzero().flatten()
+    inj = {m: [] for m in mem.LOCALIZATION_METHODS}
+    inj_meta, seconds = [], {m: 0.0 for m in mem.LOCALIZATION_METHODS}
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        rows = held[torch.randperm(len(held), generator=g)[:8]]
+        flat = torch.randperm(n_neurons, generator=g)[:8]
+        neurons = [(int(i) // model.cfg.d_mlp, int(i) % model.cfg.d_mlp) for i in flat]
+        injected = mem.inject(model, task, rows, neurons, keep="structured_train", batch_size=64, steps=300, seed=seed)
+        t = task.with_groups(_inj=torch.zeros(task.n, dtype=torch.bool).index_fill_(0, rows, True))
+        rate = mem.extract(injected, t, 8, split="_inj").rate
+        inj_meta.append({"seed": seed, "neurons": neurons, "extractable_after_injection": rate,
+                         "structured_loss_change": float(mem.sequence_loss(injected, task, "test").mean()
+                                                         - mem.sequence_loss(model, task, "test").mean())})
+        for m in mem.LOCALIZATION_METHODS:
+            t0 = time.perf_counter()
+            loc = mem.localize(injected, task, rows, m)
+            seconds[m] += time.perf_counter() - t0
+            inj[m].append(mem.inj_recall(loc, neurons))
+    out = {"inj": {"random_recall": mem.random_recall(8, n_neurons), "recall": inj, "injections": inj_meta,
+                   "localize_seconds_mean": {m: v / len(seeds) for m, v in seconds.items()}}}
+    fractions = (0.001, 0.005, 0.01, 0.05)
+    dele = {}
+    g = torch.Generator().manual_seed(0)
+    rand = mem.Localization("random", torch.rand(model.cfg.n_layers, model.cfg.d_mlp, generator=g,
+                                                  dtype=torch.float64), task.groups["planted_r100"].nonzero().flatten())
+    for m in (*mem.LOCALIZATION_METHODS, "random"):
+        loc = rand if m == "random" else mem.localize(model, task, "planted_r100", m)
+        dele[m] = [p.to_dict() for p in mem.deletion_curve(model, task, loc, fractions, k=8)]
+    out["del"] = {"fractions": list(fractions), "curves": dele,
+                  "before_extractable": mem.extract(model, task, 8, split="planted_r100").rate}
+    return out
 
 
 def _figure(rows: list[dict], file: Path) -> None:
@@ -89,11 +134,11 @@ def _figure(rows: list[dict], file: Path) -> None:
 
     x = [r["repeated_fraction"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    axes[0].plot(x, [r["prefix_matching_any_layer"] for r in rows], "o-", label="prefix matching (corpus layout)")
-    axes[0].plot(x, [r["prefix_matching_segment_11"] for r in rows], "s--", label="prefix matching, segment 11")
-    axes[0].set_ylabel("best head's prefix-matching score")
-    axes[1].plot(x, [r["test_loss"] for r in rows], "o-", color="C2", label="held-out structured loss")
-    axes[1].plot(x, [r["in_context_gain"] for r in rows], "s--", color="C3", label="in-context gain (nats)")
+    for seg in SEGMENTS:
+        axes[0].plot(x, [r[f"in_context_gain_{seg}"] for r in rows], "o-", label=f"in-context gain, segment {seg}")
+    axes[0].set_ylabel("loss on 1st copy − on 2nd (nats)")
+    axes[1].plot(x, [r["test_loss"] for r in rows], "o-", color="C3", label="held-out structured loss")
+    axes[1].set_ylabel("nats per target token")
     for ax in axes:
         ax.set_xlabel("repeated share of training sequences")
         ax.legend(fontsize=8)
@@ -107,14 +152,20 @@ def _figure(rows: list[dict], file: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="/tmp/repro_lm", help="where the runs go")
-    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 1,3")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
-    result = {"machine": "2-core x86 VM, CPU, torch threads 1", "part1": part1(out / "lm")}
-    if not args.skip_sweep:
-        result["part2"] = part2(out / "repeated")
+    parts = set(args.parts.split(","))
     f = HERE / "results" / "repro_lm_memorization.json"
+    result = json.loads(f.read_text()) if f.exists() else {}
+    result["machine"] = "2-core x86 VM, CPU, torch threads 1"
+    if "1" in parts:
+        result["part1"] = part1(out / "lm")
+    if "2" in parts:
+        result["part2"] = part2(out / "repeated")
+    if "3" in parts:
+        result["part3"] = part3(out / "lm")
     f.write_text(json.dumps(result, indent=1, allow_nan=True))
     print(json.dumps(result, indent=1)[:4000])
 

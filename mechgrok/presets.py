@@ -11,8 +11,9 @@
   of ``make demo``, where both operations generalize (with mul added, or at p=23, they do not within
   the demo's budget: docs/reproductions.md).
 - ``composition``: Wang et al. 2024's two-hop composition task, scaled down for CPU.
-- ``lm``: next-token training on ``mg.tasks.lm_corpus`` (induction sequences beside planted random
-  sequences repeated 1, 10 and 100 times per epoch), for memorization in language models.
+- ``lm``: next-token training on ``mg.tasks.lm_corpus`` (induction sequences whose period varies, so
+  only content-based copying solves them, beside planted random sequences repeated 1, 10 and 100
+  times per epoch), for memorization in language models.
 - ``nanda``: the full-size setup of Nanda et al. 2023 (p=113, d_model 128, d_mlp 512, lr 1e-3,
   40k full-batch steps), for patient or GPU users.
 """
@@ -71,10 +72,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
             "inferred_ratio": 7.2, "ood_frac": 0.2, "seed": 0},
            {"kind": "transformer", "kwargs": {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_mlp": 256, "seed": 0}},
            TrainConfig(steps=5000, lr=3e-3, weight_decay=1.0, batch_size=512, eval_every=250, checkpoint_every=500)),
-    Preset("lm", "2-layer transformer (LayerNorm) on an induction corpus with planted random sequences repeated 1, 10 "
-           "and 100 times per epoch: learns induction (held-out structured sequences) and memorizes the repeated "
-           "planted ones (~2 min on a 2-core CPU; docs/reproductions.md)",
-           {"kind": "lm_corpus", "structure": "induction", "n_structured": 8192, "n_planted": 96,
+    Preset("lm", "2-layer transformer (LayerNorm) on induction sequences of varied period with planted random "
+           "sequences repeated 1, 10 and 100 times per epoch: learns in-context copying (held-out structured "
+           "sequences) and memorizes the repeated planted ones (~2-3 min on a 2-core CPU; docs/reproductions.md)",
+           {"kind": "lm_corpus", "structure": "induction_varied", "n_structured": 8192, "n_planted": 96,
             "repeats": [1, 10, 100], "n_held_out": 96, "seq_len": 32, "d_vocab": 64, "test_frac": 0.1, "seed": 0,
             "subset_seed": None, "subset_frac": 0.5},
            {"kind": "transformer", "kwargs": {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_mlp": 256,

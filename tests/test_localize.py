@@ -57,7 +57,9 @@ def planted():
     flat = torch.randperm(64, generator=torch.Generator().manual_seed(0))[:6].tolist()
     neurons = [(i // 32, i % 32) for i in flat]
     target = task.mask("held_out_planted").nonzero().flatten()[:2]
+    before = snapshot(base)
     model = inject(base, task, target, neurons, keep="structured_train")
+    assert same(base, before) and all(p.grad is None for p in base.parameters())  # the caller's model is untouched
     return task, base, model, target, neurons
 
 
@@ -125,7 +127,8 @@ def test_deleting_the_localized_neurons_erases_the_injected_sequences(planted):
     assert points[1].target_loss > 2.0  # chance on 15 content tokens is log 15 = 2.7 nats
     assert abs(points[1].reference_loss_change) < 0.25
     json.dumps([p.to_dict() for p in points])
-    oracle = Localization("oracle", torch.zeros(2, 32).index_put_(tuple(torch.tensor(neurons).T), torch.ones(6)), target)
+    truth = torch.zeros(2, 32).index_put_(tuple(torch.tensor(neurons).T), torch.ones(6))  # 1 on the injected ones
+    oracle = Localization("oracle", truth, target)
     cut = delete(model, oracle, 6)
     assert not bool(extract(cut, task, K, "held_out_planted").extractable[:2].any())
 
@@ -156,6 +159,15 @@ def test_delete_returns_a_copy_whose_dropped_neurons_are_silent():
         want = model.run_with_hooks(x, fwd_hooks=[(f"blocks.{l}.mlp.hook_post", zero) for l in drop])
         assert torch.allclose(cut(x), want, atol=1e-6)  # nothing of theirs reaches the logits
     assert same(model, snap)
+
+
+def test_inject_minibatches_are_seeded():
+    task = corpus()
+    model = tiny(task, n_layers=1, d_mlp=8)
+    runs = [inject(model, task, "planted_r20", [(0, 2)], steps=3, batch_size=2, seed=s) for s in (0, 0, 1)]
+    w = [r.blocks[0].mlp.W_out[2] for r in runs]
+    assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
+    assert not torch.equal(w[0], model.blocks[0].mlp.W_out[2])
 
 
 def test_top_counts_fractions_ties_and_json():
@@ -215,6 +227,32 @@ def test_activations_and_memorization_score_by_hand():
     assert default.reference_rows.tolist() == sorted(set(task.train.nonzero().flatten().tolist()) - {64, 66, 70})
 
 
+def test_memorization_score_through_a_final_layernorm_is_the_direct_logit_drop():
+    """With LayerNorm: each neuron's push equals the drop of the correct logit when its output
+    ``act * W_out[n]`` is taken out of the final residual stream with the final LN's scale frozen."""
+    task = corpus()
+    model = tiny(task, d_mlp=8, seed=4)
+    loc = localize(model, task, "planted_r20", "memorization_score", reference="planted_r1")
+
+    def mean_drop(group, l, n):  # [1]: mean over sequences of the mean over target tokens
+        rows = task.mask(group).nonzero().flatten()
+        x, y = task.inputs[rows], task.targets[rows]
+        logits, cache = model.run_with_cache(x)
+        v = cache[f"blocks.{l}.mlp.hook_post"][..., n, None] * model.blocks[l].mlp.W_out[n]  # [b, T, d_model]
+        hooks = [("blocks.1.hook_resid_post", lambda r, hook: r - v),
+                 ("ln_final.hook_scale", lambda s, hook: cache["ln_final.hook_scale"])]
+        cut = model.run_with_hooks(x, fwd_hooks=hooks)
+        keep = y != IGNORE
+        drop = (logits - cut).double().gather(-1, y.clamp(min=0)[..., None])[..., 0] * keep  # [b, T]
+        return float((drop.sum(1) / keep.sum(1)).mean())
+
+    with torch.no_grad():
+        for l in range(2):
+            for n in range(8):
+                want = mean_drop("planted_r20", l, n) - mean_drop("planted_r1", l, n)
+                assert float(loc.scores[l, n]) == pytest.approx(want, abs=1e-5)
+
+
 def test_integrated_gradients_are_complete_over_each_layer():
     """Per layer, the attributions sum to ll(model) - ll(layer zeroed), up to the Riemann error."""
     task = corpus()
@@ -242,14 +280,19 @@ def test_every_method_runs_on_any_depth_and_leaves_the_model_alone(n_layers):
         assert same(model, snap) and model.training and all(p.grad is None for p in model.parameters()), method
     a = localize(model, task, "planted_r1", "hard_concrete", steps=3, seed=5)
     b = localize(model, task, "planted_r1", "hard_concrete", steps=3, seed=5)
-    assert torch.equal(a.scores, b.scores) and a.options == {"steps": 3, "seed": 5}
+    assert torch.equal(a.scores, b.scores) and a.options == {"lam": 30.0, "lr": 0.1, "beta": 2 / 3, "init": 0.5,
+                                                             "steps": 3, "seed": 5}
 
 
 def test_bad_inputs_are_clear_errors():
     task = corpus()
     model = tiny(task, n_layers=1, d_mlp=8)
-    with pytest.raises(ValueError, match="empty"):
-        localize(model, task, torch.tensor([], dtype=torch.long), "zero_out")
+    for empty in (torch.tensor([], dtype=torch.long), []):
+        with pytest.raises(ValueError, match="target is empty"):
+            localize(model, task, empty, "zero_out")
+    no_held_out = mg.tasks.lm_corpus(n_structured=64, n_planted=8, repeats=(1, 20), n_held_out=0, seq_len=T, d_vocab=V)
+    with pytest.raises(ValueError, match="target is empty"):
+        localize(model, no_held_out, "held_out_planted", "zero_out")
     with pytest.raises(ValueError, match=r"unknown localization method 'zero'; choose one of \['activations'"):
         localize(model, task, "planted_r1", "zero")
     with pytest.raises(ValueError, match=r"group 'planted_r7' is not in task .*planted_r20"):

@@ -104,7 +104,7 @@ def test_subsets_keep_the_sequences_and_leave_a_share_out():
 def test_counterfactual_memorization_over_a_sweep(tmp_path):
     """Planted sequences have high counterfactual memorization; structured ones, which a rule
     predicts whether or not they were trained on, far less."""
-    grid = {"subset_seed": [0, 1, 2, 3], "n_structured": [256], "n_planted": [32], "repeats": [[1, 30]],
+    grid = {"subset_seed": [0, 1, 2, 3], "structure": ["induction"], "n_structured": [256], "n_planted": [32], "repeats": [[1, 30]],
             "n_held_out": [8], "seq_len": [10], "d_vocab": [16], "d_model": [32], "n_layers": [1], "d_mlp": [64],
             "steps": [400], "eval_every": [400], "checkpoint_every": [400], "lr": [1e-2], "batch_size": [32],
             "warmup": [0]}

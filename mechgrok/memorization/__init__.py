@@ -5,12 +5,27 @@ localization and deletion, on a ``SequenceTask`` (``mg.tasks.lm_corpus``).
 - ``scores``: extractability, loss gap and EK-FAC self-influence side by side, with AUROCs per
   repetition count and the methods' agreement (``MemorizationScores``);
 - ``counterfactual``: Zhang et al. 2023's counterfactual memorization from a sweep over training
-  subsets (``lm_corpus(subset_seed=...)``).
+  subsets (``lm_corpus(subset_seed=...)``);
+- ``localize`` (activations, integrated gradients, zero-out, slimming, hard concrete, the
+  direct-logit memorization score), ``delete``, and Chang et al. 2024's INJ (``inject``,
+  ``inj_recall``) and DEL (``deletion_curve``) benchmarks.
 """
 
 from mechgrok.memorization.counterfactual import Counterfactual, counterfactual
 from mechgrok.memorization.extraction import Extraction, extract, sequence_loss, token_accuracy
+from mechgrok.memorization.localize import (
+    METHODS as LOCALIZATION_METHODS,
+    DeletionPoint,
+    Localization,
+    delete,
+    deletion_curve,
+    inj_recall,
+    inject,
+    localize,
+    random_recall,
+)
 from mechgrok.memorization.scores import SCORE_METHODS, MemorizationScores, scores
 
 __all__ = ["Extraction", "extract", "sequence_loss", "token_accuracy", "scores", "MemorizationScores",
-           "SCORE_METHODS", "Counterfactual", "counterfactual"]
+           "SCORE_METHODS", "Counterfactual", "counterfactual", "Localization", "localize", "LOCALIZATION_METHODS",
+           "delete", "inject", "inj_recall", "random_recall", "DeletionPoint", "deletion_curve"]

@@ -3,32 +3,32 @@ methods and the two benchmarks of Chang et al. 2024 ("Do Localization Methods Ac
 Memorized Data in LLMs? A Tale of Two Benchmarks", NAACL 2024), on a ``SequenceTask``.
 
 The unit is an MLP neuron ``(layer, n)``: entry ``n`` of ``blocks.{layer}.mlp.hook_post``, over
-every layer. ``localize`` gives each neuron a score (higher: more responsible for the *target*
-sequences); the methods are listed in ``METHODS`` and documented at their functions. The "target
-loss" is the mean over target sequences of each one's mean next-token cross-entropy over its
-target tokens (``task.loss_mask``), as ``sequence_loss`` computes it.
+all layers. ``localize`` scores each neuron (higher: more responsible for the *target* sequences)
+with one of ``METHODS``, each documented at its function. The *target loss* is the mean over the
+target sequences of each one's mean next-token cross-entropy over its target tokens
+(``task.loss_mask``), as ``sequence_loss`` computes it.
 
-- **INJ** (ground truth by construction): ``inject`` fine-tunes only a chosen set of neurons on
-  some sequences, so those neurons hold them; ``inj_recall`` is the share of them a localization
-  ranks in its top ``|injected|``, against ``random_recall`` for a random ranking.
-- **DEL** (no ground truth): ``delete`` drops a localization's top neurons (a copy; the caller's
-  model is untouched) and ``deletion_curve`` measures whether the target stops being extractable
-  (``extract``) while the loss of the reference sequences stays where it was.
+- **INJ** (ground truth by construction): ``inject`` fine-tunes only chosen neurons on some
+  sequences, so those neurons hold them; ``inj_recall`` is the share of them a localization ranks
+  in its top ``|injected|``, against ``random_recall`` for a random ranking.
+- **DEL** (no ground truth): ``delete`` drops a localization's top neurons (in a copy) and
+  ``deletion_curve`` measures whether the target stops being extractable (``extract``) while the
+  loss of reference sequences stays where it was.
 
-Limits: neurons only (no attention heads, no single weights); every method but ``activations``
-and ``memorization_score`` reads the target alone, so a neuron the target shares with all text
-scores high too (Chang et al.'s finding: localized neurons are not specific to one sequence);
-``zero_out`` costs one forward per neuron, fine for small models only; the mask methods optimise
-with a fixed number of steps and no early stopping, so their scores depend on ``lam`` and ``steps``.
+Limits: MLP neurons only (no heads, no single weights). Every method but ``activations`` and
+``memorization_score`` reads the target alone, so a neuron the target shares with all text scores
+high too (Chang et al.'s finding: localized neurons are not specific to one sequence). ``zero_out``
+costs a forward per neuron (small models only). The mask methods run a fixed number of steps with
+no early stopping; their scores depend on ``lam`` and ``steps``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -57,9 +57,9 @@ class Localization:
         method: the method's name (``METHODS``).
         scores: ``[n_layers, d_mlp]`` float64; higher = more responsible for the target sequences.
         target_rows: the task rows localized ``[n]``.
-        reference_rows: the rows contrasted against ``[m]`` (``activations``,
-            ``memorization_score``), ``None`` for methods that read the target alone.
-        options: the method's settings (steps, lam, ...), for provenance.
+        reference_rows: the rows contrasted against ``[m]`` (``activations``, ``memorization_score``),
+            ``None`` for the methods that read the target alone.
+        options: the method's settings (``lam``, ``steps``, ...), for provenance.
     """
 
     method: str
@@ -72,8 +72,9 @@ class Localization:
         s = torch.as_tensor(self.scores).detach().cpu().double()
         if s.ndim != 2 or not bool(torch.isfinite(s).all()):
             raise ValueError(f"Localization.scores must be a finite [n_layers, d_mlp] tensor, got shape "
-                             f"{tuple(s.shape)}" + ("" if s.ndim != 2 else " with NaN or inf entries"))
+                             f"{tuple(s.shape)}" + (" with NaN or inf entries" if s.ndim == 2 else ""))
         object.__setattr__(self, "scores", s)
+        object.__setattr__(self, "target_rows", torch.as_tensor(self.target_rows).long().cpu())
         object.__setattr__(self, "options", dict(self.options))
 
     @property
@@ -81,9 +82,9 @@ class Localization:
         return int(self.scores.numel())
 
     def top(self, k: int | float) -> list[tuple[int, int]]:
-        """The ``(layer, neuron)`` pairs of the highest scores, best first; ties go to the lower
+        """The ``(layer, neuron)`` pairs of the highest scores, best first, ties to the lower
         ``(layer, neuron)``. ``k``: an int count (``1``: one neuron) or a float fraction in (0, 1]
-        of all neurons (``1.0``: all of them), rounded, at least one."""
+        of all neurons (``1.0``: all), rounded, at least one."""
         n = _count(k, self.n_neurons, "Localization.top")
         order = torch.sort(-self.scores.flatten(), stable=True).indices[:n]  # stable: ties by flat index
         d = self.scores.shape[1]
@@ -97,10 +98,8 @@ class Localization:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Localization:
         ref = d.get("reference_rows")
-        return cls(method=d["method"], scores=torch.tensor(d["scores"], dtype=torch.float64),
-                   target_rows=torch.tensor(d["target_rows"], dtype=torch.long),
-                   reference_rows=None if ref is None else torch.tensor(ref, dtype=torch.long),
-                   options=d.get("options", {}))
+        return cls(d["method"], torch.tensor(d["scores"], dtype=torch.float64), torch.tensor(d["target_rows"]),
+                   None if ref is None else torch.tensor(ref, dtype=torch.long), d.get("options", {}))
 
 
 def _count(k: Any, n: int, owner: str) -> int:
@@ -122,10 +121,10 @@ def _rows(task: SequenceTask, spec: Any, what: str, owner: str) -> Tensor:
         rows = task.mask(spec).nonzero().flatten()
     else:
         t = torch.as_tensor(spec)
-        if t.ndim != 1 or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        if t.numel() and (t.ndim != 1 or t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
             raise TypeError(f"{owner}: {what} must be a group name or a 1-D tensor of row indices, got dtype "
                             f"{t.dtype}, shape {tuple(t.shape)} (for a boolean mask m pass m.nonzero().flatten())")
-        rows = t.long()
+        rows = t.long().flatten()
         if bad := [r for r in rows.tolist() if not 0 <= r < task.n]:
             raise ValueError(f"{owner}: {what} rows {bad[:10]} do not exist; task {task.name!r} has rows [0, {task.n})")
         if len(set(rows.tolist())) < len(rows):
@@ -134,9 +133,16 @@ def _rows(task: SequenceTask, spec: Any, what: str, owner: str) -> Tensor:
     if len(rows) == 0:
         raise ValueError(f"{owner}: {what} is empty (no sequences); give a non-empty group or rows")
     if bad := rows[~task.loss_mask[rows].any(1)].tolist():
-        raise ValueError(f"{owner}: {what} rows {bad[:10]} have no target token (targets all IGNORE), so they have "
+        raise ValueError(f"{owner}: {what} rows {bad[:10]} have no target token (targets all IGNORE), so there is "
                          "no loss to localize; leave them out")
     return rows
+
+
+def _others(task: SequenceTask, rows: Tensor) -> Tensor:
+    """The ``"train"`` rows not in ``rows`` (the default reference)."""
+    m = task.train.clone()
+    m[rows] = False
+    return m.nonzero().flatten()
 
 
 def _batches(rows: Tensor, size: int) -> list[Tensor]:
@@ -144,8 +150,7 @@ def _batches(rows: Tensor, size: int) -> list[Tensor]:
 
 
 def _xy(model: nn.Module, task: SequenceTask, rows: Tensor) -> tuple[Tensor, Tensor]:
-    device = models.device_of(model)
-    return task.inputs[rows].to(device), task.targets[rows].to(device)  # [b, T] each
+    return task.inputs[rows].to(models.device_of(model)), task.targets[rows].to(models.device_of(model))  # [b, T]
 
 
 def _seq_nll(model: nn.Module, x: Tensor, y: Tensor, fwd: list | None = None) -> Float[Tensor, " b"]:
@@ -155,49 +160,43 @@ def _seq_nll(model: nn.Module, x: Tensor, y: Tensor, fwd: list | None = None) ->
     return nll.sum(-1) / (y != IGNORE).sum(-1)
 
 
-def _scaling_hooks(gates: Tensor) -> list:
-    """Hooks multiplying each layer's ``hook_post`` by ``gates[layer]`` (``[n_layers, d_mlp]``)."""
-    return [(models.mlp_hook(l), lambda act, hook, g=gates[l]: act * g.to(act.dtype)) for l in range(len(gates))]
-
-
 def _post_acts(model: nn.Module, x: Tensor, extra: tuple[str, ...] = ()) -> dict[str, Tensor]:
     names = {models.mlp_hook(l) for l in range(models.n_layers(model))} | set(extra)
-    _, cache = model.run_with_cache(x, names_filter=lambda n: n in names)
-    return cache
+    return model.run_with_cache(x, names_filter=lambda n: n in names)[1]  # hook -> [b, T, ...]
 
 
-def _masked_seq_mean(v: Tensor, y: Tensor) -> Tensor:
-    """Mean of ``v [b, T, d]`` over each sequence's target positions, summed over sequences ``[d]``."""
-    m = (y != IGNORE).double()  # [b, T]
-    return ((v.double() * m[..., None]).sum(1) / m.sum(1)[:, None]).sum(0)
+def _token_mean(model, task, rows, batch_size, progress, f, extra=()) -> Float[Tensor, "n_layers d_mlp"]:
+    """``f(layer, cache, y) [b, T, d_mlp]`` averaged over each sequence's target positions (those that
+    predict a target), then over the sequences ``rows``; float64."""
+    out = torch.zeros(models.n_layers(model), model.cfg.d_mlp, dtype=torch.float64)
+    for b in tqdm(_batches(rows, batch_size), disable=not progress, desc="localize"):
+        x, y = _xy(model, task, b)
+        cache, m = _post_acts(model, x, extra), (y != IGNORE).double()  # m: [b, T]
+        for l in range(len(out)):
+            out[l] += ((f(l, cache, y).double() * m[..., None]).sum(1) / m.sum(1)[:, None]).sum(0).cpu()
+    return out / len(rows)
 
 
 # ---------------------------------------------------------------------------- the methods
-def _activations(model, task, target, reference, batch_size, steps, seed, progress, *, weight_norm=False):
+def _activations(model, task, target, reference, batch_size, steps, seed, progress, *, weight_norm):
     """ACTIVATIONS (Chang et al. 2024; activation magnitude as in Geva et al. 2022, "Transformer
     Feed-Forward Layers Build Predictions by Promoting Concepts in the Vocabulary Space"): the mean
-    of ``|act|`` over each target sequence's target-token positions (the positions that predict a
-    target), averaged over sequences, minus the same over the reference sequences. With
-    ``weight_norm=True`` it is multiplied by ``||W_out[n]||`` (Chang et al.'s code weighs by it)."""
+    of ``|act|`` over each target sequence's target-token positions (those that predict a target),
+    averaged over sequences, minus the same over the reference sequences; times ``||W_out[n]||``
+    with ``weight_norm=True`` (as Chang et al.'s code weighs it)."""
     def mean_abs(rows: Tensor) -> Tensor:
-        out = torch.zeros(models.n_layers(model), model.cfg.d_mlp, dtype=torch.float64)
-        for b in tqdm(_batches(rows, batch_size), disable=not progress, desc="activations"):
-            x, y = _xy(model, task, b)
-            cache = _post_acts(model, x)
-            for l in range(len(out)):
-                out[l] += _masked_seq_mean(cache[models.mlp_hook(l)].abs(), y).cpu()
-        return out / len(rows)
+        return _token_mean(model, task, rows, batch_size, progress, lambda l, cache, y: cache[models.mlp_hook(l)].abs())
 
     s = mean_abs(target) - mean_abs(reference)
     if weight_norm:
-        s = s * torch.stack([model.blocks[l].mlp.W_out.detach().double().norm(dim=1).cpu() for l in range(len(s))])
+        s *= torch.stack([model.blocks[l].mlp.W_out.detach().double().norm(dim=1).cpu() for l in range(len(s))])
     return s
 
 
 def _zero_out(model, task, target, reference, batch_size, steps, seed, progress):
     """ZERO-OUT (Chang et al. 2024): the increase of the target loss when that neuron alone is set
-    to 0 at ``hook_post`` (exact; ``n_layers * d_mlp`` masked forwards, batched: a batch stacks
-    copies of the target sequences, each copy with another neuron zeroed)."""
+    to 0 at ``hook_post``. Exact; ``n_layers * d_mlp`` masked forwards, batched: a forward stacks
+    copies of the target sequences, each copy with another neuron zeroed."""
     n_layers, d = models.n_layers(model), model.cfg.d_mlp
     loss = torch.zeros(n_layers, d, dtype=torch.float64)
     base = 0.0
@@ -219,23 +218,21 @@ def _zero_out(model, task, target, reference, batch_size, steps, seed, progress)
     return (loss - base) / len(target)
 
 
-def _integrated_gradients(model, task, target, reference, batch_size, steps, seed, progress, *, ig_steps=16):
+def _integrated_gradients(model, task, target, reference, batch_size, steps, seed, progress, *, ig_steps):
     """INTEGRATED GRADIENTS, knowledge neurons (Dai et al. 2022, "Knowledge Neurons in Pretrained
-    Transformers"; Sundararajan et al. 2017). For each layer, every neuron of its ``hook_post`` at
-    every position is scaled by ``alpha`` from 0 to 1 together (the other layers compute as they
-    do), and the objective is a sequence's summed target-token log-likelihood ``ll``. A neuron's
-    attribution is ``sum_t act[t, n] * mean_k d ll / d act[t, n] |_(alpha_k act)`` with the
-    midpoint Riemann sum ``alpha_k = (k - 1/2) / ig_steps``, averaged over target sequences;
-    positive: the neuron raises the target's likelihood (removing it raises the loss). Over a
-    layer the attributions sum (up to the Riemann error) to ``ll(model) - ll(layer zeroed)``.
-    Dai et al. attribute the probability of one answer token; this is the log-likelihood of all."""
-    m = check_int(ig_steps, "ig_steps", low=1, owner="localize(method='integrated_gradients')")
-    n_layers = models.n_layers(model)
+    Transformers"; Sundararajan et al. 2017). Per layer, its whole ``hook_post`` (every neuron, every
+    position) is scaled by ``alpha`` from 0 to 1 (other layers compute as they do); the objective is
+    a sequence's summed target-token log-likelihood ``ll``. A neuron's attribution is
+    ``sum_t act[t, n] * mean_k d ll / d act[t, n] at (alpha_k act)``, midpoint Riemann sum
+    ``alpha_k = (k - 1/2) / ig_steps``, averaged over target sequences. Positive: the neuron raises
+    the target's likelihood (removing it raises the loss). Over a layer the attributions sum, up to
+    the Riemann error, to ``ll(model) - ll(layer zeroed)``. (Dai et al. attribute the probability of
+    one answer token; this attributes the log-likelihood of all target tokens.)"""
+    m, n_layers = ig_steps, models.n_layers(model)
     score = torch.zeros(n_layers, model.cfg.d_mlp, dtype=torch.float64)
     for b in tqdm(_batches(target, max(1, batch_size // m)), disable=not progress, desc="integrated_gradients"):
         x, y = _xy(model, task, b)
-        with torch.no_grad():
-            cache = _post_acts(model, x)
+        cache = _post_acts(model, x)
         for l in range(n_layers):
             a = cache[models.mlp_hook(l)]  # [b, T, d]
             alpha = (torch.arange(m, device=a.device, dtype=a.dtype) + 0.5) / m  # [m]
@@ -248,83 +245,73 @@ def _integrated_gradients(model, task, target, reference, batch_size, steps, see
     return score / len(target)
 
 
-def _train_gates(model, task, target, batch_size, steps, progress, params, gates_of, penalty, lr, desc):
-    """Adam on ``params`` minimizing target loss (with ``gates_of(step)`` at hook_post) + penalty."""
+def _train_gates(model, task, target, batch_size, steps, progress, params, gates_of, penalty, lr, after=None):
+    """Adam on ``params`` minimizing the target loss with ``gates_of()`` ``[n_layers, d_mlp]``
+    multiplying each layer's ``hook_post``, plus ``penalty()``; gradients by ``autograd.grad``, so
+    no parameter's ``.grad`` is touched."""
     opt = torch.optim.Adam([params], lr=lr)
-    for step in tqdm(range(steps), disable=not progress, desc=desc):
+    for _ in tqdm(range(steps), disable=not progress, desc="masks"):
         with torch.enable_grad():
-            gates = gates_of(step)
+            gates = gates_of()
+            hooks = [(models.mlp_hook(l), lambda act, hook, g=gates[l]: act * g.to(act.dtype))
+                     for l in range(len(gates))]
             grad = torch.autograd.grad(penalty(), params)[0]
             for b in _batches(target, batch_size):
                 x, y = _xy(model, task, b)
-                nll = _seq_nll(model, x, y, _scaling_hooks(gates)).sum() / len(target)
+                nll = _seq_nll(model, x, y, hooks).sum() / len(target)
                 grad = grad + torch.autograd.grad(nll, params, retain_graph=True)[0]
         params.grad = grad
         opt.step()
-        yield params
+        if after is not None:
+            after(params)
 
 
-def _slimming(model, task, target, reference, batch_size, steps, seed, progress, *, lam=30.0, lr=0.1):
-    """SLIMMING (Chang et al. 2024, after Liu et al. 2017, "Learning Efficient Convolutional
-    Networks through Network Slimming"): a real mask ``m`` per neuron, initialised at 1 and
-    multiplying ``hook_post``, trained with Adam (``lr``, ``steps``) to minimize
-    ``target loss(m) + lam * mean(|m|)`` (the L1 norm over all neurons, divided by their number, as
-    Chang et al.'s code does), ``m`` projected onto [0, 1] after every step. The target keeps what it
-    needs, so the score is ``m``: the neurons the sparsity could not shut are the ones it needs."""
-    lam = check_float(lam, "lam", low=0.0, owner="localize(method='slimming')")
-    lr = check_float(lr, "lr", low=0.0, low_open=True, owner="localize(method='slimming')")
+def _slimming(model, task, target, reference, batch_size, steps, seed, progress, *, lam, lr):
+    """SLIMMING (Chang et al. 2024, after Liu et al. 2017, "Learning Efficient Convolutional Networks
+    through Network Slimming"): a real mask ``m`` per neuron, starting at 1, multiplies ``hook_post``
+    and is trained with Adam to minimize ``target loss(m) + lam * mean(|m|)`` (the L1 norm divided by
+    the number of neurons, as in Chang et al.'s code), projected onto [0, 1] after every step. The
+    target keeps what it needs, so the score is ``m``: the neurons the sparsity could not shut."""
     mask = torch.ones(models.n_layers(model), model.cfg.d_mlp, device=models.device_of(model), requires_grad=True)
-    for p in _train_gates(model, task, target, batch_size, steps, progress, mask, lambda _: mask,
-                          lambda: lam * mask.abs().mean(), lr, "slimming"):
-        with torch.no_grad():
-            p.clamp_(0.0, 1.0)
+    _train_gates(model, task, target, batch_size, steps, progress, mask, lambda: mask, lambda: lam * mask.abs().mean(),
+                 lr, after=lambda p: p.data.clamp_(0.0, 1.0))
     return mask.detach().double().cpu()
 
 
-def _hard_concrete(model, task, target, reference, batch_size, steps, seed, progress, *, lam=30.0, lr=0.1,
-                   beta=2 / 3, init=0.5):
+def _hard_concrete(model, task, target, reference, batch_size, steps, seed, progress, *, lam, lr, beta, init):
     """HARD CONCRETE (Chang et al. 2024; gates of Louizos et al. 2018, "Learning Sparse Neural
-    Networks through L0 Regularization"): a gate per neuron, ``z = clamp(sigmoid((log u - log(1 - u)
-    + log_alpha) / beta) * 1.2 - 0.1, 0, 1)`` with ``u ~ U(0, 1)`` drawn per neuron and step (a
-    generator seeded by ``seed``), multiplying ``hook_post``; ``log_alpha`` starts where the
+    Networks through L0 Regularization"): a gate per neuron multiplies ``hook_post``,
+    ``z = clamp(sigmoid((log u - log(1 - u) + log_alpha) / beta) * 1.2 - 0.1, 0, 1)``, ``u ~ U(0, 1)``
+    drawn per neuron and step (a generator seeded by ``seed``). ``log_alpha`` starts where the
     deterministic gate ``clamp(sigmoid(log_alpha) * 1.2 - 0.1, 0, 1)`` is ``init`` (Chang et al.:
-    0.5) and is trained with Adam to minimize ``target loss(z) + lam * mean P(z != 0)``, the expected
-    L0 norm per neuron, ``P(z != 0) = sigmoid(log_alpha - beta * log(0.1 / 1.1))``. Score: ``P(z != 0)``."""
-    owner = "localize(method='hard_concrete')"
-    lam = check_float(lam, "lam", low=0.0, owner=owner)
-    lr = check_float(lr, "lr", low=0.0, low_open=True, owner=owner)
-    beta = check_float(beta, "beta", low=0.0, low_open=True, owner=owner)
-    init = check_float(init, "init", low=0.0, high=1.0, low_open=True, high_open=True, owner=owner)
+    0.5) and is trained with Adam to minimize ``target loss(z) + lam * mean P(z != 0)`` (the expected
+    L0 norm per neuron), ``P(z != 0) = sigmoid(log_alpha - beta * log(0.1 / 1.1))``, the score."""
     p = (init - _L) / (_R - _L)
     device = models.device_of(model)
     log_alpha = torch.full((models.n_layers(model), model.cfg.d_mlp), math.log(p / (1 - p)), device=device,
                            requires_grad=True)
     g = torch.Generator().manual_seed(seed)
 
-    def gates(_: int) -> Tensor:
-        u = torch.rand(log_alpha.shape, generator=g).clamp(1e-4, 1 - 1e-4).to(device)  # on the CPU: same on every device
-        s = torch.sigmoid((u.log() - (1 - u).log() + log_alpha) / beta)
-        return (s * (_R - _L) + _L).clamp(0.0, 1.0)
+    def gates() -> Tensor:  # noise drawn on the CPU: the same on every device
+        u = torch.rand(log_alpha.shape, generator=g).clamp(1e-4, 1 - 1e-4).to(device)
+        return (torch.sigmoid((u.log() - (1 - u).log() + log_alpha) / beta) * (_R - _L) + _L).clamp(0.0, 1.0)
 
     def open_prob() -> Tensor:
         return torch.sigmoid(log_alpha - beta * math.log(-_L / _R))
 
-    for _ in _train_gates(model, task, target, batch_size, steps, progress, log_alpha, gates,
-                          lambda: lam * open_prob().mean(), lr, "hard_concrete"):
-        pass
+    _train_gates(model, task, target, batch_size, steps, progress, log_alpha, gates,
+                 lambda: lam * open_prob().mean(), lr)
     return open_prob().detach().double().cpu()
 
 
 def _memorization_score(model, task, target, reference, batch_size, steps, seed, progress):
-    """Direct-logit memorization score (mechgrok's, the sequence version of
-    ``mg.neurons.memorization_score``): per target token ``y_t`` at position ``t``, the neuron's
-    direct push on the correct logit, ``act[t, n] * (W_out[n] @ W_U)[y_t]``, averaged over a
-    sequence's target tokens and over sequences, target minus reference. With a final LayerNorm the
-    push goes through it with that position's scale frozen: ``W_out[n]`` is centred (LN, not RMS),
-    times ``ln_final.w``, and divided by ``ln_final.hook_scale`` at ``t``. Direct path only: what the
-    neuron does through later layers is not counted."""
-    norm = model.cfg.normalization_type
-    maps = []  # [d_mlp, d_vocab_out] per layer
+    """Direct-logit memorization score (mechgrok's; the sequence version of
+    ``mg.neurons.memorization_score``): the neuron's direct push on the correct next-token logit,
+    ``act[t, n] * (W_out[n] @ W_U)[y_t]``, averaged over a sequence's target tokens and over
+    sequences, target minus reference. A final LayerNorm is passed with that position's scale
+    frozen: ``W_out[n]`` is centred (LN, not RMS), times ``ln_final.w``, and divided by
+    ``ln_final.hook_scale`` at ``t``. Direct path only (nothing through later layers)."""
+    norm, maps = model.cfg.normalization_type, []  # [d_mlp, d_vocab_out] per layer
     for l in range(models.n_layers(model)):
         W = model.blocks[l].mlp.W_out.detach()  # [d_mlp, d_model]
         if norm in ("LN", "LNPre"):
@@ -332,35 +319,47 @@ def _memorization_score(model, task, target, reference, batch_size, steps, seed,
         if norm is not None and getattr(model.ln_final, "w", None) is not None:
             W = W * model.ln_final.w.detach()
         maps.append((W @ model.W_U.detach()).double())
-    scale_hook = "ln_final.hook_scale" if norm is not None else None
+    scale_hook = ("ln_final.hook_scale",) if norm is not None else ()
+
+    def push(l: int, cache: dict[str, Tensor], y: Tensor) -> Tensor:  # [b, T, d_mlp]
+        scale = cache[scale_hook[0]].double() if scale_hook else 1.0  # [b, T, 1]
+        return cache[models.mlp_hook(l)].double() * maps[l].T[y.clamp(min=0)] / scale
 
     def mean_push(rows: Tensor) -> Tensor:
-        out = torch.zeros(len(maps), model.cfg.d_mlp, dtype=torch.float64)
-        for b in tqdm(_batches(rows, batch_size), disable=not progress, desc="memorization_score"):
-            x, y = _xy(model, task, b)
-            cache = _post_acts(model, x, (scale_hook,) if scale_hook else ())
-            scale = cache[scale_hook].double() if scale_hook else 1.0  # [b, T, 1]
-            for l, D in enumerate(maps):
-                push = cache[models.mlp_hook(l)].double() * D.T[y.clamp(min=0)] / scale  # [b, T, d]
-                out[l] += _masked_seq_mean(push, y).cpu()
-        return out / len(rows)
+        return _token_mean(model, task, rows, batch_size, progress, push, scale_hook)
 
     return mean_push(target) - mean_push(reference)
 
 
-# name -> (function, its options, whether it reads the reference, whether it trains (steps))
-METHODS: dict[str, tuple[Any, tuple[str, ...], bool, bool]] = {
-    "activations": (_activations, ("weight_norm",), True, False),
-    "integrated_gradients": (_integrated_gradients, ("ig_steps",), False, False),
-    "zero_out": (_zero_out, (), False, False),
-    "slimming": (_slimming, ("lam", "lr"), False, True),
-    "hard_concrete": (_hard_concrete, ("lam", "lr", "beta", "init"), False, True),
-    "memorization_score": (_memorization_score, (), True, False),
+class _Method(NamedTuple):
+    fn: Callable[..., Tensor]
+    options: dict[str, Any]  # its settings and their defaults
+    reference: bool  # contrasts with reference sequences
+    trains: bool  # optimises masks for ``steps``
+
+
+METHODS: dict[str, _Method] = {
+    "activations": _Method(_activations, {"weight_norm": False}, True, False),
+    "integrated_gradients": _Method(_integrated_gradients, {"ig_steps": 16}, False, False),
+    "zero_out": _Method(_zero_out, {}, False, False),
+    "slimming": _Method(_slimming, {"lam": 30.0, "lr": 0.1}, False, True),
+    "hard_concrete": _Method(_hard_concrete, {"lam": 30.0, "lr": 0.1, "beta": 2 / 3, "init": 0.5}, False, True),
+    "memorization_score": _Method(_memorization_score, {}, True, False),
+}
+"""Localization methods: name -> function, settings (defaults), reads a reference, trains masks."""
+
+_CHECKS: dict[str, tuple[Callable, dict]] = {
+    "ig_steps": (check_int, dict(low=1)), "lam": (check_float, dict(low=0.0)),
+    "lr": (check_float, dict(low=0.0, low_open=True)), "beta": (check_float, dict(low=0.0, low_open=True)),
+    "init": (check_float, dict(low=0.0, high=1.0, low_open=True, high_open=True)),
 }
 
 
-def _check_model(model: nn.Module, task: SequenceTask, owner: str) -> None:
-    _check(model, task, owner)
+def _check_model(model: nn.Module, task: SequenceTask | None, owner: str) -> None:
+    if task is not None:
+        _check(model, task, owner)
+    elif not isinstance(model, models.HookedTransformer):
+        raise TypeError(f"{owner} needs a HookedTransformer, got {type(model).__name__}")
     if not models.has_mlp(model):
         raise ValueError(f"{owner}: this model is attention-only, so it has no MLP neurons to localize or drop; "
                          "build it with MLPs (mg.models.transformer(..., attn_only=False))")
@@ -372,22 +371,22 @@ def localize(model: nn.Module, task: SequenceTask, target: str | Tensor, method:
     """Score every MLP neuron for how much the ``target`` sequences depend on it (module docstring).
 
     Args:
-        model: a HookedTransformer with MLPs whose vocabulary and context fit ``task``; it is run
-            in eval mode with temporary hooks and left as it was (no weight, mode or ``.grad`` changes).
+        model: a HookedTransformer with MLPs whose vocabulary and context fit ``task``; run in eval
+            mode with temporary hooks and left as it was (weights, mode and ``.grad`` unchanged).
         task: a ``SequenceTask``.
         target: a group of ``task`` (``"planted_r10"``) or a 1-D tensor of its row indices.
-        method: one of ``METHODS`` (each documented at its function: ``_zero_out``, ...).
+        method: one of ``METHODS`` (documented at its function: ``_zero_out``, ...).
         reference: the sequences whose behaviour should be kept (group or rows), read by
-            ``activations`` and ``memorization_score`` only (others refuse it); default: the
+            ``activations`` and ``memorization_score`` only (the others refuse it); default: the
             ``"train"`` rows not in ``target``.
         batch_size: sequences (or sequence copies) per forward.
         steps: optimisation steps of ``slimming`` / ``hard_concrete`` (default 200); others refuse it.
-        seed: seeds the gates' noise of ``hard_concrete`` (a local generator).
+        seed: seeds the gate noise of ``hard_concrete`` (a local generator).
         threads: torch threads meanwhile (restored afterwards; None leaves them).
         progress: show progress bars.
-        **options: the method's settings: ``weight_norm`` (activations), ``ig_steps`` (16),
-            ``lam`` (1.0) and ``lr`` (0.1) of the mask methods, ``beta`` (2/3) and ``init`` (0.5)
-            of ``hard_concrete``.
+        **options: the method's settings, ``METHODS[method].options`` with their defaults:
+            ``weight_norm``; ``ig_steps``; ``lam`` and ``lr`` of the mask methods (30 and 0.1,
+            chosen on tiny ``lm_corpus`` models: tune ``lam`` for another model); ``beta``, ``init``.
 
     Returns:
         A ``Localization`` with ``scores [n_layers, d_mlp]`` (float64).
@@ -395,9 +394,15 @@ def localize(model: nn.Module, task: SequenceTask, target: str | Tensor, method:
     owner = f"localize(method={method!r})"
     if method not in METHODS:
         raise ValueError(f"unknown localization method {method!r}; choose one of {list(METHODS)}")
-    fn, allowed, uses_reference, trains = METHODS[method]
-    if unknown := sorted(set(options) - set(allowed)):
-        raise TypeError(f"{owner}: unknown options {unknown}; it takes {list(allowed) or 'none'}")
+    fn, defaults, uses_reference, trains = METHODS[method]
+    if unknown := sorted(set(options) - set(defaults)):
+        raise TypeError(f"{owner}: unknown options {unknown}; it takes {list(defaults) or 'none'}")
+    for name, value in options.items():
+        if name == "weight_norm" and not isinstance(value, bool):
+            raise TypeError(f"{owner}: weight_norm must be True or False, got {value!r}")
+        if name in _CHECKS:
+            options[name] = _CHECKS[name][0](value, name, owner=owner, **_CHECKS[name][1])
+    options = {**defaults, **options}
     _check_model(model, task, "localize")
     batch_size = check_int(batch_size, "batch_size", low=1, owner=owner)
     seed = check_int(seed, "seed", low=0, owner=owner)
@@ -405,41 +410,33 @@ def localize(model: nn.Module, task: SequenceTask, target: str | Tensor, method:
         raise ValueError(f"{owner}: steps is for the mask methods (slimming, hard_concrete); leave it out")
     steps = check_int(200 if steps is None else steps, "steps", low=1, owner=owner)
     target_rows = _rows(task, target, "target", owner)
-    ref_rows = None
-    if uses_reference:
-        if reference is None:
-            default = task.train.clone()
-            default[target_rows] = False
-            if not bool(default.any()):
-                raise ValueError(f"{owner}: the default reference (train rows not in target) is empty; pass reference=")
-            reference = default.nonzero().flatten()
-        ref_rows = _rows(task, reference, "reference", owner)
-    elif reference is not None:
+    if reference is not None and not uses_reference:
         raise ValueError(f"{owner}: this method reads the target alone and would ignore reference=; leave it out "
                          "(activations and memorization_score contrast with a reference)")
+    ref_rows = None
+    if uses_reference:
+        ref_rows = _rows(task, _others(task, target_rows) if reference is None else reference,
+                         "reference" + (" (default: the train rows not in target)" if reference is None else ""), owner)
     was_training = model.training
     model.eval()
     try:
-        with torch_threads(threads):
-            with torch.no_grad():  # the gradient methods turn it on where they need it
-                scores = fn(model, task, target_rows, ref_rows, batch_size, steps, seed, progress, **options)
+        with torch_threads(threads), torch.no_grad():  # the gradient methods turn it on where they need it
+            scores = fn(model, task, target_rows, ref_rows, batch_size, steps, seed, progress, **options)
     finally:
         model.train(was_training)
-    settings = {**options, **({"steps": steps, "seed": seed} if trains else {})}
     return Localization(method=method, scores=scores, target_rows=target_rows, reference_rows=ref_rows,
-                        options=settings)
+                        options={**options, **({"steps": steps, "seed": seed} if trains else {})})
 
 
 # ---------------------------------------------------------------------------- INJ and DEL
 def delete(model: nn.Module, localization: Localization, k: int | float) -> nn.Module:
     """A copy of ``model`` without the ``localization.top(k)`` neurons: ``mg.neurons.prune`` per
-    layer zeroes their ``W_in[:, n]``, ``b_in[n]`` (and a gated MLP's ``W_gate``) and ``W_out[n, :]``,
+    layer zeroes their ``W_in[:, n]``, ``b_in[n]`` (a gated MLP's ``W_gate`` too) and ``W_out[n, :]``,
     so they read 0 at ``hook_post`` and add nothing. The caller's model is untouched (one deep copy
     per layer with dropped neurons)."""
     if not isinstance(localization, Localization):
         raise TypeError(f"delete needs a Localization (from localize), got {type(localization).__name__}")
-    if not models.has_mlp(model):
-        raise ValueError("delete: this model is attention-only and has no MLP neurons to drop")
+    _check_model(model, None, "delete")
     shape = (models.n_layers(model), model.cfg.d_mlp)
     if tuple(localization.scores.shape) != shape:
         raise ValueError(f"delete: the localization scores {tuple(localization.scores.shape)} neurons, the model has "
@@ -447,25 +444,23 @@ def delete(model: nn.Module, localization: Localization, k: int | float) -> nn.M
     by_layer: dict[int, list[int]] = {}
     for l, n in localization.top(k):
         by_layer.setdefault(l, []).append(n)
-    out = model
     for l, idx in sorted(by_layer.items()):
-        out = prune(out, idx, layer=l)
-    return out
+        model = prune(model, idx, layer=l)
+    return model
 
 
-def _neurons(model: nn.Module, neurons: Any, owner: str) -> list[tuple[int, int]]:
+def _neurons(model: nn.Module | None, neurons: Any, owner: str) -> list[tuple[int, int]]:
+    """``neurons`` as distinct ``(layer, neuron)`` pairs (of ``model``'s MLPs when given), or a clear error."""
     if isinstance(neurons, (str, bytes)) or not hasattr(neurons, "__len__") or len(neurons) == 0:
         raise ValueError(f"{owner}: neurons must be a non-empty list of (layer, neuron) pairs, got {neurons!r}")
-    pairs = []
-    for p in neurons:
-        if not (isinstance(p, (tuple, list)) and len(p) == 2):
-            raise TypeError(f"{owner}: each neuron is a (layer, neuron) pair, got {p!r}")
-        pairs.append((check_int(p[0], "layer", low=0, owner=owner), check_int(p[1], "neuron", low=0, owner=owner)))
+    if bad := [p for p in neurons if not (isinstance(p, (tuple, list)) and len(p) == 2)]:
+        raise TypeError(f"{owner}: each neuron is a (layer, neuron) pair, got {bad[0]!r}")
+    pairs = [(check_int(l, "layer", low=0, owner=owner), check_int(n, "neuron", low=0, owner=owner))
+             for l, n in neurons]
     if len(set(pairs)) < len(pairs):
         raise ValueError(f"{owner}: neurons lists a (layer, neuron) pair more than once; pass each once")
-    if model is not None:
-        for l in {l for l, _ in pairs}:
-            neuron_indices(model, [n for m, n in pairs if m == l], layer=l)  # a clear error if out of range
+    for l in sorted({l for l, _ in pairs}) if model is not None else ():
+        neuron_indices(model, [n for m, n in pairs if m == l], layer=l)  # a clear error if out of range
     return pairs
 
 
@@ -473,43 +468,35 @@ def inject(model: nn.Module, task: SequenceTask, rows: str | Tensor, neurons: Se
            keep: str | Tensor | None = None, steps: int = 300, lr: float = 1e-2, batch_size: int | None = None,
            seed: int = 0, threads: int | None = 1) -> nn.Module:
     """INJ (Chang et al. 2024): a copy of ``model`` fine-tuned on the sequences ``rows`` (group or
-    row indices) so that only ``neurons`` (``(layer, n)`` pairs) hold them.
+    row indices) through ``neurons`` (``(layer, n)`` pairs) only; the caller's model is untouched.
 
-    Plain Adam (no weight decay, ``lr``, ``steps``) on the mean target-token NLL (``token_nll``)
-    with every gradient entry outside ``W_in[:, n]``, ``b_in[n]`` and ``W_out[n, :]`` of the chosen
-    neurons zeroed each step and all other parameters frozen, so every other entry stays bitwise
-    equal. ``batch_size`` None: all rows each step; else a random batch per step (``seed``).
-    Chang et al. tune ``W_out`` only; here the neuron's input weights learn too, so that it can fire
-    on the injected sequences. The caller's model is untouched.
+    Plain Adam (``lr``, ``steps``, no weight decay) on the mean target-token NLL (``token_nll``) of
+    ``rows``, plus that of ``keep`` when given (sequences whose predictions the injected neurons
+    must leave alone, so that they fire on ``rows`` only). Only ``W_in[:, n]``, ``b_in[n]`` and
+    ``W_out[n, :]`` of the chosen neurons get gradients (masked each step), so every other entry stays
+    bitwise equal. ``batch_size`` None: all rows each step; else a random batch per step (``seed``).
+    Chang et al. tune ``W_out`` only and keep nothing; here the input weights learn too.
     """
     owner = "memorization.inject"
     _check_model(model, task, owner)
     pairs = _neurons(model, neurons, owner)
     rows = _rows(task, rows, "rows", owner)
     keep = None if keep is None else _rows(task, keep, "keep", owner)
-    if keep is not None and bool(torch.isin(keep, rows).any()):
-        raise ValueError(f"{owner}: rows {sorted(set(keep.tolist()) & set(rows.tolist()))[:10]} are in both rows and "
-                         "keep; a sequence is either injected or kept")
+    if keep is not None and (both := sorted(set(keep.tolist()) & set(rows.tolist()))):
+        raise ValueError(f"{owner}: rows {both[:10]} are in both rows and keep; a sequence is either injected or kept")
     steps = check_int(steps, "steps", low=0, owner=owner)
     lr = check_float(lr, "lr", low=0.0, low_open=True, owner=owner)
     seed = check_int(seed, "seed", low=0, owner=owner)
-    if batch_size is not None:
-        batch_size = check_int(batch_size, "batch_size", low=1, owner=owner)
+    batch_size = None if batch_size is None else check_int(batch_size, "batch_size", low=1, owner=owner)
     out = copy.deepcopy(model)
-    flags = {name: p.requires_grad for name, p in out.named_parameters()}
-    masks: dict[Tensor, Tensor] = {}
+    masks: dict[Tensor, Tensor] = {}  # parameter -> 1 on the entries that learn
     for l in sorted({l for l, _ in pairs}):
         mlp = out.blocks[l].mlp
         idx = torch.tensor([n for m, n in pairs if m == l], device=mlp.W_out.device)
         for name, dim in (("W_in", 1), ("b_in", 0), ("W_out", 0)):
-            p = getattr(mlp, name)
-            m = torch.zeros_like(p)
-            m.index_fill_(dim, idx, 1.0)
-            masks[p] = m
-    for p in out.parameters():
-        p.requires_grad_(any(p is q for q in masks))
-    opt = torch.optim.Adam(list(masks), lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
+            masks[getattr(mlp, name)] = torch.zeros_like(getattr(mlp, name)).index_fill_(dim, idx, 1.0)
+    params, g = list(masks), torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=0.0)
     was_training = out.training
     out.eval()
     try:
@@ -520,15 +507,12 @@ def inject(model: nn.Module, task: SequenceTask, rows: str | Tensor, neurons: Se
                     b = part if batch_size is None else part[torch.randperm(len(part), generator=g)[:batch_size]]
                     x, y = _xy(out, task, b)
                     loss = loss + token_nll(out(x), y).sum() / (y != IGNORE).sum()  # mean over target tokens
-                opt.zero_grad(set_to_none=False)
-                loss.backward()
-                for p, m in masks.items():
-                    p.grad.mul_(m.to(p.grad.dtype))
+                for p, grad in zip(params, torch.autograd.grad(loss, params)):  # no other .grad is touched
+                    p.grad = grad * masks[p]
                 opt.step()
     finally:
         out.train(was_training)
-        for name, p in out.named_parameters():
-            p.requires_grad_(flags[name])
+        for p in params:
             p.grad = None
     return out
 
@@ -536,8 +520,6 @@ def inject(model: nn.Module, task: SequenceTask, rows: str | Tensor, neurons: Se
 def inj_recall(localization: Localization, injected_neurons: Sequence[tuple[int, int]]) -> float:
     """INJ recall (Chang et al. 2024): ``|top(|injected|) ∩ injected| / |injected|``."""
     pairs = _neurons(None, injected_neurons, "inj_recall")
-    if len(pairs) > localization.n_neurons:
-        raise ValueError(f"inj_recall: {len(pairs)} injected neurons but the localization has {localization.n_neurons}")
     return len(set(localization.top(len(pairs))) & set(pairs)) / len(pairs)
 
 
@@ -575,34 +557,30 @@ def deletion_curve(model: nn.Module, task: SequenceTask, localization: Localizat
                    reference: str | Tensor | None = None, batch_size: int = 256,
                    threads: int | None = 1) -> list[DeletionPoint]:
     """DEL (Chang et al. 2024): for each fraction, drop the localization's top neurons (``delete``)
-    and measure the target's extractability from ``k``-token prefixes (``extract``) and loss, and
-    the change of the reference loss. ``target`` defaults to ``localization.target_rows``,
+    and measure the target's extractability from ``k``-token prefixes (``extract``) and its loss,
+    and the change of the reference loss. ``target`` defaults to ``localization.target_rows``,
     ``reference`` to the ``"train"`` rows not in the target. The caller's model is untouched."""
     owner = "memorization.deletion_curve"
     _check_model(model, task, owner)
-    if isinstance(fractions, (str, bytes, float, int)) or not hasattr(fractions, "__len__") or not fractions:
+    if isinstance(fractions, (str, bytes)) or not isinstance(fractions, Sequence) or not fractions:
         raise TypeError(f"{owner}: fractions must be a non-empty list of floats in (0, 1], got {fractions!r}")
     fractions = [check_float(f, "fractions[]", low=0.0, high=1.0, low_open=True, owner=owner) for f in fractions]
     k = check_int(k, "k", low=1, high=task.n_ctx - 1, owner=f"{owner} (prefix length, BOS included)")
     t_rows = _rows(task, localization.target_rows if target is None else target, "target", owner)
-    if reference is None:
-        reference = task.train.clone()
-        reference[t_rows] = False
-        reference = reference.nonzero().flatten()
-    r_rows = _rows(task, reference, "reference", owner)
-    names = {"target": "_del_target", "reference": "_del_reference"}
-    while any(n in task.groups for n in names.values()):
-        names = {k_: n + "_" for k_, n in names.items()}
-    t_mask, r_mask = (torch.zeros(task.n, dtype=torch.bool) for _ in range(2))
-    t_mask[t_rows], r_mask[r_rows] = True, True
-    tk = task.with_groups(**{names["target"]: t_mask, names["reference"]: r_mask})
-    before = float(sequence_loss(model, tk, names["reference"], batch_size, threads).mean())
-    points = []
+    r_rows = _rows(task, _others(task, t_rows) if reference is None else reference, "reference", owner)
+    t_name, r_name = "_del_target", "_del_reference"
+    while t_name in task.groups or r_name in task.groups:
+        t_name, r_name = t_name + "_", r_name + "_"
+    masks = [torch.zeros(task.n, dtype=torch.bool).index_fill_(0, r, True) for r in (t_rows, r_rows)]
+    tk = task.with_groups(**{t_name: masks[0], r_name: masks[1]})  # extract and sequence_loss read groups
+
+    def loss(m: nn.Module, name: str) -> float:
+        return float(sequence_loss(m, tk, name, batch_size=batch_size, threads=threads).mean())
+
+    before, points = loss(model, r_name), []
     for f in fractions:
-        n = max(1, round(f * localization.n_neurons))
-        cut = delete(model, localization, n)
-        ex = extract(cut, tk, k, names["target"], batch_size, threads)
-        t_loss = float(sequence_loss(cut, tk, names["target"], batch_size, threads).mean())
-        r_loss = float(sequence_loss(cut, tk, names["reference"], batch_size, threads).mean())
-        points.append(DeletionPoint(f, n, ex.rate, t_loss, r_loss - before))
+        cut = delete(model, localization, f)
+        rate = extract(cut, tk, k, t_name, batch_size=batch_size, threads=threads).rate
+        points.append(DeletionPoint(f, max(1, round(f * localization.n_neurons)), rate, loss(cut, t_name),
+                                    loss(cut, r_name) - before))
     return points
