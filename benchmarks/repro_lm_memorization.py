@@ -28,6 +28,7 @@ import mechgrok as mg
 HERE = Path(__file__).resolve().parent
 N_PLANTED = (0, 8, 32, 96)  # x 100 repeats: 0, 9.8, 30 and 57% of an epoch's training sequences
 SEGMENTS = (8, 11, 15)  # segment lengths of the induction probes (the corpus' periods: 7 to 15)
+N_INJ_ROWS, N_INJ_NEURONS = 4, 16  # INJ: sequences injected, into this many random neurons
 
 
 def part1(run_dir: Path) -> dict:
@@ -84,9 +85,9 @@ def part2(out_dir: Path) -> dict:
 def part3(run_dir: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     """Chang et al. 2024's benchmarks on the trained ``lm`` model (512 MLP neurons).
 
-    INJ: 8 never-seen planted sequences are injected into 8 random neurons (1.6%) by fine-tuning those
-    neurons only (300 Adam steps, a batch of 64 structured training sequences kept), then each method
-    localizes them; recall@8 against random (8 / 512). DEL: each method localizes the 32
+    INJ: 4 never-seen planted sequences are injected into 16 random neurons (3.1%) by fine-tuning those
+    neurons only (500 Adam steps at lr 1e-2, a batch of 64 structured training sequences kept; all 4
+    become k=8 extractable), then each method localizes them; recall@16 against random (16 / 512). DEL: each method localizes the 32
     ``planted_r100`` sequences (k=8 extractable) and its top 0.1 / 0.5 / 1 / 5% neurons are dropped."""
     mem = mg.memorization
     run = mg.Run(run_dir)
@@ -97,10 +98,10 @@ def part3(run_dir: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     inj_meta, seconds = [], {m: 0.0 for m in mem.LOCALIZATION_METHODS}
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
-        rows = held[torch.randperm(len(held), generator=g)[:8]]
-        flat = torch.randperm(n_neurons, generator=g)[:8]
+        rows = held[torch.randperm(len(held), generator=g)[:N_INJ_ROWS]]
+        flat = torch.randperm(n_neurons, generator=g)[:N_INJ_NEURONS]
         neurons = [(int(i) // model.cfg.d_mlp, int(i) % model.cfg.d_mlp) for i in flat]
-        injected = mem.inject(model, task, rows, neurons, keep="structured_train", batch_size=64, steps=300, seed=seed)
+        injected = mem.inject(model, task, rows, neurons, keep="structured_train", batch_size=64, steps=500, seed=seed)
         t = task.with_groups(_inj=torch.zeros(task.n, dtype=torch.bool).index_fill_(0, rows, True))
         rate = mem.extract(injected, t, 8, split="_inj").rate
         inj_meta.append({"seed": seed, "neurons": neurons, "extractable_after_injection": rate,
@@ -111,7 +112,7 @@ def part3(run_dir: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
             loc = mem.localize(injected, task, rows, m)
             seconds[m] += time.perf_counter() - t0
             inj[m].append(mem.inj_recall(loc, neurons))
-    out = {"inj": {"random_recall": mem.random_recall(8, n_neurons), "recall": inj, "injections": inj_meta,
+    out = {"inj": {"random_recall": mem.random_recall(N_INJ_NEURONS, n_neurons), "recall": inj, "injections": inj_meta,
                    "localize_seconds_mean": {m: v / len(seeds) for m, v in seconds.items()}}}
     fractions = (0.001, 0.005, 0.01, 0.05)
     dele = {}

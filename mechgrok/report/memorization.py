@@ -25,6 +25,7 @@ def _f(v: Any, digits: int = 3) -> str:
 
 @section(order=20, title="Training (language model)")
 def lm_training(run: Run) -> Section | None:
+    """Report section: next-token loss and exact match per group of a language-model run."""
     hist = run.history()
     if not hist or not is_sequence_run(run):
         return None
@@ -51,6 +52,8 @@ def lm_training(run: Run) -> Section | None:
 
 @section(order=45, title="Memorized sequences", analysis="memorization")
 def memorized_sequences(run: Run) -> Section | None:
+    """Report section: memorization scores, AUROCs, agreement, extractability and induction
+    (``analysis/memorization.json``)."""
     data = read_analysis(run, "memorization")
     if data is None:
         return None
