@@ -75,6 +75,8 @@ def part2(out_dir: Path) -> dict:
         last = run.history()[-1]
         rows.append({"n_planted": int(r["n_planted"]), "repeated_fraction": n_rep / per_epoch,
                      **{f"in_context_gain_{seg}": p.in_context_gain for seg, p in probes.items()},
+                     **{f"loss_second_{seg}": p.loss_second for seg, p in probes.items()},
+                     **{f"acc_second_{seg}": p.acc_second for seg, p in probes.items()},
                      **{f"prefix_matching_{seg}": p.strength for seg, p in probes.items()},
                      "test_loss": last["test_loss"], "test_exact": last["test_exact"],
                      "planted_r100_loss": last.get("planted_r100_loss")})
@@ -136,8 +138,8 @@ def _figure(rows: list[dict], file: Path) -> None:
     x = [r["repeated_fraction"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for seg in SEGMENTS:
-        axes[0].plot(x, [r[f"in_context_gain_{seg}"] for r in rows], "o-", label=f"in-context gain, segment {seg}")
-    axes[0].set_ylabel("loss on 1st copy − on 2nd (nats)")
+        axes[0].plot(x, [r[f"acc_second_{seg}"] for r in rows], "o-", label=f"random segment of {seg}")
+    axes[0].set_ylabel("copy accuracy on the 2nd copy")
     axes[1].plot(x, [r["test_loss"] for r in rows], "o-", color="C3", label="held-out structured loss")
     axes[1].set_ylabel("nats per target token")
     for ax in axes:

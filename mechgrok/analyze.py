@@ -18,7 +18,7 @@ from mechgrok import measures, neurons
 from mechgrok._io import child_path
 from mechgrok._threads import torch_threads
 from mechgrok.components import is_neuron, parse
-from mechgrok.run import Run
+from mechgrok.run import MEMORIZED_ACC, Run, first_step
 from mechgrok.tasks import SequenceTask
 from mechgrok.train import evaluate
 
@@ -298,7 +298,7 @@ def influence_analysis(run: Run, *, n_queries: int = 64, k: int = 20, fisher: st
 
     task, steps, history = run.task(), run.steps(), run.history()
     loss = run.config["train"].get("loss", "cross_entropy")
-    fit_step = next((h["step"] for h in history if h.get("train_acc") is not None and h["train_acc"] >= 0.99), None)
+    fit_step = first_step(history, "train_acc", MEMORIZED_ACC)  # the report's "memorized"
     early = next((s for s in steps if fit_step is not None and s >= fit_step), None)
     chosen = sorted({s for s in (early, steps[-1]) if s is not None})
     g = torch.Generator().manual_seed(seed)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -41,7 +42,8 @@ from mechgrok import tasks as _tasks
 from mechgrok._config import check_int
 from mechgrok._io import atomic_write_text, read_json, to_jsonable
 
-__all__ = ["Run", "checkpoint_name", "read_history", "HistoryFile", "RUN_FORMAT", "RESUME_INTACT"]
+__all__ = ["Run", "checkpoint_name", "read_history", "HistoryFile", "RUN_FORMAT", "RESUME_INTACT", "first_step",
+           "MEMORIZED_ACC", "GENERALIZED_ACC"]
 
 log = logging.getLogger(__name__)
 
@@ -189,3 +191,26 @@ def read_history(file: str | Path) -> HistoryFile:
             return HistoryFile(rows, torn=True, damaged=None)
         return HistoryFile(rows, torn=False, damaged=f"line {i + 1}: {problem}")
     return HistoryFile(rows, torn=False, damaged=None)
+
+
+# ---------------------------------------------------------------------------- phases of a history
+# The one definition of "memorized" and "generalized" (the report's phases, the influence analysis'
+# early checkpoint, circuits over training all read these).
+#: Memorization done: every training example right (train_acc >= 1 - 1e-9; the 1e-9 only absorbs
+#: float rounding). Training accuracy counts corrupted examples against their corrupted label.
+MEMORIZED_ACC = 1.0 - 1e-9
+#: Generalization done: test accuracy at least 95%.
+GENERALIZED_ACC = 0.95
+
+
+def first_step(history: list[dict[str, Any]], key: str, threshold: float) -> int | None:
+    """The first logged ``step`` whose ``key`` is ``>= threshold``; None if never (None/NaN skipped).
+
+    >>> first_step([{"step": 0, "acc": 0.1}, {"step": 10, "acc": None}, {"step": 20, "acc": 0.99}], "acc", 0.95)
+    20
+    """
+    for row in history:
+        v = row.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= threshold:
+            return int(row["step"])
+    return None

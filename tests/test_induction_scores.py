@@ -31,6 +31,10 @@ def test_prefix_matching_and_losses_by_hand():
     assert s.loss_first == pytest.approx(sum(first) / len(first), rel=1e-6)
     assert s.loss_second == pytest.approx(sum(second) / len(second), rel=1e-6)
     assert s.in_context_gain == pytest.approx(s.loss_first - s.loss_second)
+    with torch.no_grad():
+        pred = m(x).argmax(-1)
+    right = [bool(pred[b, t] == x[b, t + 1]) for b in range(5) for t in range(7, 12)]
+    assert s.acc_second == pytest.approx(sum(right) / len(right))
     assert s.strength == float(s.prefix_matching[1].max()) and s.best_head()[0] == 1
 
 

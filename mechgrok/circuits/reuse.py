@@ -116,7 +116,7 @@ def overlap_over_training(run, task: str | None = None, *, method: str = "eap-ig
     """
     from mechgrok.circuits.discover import discover
     from mechgrok.circuits.overlap import expected_jaccard, jaccard
-    from mechgrok.report.sections import MEMORIZED_ACC, first_step
+    from mechgrok.run import MEMORIZED_ACC, first_step
 
     if top_k is not None:
         top_k = check_int(top_k, "top_k", low=1, owner="overlap_over_training")

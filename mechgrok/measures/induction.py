@@ -15,6 +15,9 @@ On ``n`` random sequences ``[BOS,] s, s`` (a segment ``s`` of ``L`` tokens shown
   Olsson et al.), so it reads the weights only.
 - **in-context gain**: the mean loss on the first copy minus that on the second copy, in nats
   (Olsson et al.'s "in-context learning score" in small): large when the model uses the repeat.
+  A model never trained on unpredictable tokens (an ``lm_corpus`` whose loss mask skips the
+  first segment) can be confidently wrong on the first copy, which inflates the gain: read
+  ``loss_second`` and ``acc_second`` (the share of second-copy tokens predicted right) then.
 
 ``InductionScores.strength`` is the largest prefix-matching score of any head in a layer above
 the first (an induction head needs a previous-token head before it).
@@ -44,6 +47,7 @@ class InductionScores:
         prefix_matching: ``[n_layers, n_heads]``.
         copying: ``[n_layers, n_heads]`` (NaN for a head whose OV circuit is zero).
         loss_first, loss_second: mean next-token loss (nats) on the first and the second copy.
+        acc_second: share of the second copy's tokens (after its first) whose argmax is right.
         segment: the segment length ``L``.
     """
 
@@ -51,6 +55,7 @@ class InductionScores:
     copying: Float[Tensor, "n_layers n_heads"]
     loss_first: float
     loss_second: float
+    acc_second: float
     segment: int
 
     @property
@@ -71,7 +76,8 @@ class InductionScores:
 
     def to_dict(self) -> dict[str, Any]:
         return {"prefix_matching": self.prefix_matching.tolist(), "copying": self.copying.tolist(),
-                "loss_first": self.loss_first, "loss_second": self.loss_second, "in_context_gain": self.in_context_gain,
+                "loss_first": self.loss_first, "loss_second": self.loss_second, "acc_second": self.acc_second,
+                "in_context_gain": self.in_context_gain,
                 "strength": self.strength, "best_head": list(self.best_head()), "segment": self.segment}
 
 
@@ -128,8 +134,9 @@ def induction_scores(model: nn.Module, *, segment: int | None = None, vocab: int
     nll = -torch.log_softmax(logits.double(), -1)[:, :-1].gather(-1, x[:, 1:, None]).squeeze(-1)  # [n, T-1]
     first = nll[:, off:off + segment - 1].mean()  # targets inside the first copy (after its first token)
     second = nll[:, off + segment:].mean()  # targets inside the second copy (after its first token)
+    right = logits[:, off + segment:-1].argmax(-1) == x[:, off + segment + 1:]  # [n, L - 1]
     return InductionScores(prefix_matching=pm, copying=_copying(model, vocab), loss_first=float(first),
-                           loss_second=float(second), segment=segment)
+                           loss_second=float(second), acc_second=float(right.double().mean()), segment=segment)
 
 
 def _copying(model: HookedTransformer, vocab: int) -> Tensor:

@@ -35,7 +35,7 @@ import numpy as np
 
 from mechgrok._io import child_path
 from mechgrok.report.figures import fig_to_png, line_figure
-from mechgrok.run import Run
+from mechgrok.run import GENERALIZED_ACC, MEMORIZED_ACC, Run, first_step
 
 __all__ = ["Section", "Figure", "Table", "section", "unregister", "SECTIONS", "first_step", "series",
            "slugify", "read_analysis", "run_file", "MEMORIZED_ACC", "GENERALIZED_ACC", "is_sequence_run"]
@@ -143,28 +143,8 @@ def run_file(run: Run, relative: Any, *, source: str) -> Path:
 
 
 # ---------------------------------------------------------------------------- history helpers
-#: Memorization done: every training example right (train_acc >= 1 - 1e-9; the 1e-9 only absorbs
-#: float rounding). Training accuracy counts corrupted examples against their corrupted label.
-MEMORIZED_ACC = 1.0 - 1e-9
-#: Generalization done: test accuracy at least 95%.
-GENERALIZED_ACC = 0.95
-
-
 def _finite(v: Any) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def first_step(history: Sequence[dict[str, Any]], key: str, threshold: float) -> int | None:
-    """The first logged ``step`` whose ``key`` is ``>= threshold``; None if never (None/NaN skipped).
-
-    >>> first_step([{"step": 0, "acc": 0.1}, {"step": 10, "acc": None}, {"step": 20, "acc": 0.99}], "acc", 0.95)
-    20
-    """
-    for row in history:
-        v = row.get(key)
-        if _finite(v) and v >= threshold:
-            return int(row["step"])
-    return None
 
 
 def series(history: Sequence[dict[str, Any]], key: str) -> np.ndarray:
