@@ -138,8 +138,11 @@ def _figure(rows: list[dict], file: Path) -> None:
     x = [r["repeated_fraction"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for seg in SEGMENTS:
-        axes[0].plot(x, [r[f"acc_second_{seg}"] for r in rows], "o-", label=f"random segment of {seg}")
-    axes[0].set_ylabel("copy accuracy on the 2nd copy")
+        axes[0].plot(x, [r[f"loss_second_{seg}"] for r in rows], "o-", label=f"random segment of {seg} tokens")
+    axes[0].set_ylabel("loss on the repeated copy (nats)")
+    axes[0].set_yscale("log")
+    axes[0].set_title("in-context copying", fontsize=10)
+    axes[1].set_title("held-out corpus sequences", fontsize=10)
     axes[1].plot(x, [r["test_loss"] for r in rows], "o-", color="C3", label="held-out structured loss")
     axes[1].set_ylabel("nats per target token")
     for ax in axes:
