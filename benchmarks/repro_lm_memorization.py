@@ -8,10 +8,11 @@
    from 0 to more than half; induction scores of each run; the figure
    ``docs/img/lm_repeated_data.png``.
 3. Chang et al. 2024's INJ and DEL benchmarks of every localization method on the trained model.
+4. The generalizing and the memorizing circuit of the trained model and their overlap.
 
 Writes ``benchmarks/results/repro_lm_memorization.json``. About 15 minutes on a 2-core CPU::
 
-    .venv/bin/python benchmarks/repro_lm_memorization.py --out /tmp/repro_lm [--parts 1,2,3]
+    .venv/bin/python benchmarks/repro_lm_memorization.py --out /tmp/repro_lm [--parts 1,2,3,4]
 """
 
 from __future__ import annotations
@@ -129,6 +130,24 @@ def part3(run_dir: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     return out
 
 
+def part4(run_dir: Path) -> dict:
+    """The generalizing (held-out structured) and memorizing (planted_r100) circuits at neuron level
+    (EAP-IG, smallest top-k with faithfulness >= 0.8) and their overlap beside 1,000 random circuits."""
+    from mechgrok.memorization.circuits import lm_circuits
+
+    run = mg.Run(run_dir)
+    model, task = run.load_model(), run.task()
+    t0 = time.perf_counter()
+    r = lm_circuits(model, task, level="neuron")
+    d = r.to_dict()
+    for role in ("generalizing", "memorizing"):
+        comps = d[role]["components"]
+        d[role]["by_kind"] = {k: sum(c.startswith(k) for c in comps) for k in ("a0.", "a1.", "m0.", "m1.")}
+        del d[role]["components"]
+    d["seconds"] = time.perf_counter() - t0
+    return d
+
+
 def _figure(rows: list[dict], file: Path) -> None:
     import matplotlib
 
@@ -158,7 +177,7 @@ def _figure(rows: list[dict], file: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="/tmp/repro_lm", help="where the runs go")
-    ap.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 1,3")
+    ap.add_argument("--parts", default="1,2,3,4", help="which parts to run, e.g. 1,3")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -172,6 +191,8 @@ def main() -> None:
         result["part2"] = part2(out / "repeated")
     if "3" in parts:
         result["part3"] = part3(out / "lm")
+    if "4" in parts:
+        result["part4"] = part4(out / "lm")
     f.write_text(json.dumps(result, indent=1, allow_nan=True))
     print(json.dumps(result, indent=1)[:4000])
 
