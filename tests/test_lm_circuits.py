@@ -48,3 +48,29 @@ def test_both_circuits_reach_their_faithfulness(trained):
     assert d["generalizing"]["size"] == len(r.generalizing)
     with pytest.raises(ValueError, match="no planted_r"):
         lm_circuits(model, mg.tasks.lm_corpus(n_structured=20, n_planted=0, n_held_out=2, seq_len=10, d_vocab=16))
+
+
+@pytest.mark.slow(seconds=10)
+def test_planted_feature_rates_by_hand(trained, tmp_path):
+    from mechgrok.memorization import planted_features
+    from mechgrok.sae.train import encode
+
+    task, model = trained
+    hook = "blocks.1.mlp.hook_post"
+    sae = mg.sae.train(model, task.inputs, hook, position="all", architecture="topk", d_sae=16, k=4, steps=60,
+                       progress=False, out=tmp_path / "sae")
+    fs = planted_features(model, sae, task, batch_size=7)
+    _, cache = model.run_with_cache(task.inputs)
+    for g, rate in (("planted_r30", fs.rate_group), ("structured_train", fs.rate_reference),
+                    ("held_out_planted", fs.rate_unseen)):
+        m = task.mask(g)
+        x = cache[hook][m][task.loss_mask[m]]  # [tokens, d_mlp]
+        want = (encode(sae, x) > 0).double().mean(0)
+        assert torch.allclose(rate, want, atol=1e-12), g
+    sel = fs.rate_group - torch.maximum(fs.rate_reference, fs.rate_unseen)
+    assert torch.equal(fs.selectivity, sel)
+    assert fs.top(3) == torch.sort(-sel, stable=True).indices[:3].tolist()
+    last = mg.sae.train(model, task.inputs, hook, position=-1, architecture="topk", d_sae=16, k=4, steps=10,
+                        progress=False, out=tmp_path / "sae_last")
+    with pytest.raises(ValueError, match="position='all'"):
+        planted_features(model, last, task)

@@ -10,12 +10,14 @@ localization and deletion, on a ``SequenceTask`` (``mg.tasks.lm_corpus``).
   direct-logit memorization score), ``delete``, and Chang et al. 2024's INJ (``inject``,
   ``inj_recall``) and DEL (``deletion_curve``) benchmarks;
 - ``lm_circuits``: the generalizing (structured) and memorizing (planted) circuits and their
-  overlap; ``sequence_prompts`` turns sequences into contrastive ``mg.circuits.Prompts``.
+  overlap; ``sequence_prompts`` turns sequences into contrastive ``mg.circuits.Prompts``;
+- ``planted_features``: how selectively each SAE feature fires on memorized sequences.
 """
 
 from mechgrok.memorization.circuits import LMCircuits, lm_circuits, sequence_prompts
 from mechgrok.memorization.counterfactual import Counterfactual, counterfactual
 from mechgrok.memorization.extraction import Extraction, extract, sequence_loss, token_accuracy
+from mechgrok.memorization.features import FeatureSelectivity, planted_features
 from mechgrok.memorization.localize import (
     METHODS as LOCALIZATION_METHODS,
     DeletionPoint,
@@ -32,4 +34,4 @@ from mechgrok.memorization.scores import SCORE_METHODS, MemorizationScores, scor
 __all__ = ["Extraction", "extract", "sequence_loss", "token_accuracy", "scores", "MemorizationScores",
            "SCORE_METHODS", "Counterfactual", "counterfactual", "Localization", "localize", "LOCALIZATION_METHODS",
            "delete", "inject", "inj_recall", "random_recall", "DeletionPoint", "deletion_curve", "lm_circuits",
-           "LMCircuits", "sequence_prompts"]
+           "LMCircuits", "sequence_prompts", "FeatureSelectivity", "planted_features"]

@@ -22,7 +22,6 @@ memory, and the same resample (random text) serves both, so the two metrics diff
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +31,10 @@ from torch import nn
 from mechgrok._config import check_int
 from mechgrok.losses import IGNORE
 from mechgrok.memorization.extraction import _check
+from mechgrok.tasks.lm import planted_groups
 from mechgrok.tasks.sequence import SequenceTask
 
 __all__ = ["sequence_prompts", "lm_circuits", "LMCircuits"]
-
-_PLANTED = re.compile(r"^planted_r(\d+)$")
 
 
 def sequence_prompts(task: SequenceTask, group: str, *, counterfactual: str = "held_out_planted",
@@ -100,8 +98,7 @@ def lm_circuits(model: nn.Module, task: SequenceTask, *, memorizing: str | None 
 
     _check(model, task, "memorization.lm_circuits")
     if memorizing is None:
-        planted = sorted((int(m.group(1)), g) for g in task.groups if (m := _PLANTED.match(g))
-                         and bool(task.groups[g].any()))
+        planted = planted_groups(task.groups)
         if not planted:
             raise ValueError(f"memorization.lm_circuits: task {task.name!r} has no planted_r{{R}} group; pass "
                              "memorizing= a group of memorized sequences")

@@ -32,7 +32,6 @@ with held-out ones of the same kind.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,12 +44,12 @@ from torch import Tensor, nn
 from mechgrok._config import check_int
 from mechgrok._stats import auroc, average_ranks
 from mechgrok.memorization.extraction import _check, extract, sequence_loss
+from mechgrok.tasks.lm import planted_groups
 from mechgrok.tasks.sequence import SequenceTask
 
 __all__ = ["MemorizationScores", "scores", "SCORE_METHODS"]
 
 SCORE_METHODS = ("extractable", "loss", "self_influence")
-_PLANTED = re.compile(r"^planted_r(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -81,8 +80,7 @@ class MemorizationScores:
 
     def planted_groups(self) -> list[tuple[int, str]]:
         """``(R, "planted_r{R}")`` for each planted group scored, by R."""
-        found = [(int(m.group(1)), g) for g in self.groups if (m := _PLANTED.match(g)) and bool(self.groups[g].any())]
-        return sorted(found)
+        return planted_groups(self.groups)
 
     def auroc(self, method: str, positive: str, negative: str | None = None) -> float | None:
         """P(a sequence of group ``positive`` scores above one of ``negative`` (default: the

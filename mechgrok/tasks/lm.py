@@ -49,7 +49,8 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -58,11 +59,12 @@ from mechgrok._config import check_float, check_int
 from mechgrok.tasks.modular import is_prime
 from mechgrok.tasks.sequence import IGNORE, SequenceTask
 
-__all__ = ["lm_corpus", "STRUCTURES"]
+__all__ = ["lm_corpus", "STRUCTURES", "planted_groups"]
 
 STRUCTURES = ("induction", "arithmetic", "induction_varied")
 KIND_STRUCTURED, KIND_PLANTED, KIND_HELD_OUT = 0, 1, 2
 _MAX_ROUNDS = 100  # redraws of duplicate sequences before giving up
+_PLANTED = re.compile(r"^planted_r(\d+)$")
 
 
 def lm_corpus(structure: str = "induction", n_structured: int = 4096, n_planted: int = 192,
@@ -207,6 +209,12 @@ def lm_corpus(structure: str = "induction", n_structured: int = 4096, n_planted:
               "test_frac": test_frac, "seed": seed, "subset_seed": subset_seed, "subset_frac": subset_frac}
     return SequenceTask(name=f"lm_{structure}_v{d_vocab}_t{seq_len}", inputs=inputs, targets=targets, groups=groups,
                         d_vocab=d_vocab, metadata={"repeats": rep, "kind": kind}, config=config)
+
+
+def planted_groups(groups: Mapping[str, Tensor]) -> list[tuple[int, str]]:
+    """``(R, "planted_r{R}")`` for each non-empty planted group of ``groups`` (a task's), by R."""
+    found = [(int(m.group(1)), g) for g in groups if (m := _PLANTED.match(g)) and bool(groups[g].any())]
+    return sorted(found)
 
 
 def _distinct(draw: Callable[[int], Tensor], n: int, width: int, seen: set[tuple[int, ...]], what: str,
