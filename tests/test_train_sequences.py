@@ -55,7 +55,7 @@ def test_training_loss_is_the_mean_over_the_batch_target_tokens(corpus):
     by_hand = torch.stack([-torch.log_softmax(logits[i, t], -1)[y[i, t]]
                            for i in range(len(rows)) for t in range(corpus.n_ctx) if y[i, t] != IGNORE]).mean()
     got = _next_token_loss(model, corpus, rows, losses.cross_entropy)
-    assert float(got.detach()) == pytest.approx(float(by_hand), rel=1e-9)
+    assert float(got.detach()) == pytest.approx(float(by_hand.detach()), rel=1e-9)
     got.backward()  # it is the loss the optimizer sees: differentiable
     assert model.W_E.grad is not None and float(model.W_E.grad.abs().sum()) > 0
     # the full batch is one epoch: every train row `repeats` times, unshuffled
