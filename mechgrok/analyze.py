@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mechgrok import measures, neurons
+from mechgrok import measures, models, neurons
 from mechgrok._io import child_path
 from mechgrok._threads import torch_threads
 from mechgrok.components import is_neuron, parse
@@ -382,8 +382,24 @@ def memorization_analysis(model, task: SequenceTask, *, k: int | None = None, pr
                        if bool(task.groups[g].any())} for kk in ks}
     bos = task.d_vocab - 1 if task.config.get("kind") == "lm_corpus" else None
     induction = measures.induction_scores(model, bos=bos).to_dict()
-    return {"k": s.k, "reference": s.reference, "auroc": s.auroc_by_group(), "agreement": s.agreement(),
-            "by_repeats": s.by_repeats(), "extractable_rate": rates, "induction": induction}
+    out = {"k": s.k, "reference": s.reference, "auroc": s.auroc_by_group(), "agreement": s.agreement(),
+           "by_repeats": s.by_repeats(), "extractable_rate": rates, "induction": induction}
+    planted = s.planted_groups()
+    if planted and models.has_mlp(model):  # DEL (Chang et al. 2024) on the most repeated planted group
+        group = planted[-1][1]
+        if memorization.extract(model, task, s.k, split=group).rate > 0:
+            curves = {}
+            for method in memorization.LOCALIZATION_METHODS:
+                loc = memorization.localize(model, task, group, method, progress=False)
+                curves[method] = [p.to_dict() for p in memorization.deletion_curve(model, task, loc, DEL_FRACTIONS,
+                                                                                   k=s.k)]
+            out["deletion"] = {"group": group, "fractions": list(DEL_FRACTIONS), "curves": curves,
+                               "before": memorization.extract(model, task, s.k, split=group).rate}
+    return out
+
+
+#: Shares of the MLP neurons the memorization analysis drops (DEL): 0.1%, 0.5%, 1% (Chang et al.), 5%.
+DEL_FRACTIONS = (0.001, 0.005, 0.01, 0.05)
 
 
 def _memorization(run: Run, progress: bool) -> dict[str, Any] | None:

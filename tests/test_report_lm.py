@@ -21,6 +21,9 @@ def test_lm_run_analyses_and_report(tmp_path):
     assert set(data["auroc"]["loss"]) == {"planted_r1", "planted_r20"}
     assert data["by_repeats"][0]["group"] == "held_out_planted"
     assert 0 <= data["induction"]["strength"] <= 1
+    # planted_r20 is k=2 extractable after these 60 steps (0.75 measured), so DEL runs on it
+    assert data["deletion"]["group"] == "planted_r20" and data["deletion"]["before"] > 0
+    assert set(data["deletion"]["curves"]) == set(mg.memorization.LOCALIZATION_METHODS)
     mg.report.build(run)
     report = json.loads((run.path / "report.json").read_text())
     sections = report["sections"]
@@ -28,4 +31,4 @@ def test_lm_run_analyses_and_report(tmp_path):
     assert "training" not in sections  # the one-answer training section does not claim an LM run
     assert all(not s.get("error") for s in sections.values()), [s.get("error") for s in sections.values()]
     md = (run.path / "report.md").read_text()
-    assert "planted_r20" in md and "AUROC" in md
+    assert "planted_r20" in md and "AUROC" in md and "DEL (Chang et al. 2024)" in md

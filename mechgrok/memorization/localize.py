@@ -4,7 +4,9 @@ Memorized Data in LLMs? A Tale of Two Benchmarks", NAACL 2024), on a ``SequenceT
 
 The unit is an MLP neuron ``(layer, n)``: entry ``n`` of ``blocks.{layer}.mlp.hook_post``, over
 all layers. ``localize`` scores each neuron (higher: more responsible for the *target* sequences)
-with one of ``METHODS``, each documented at its function. The *target loss* is the mean over the
+with one of ``METHODS``, each documented at its function: Chang et al.'s five (activations,
+integrated gradients, zero-out, slimming, hard concrete), mechgrok's direct-logit memorization
+score, and the target's EK-FAC self-influence split over neurons (``ekfac``). The *target loss* is the mean over the
 target sequences of each one's mean next-token cross-entropy over its target tokens
 (``task.loss_mask``), as ``sequence_loss`` computes it.
 
@@ -331,6 +333,36 @@ def _memorization_score(model, task, target, reference, batch_size, steps, seed,
     return mean_push(target) - mean_push(reference)
 
 
+def _ekfac(model, task, target, reference, batch_size, steps, seed, progress, *, damping):
+    """EK-FAC INFLUENCE (Grosse et al. 2023's factors; mechgrok's split over neurons): the target
+    sequences' self-influence ``g_zᵀ (F + λI)⁻¹ g_z`` (``g_z`` the gradient of a sequence's summed
+    next-token loss), with the EK-FAC factors fitted on the task's training rows, split over the
+    MLP neurons: neuron ``n`` of layer ``l`` gets the terms of its own weights, row ``n`` of
+    ``W_in`` (with ``b_in[n]``) and column ``n`` of ``W_out``, ``Σ (P ∘ G)`` over those entries
+    with ``P = (F + λI)⁻¹ G``; averaged over target sequences. Over a layer the scores and the
+    ``W_out`` bias terms sum to the two maps' share of the self-influence. High: the target's own
+    gradient runs through the neuron's weights, preconditioned by how little the rest of the
+    training data constrains them. A sequence already fitted to near-zero loss has a small gradient
+    everywhere, so this finds the neurons of sequences still being learned better than those of
+    memorized ones (INJ recall 0.17-0.5 on the tiny test models, against 0.83-1 for zero-out)."""
+    from mechgrok.influence import EKFAC  # noqa: PLC0415 (influence is heavy; only this method needs it)
+
+    ek = EKFAC(model, task.sequences("all"), modules=[f"blocks.{l}.mlp.{w}" for l in range(models.n_layers(model))
+                                                      for w in ("W_in", "W_out")],
+               damping=damping, batch_size=batch_size, progress=progress, threads=None)
+    ek.fit(task.train.nonzero().flatten())
+    d = model.cfg.d_mlp
+    score = torch.zeros(models.n_layers(model), d, dtype=torch.float64)
+    for b in _batches(target, batch_size):
+        G = ek.gradients(b)
+        P = ek.precondition(G)
+        for l in range(len(score)):
+            w_in, w_out = f"blocks.{l}.mlp.W_in", f"blocks.{l}.mlp.W_out"
+            score[l] += (P[w_in] * G[w_in]).sum((0, 2)).cpu()  # [d]: row n (its input weights and bias)
+            score[l] += (P[w_out] * G[w_out])[:, :, :d].sum((0, 1)).cpu()  # [d]: column n (output weights)
+    return score / len(target)
+
+
 class _Method(NamedTuple):
     fn: Callable[..., Tensor]
     options: dict[str, Any]  # its settings and their defaults
@@ -345,6 +377,7 @@ METHODS: dict[str, _Method] = {
     "slimming": _Method(_slimming, {"lam": 30.0, "lr": 0.1}, False, True),
     "hard_concrete": _Method(_hard_concrete, {"lam": 30.0, "lr": 0.1, "beta": 2 / 3, "init": 0.5}, False, True),
     "memorization_score": _Method(_memorization_score, {}, True, False),
+    "ekfac": _Method(_ekfac, {"damping": 0.1}, False, False),
 }
 """Localization methods: name -> function, settings (defaults), reads a reference, trains masks."""
 
@@ -352,6 +385,7 @@ _CHECKS: dict[str, tuple[Callable, dict]] = {
     "ig_steps": (check_int, dict(low=1)), "lam": (check_float, dict(low=0.0)),
     "lr": (check_float, dict(low=0.0, low_open=True)), "beta": (check_float, dict(low=0.0, low_open=True)),
     "init": (check_float, dict(low=0.0, high=1.0, low_open=True, high_open=True)),
+    "damping": (check_float, dict(low=0.0, low_open=True)),
 }
 
 

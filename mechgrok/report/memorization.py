@@ -80,13 +80,29 @@ def memorized_sequences(run: Run) -> Section | None:
             f"The reference `{data['reference']}` holds sequences of the planted kind the model never trained on. "
             f"Induction: best head prefix-matching {_f(ind['strength'], 2)} (layer {ind['best_head'][0]}, head "
             f"{ind['best_head'][1]}), in-context gain {_f(ind['in_context_gain'], 2)} nats.")
+    tables, figures = [], []
+    if (dele := data.get("deletion")) is not None:
+        fr = dele["fractions"]
+        tables.append(Table(["method", *(f"{100 * f:g}% dropped" for f in fr)],
+                            [[m, *(f"{_f(p['target_extractable'], 2)} ({p['reference_loss_change']:+.3f})" for p in c)]
+                             for m, c in dele["curves"].items()],
+                            f"DEL (Chang et al. 2024): share of `{dele['group']}` still k={k} extractable after dropping "
+                            f"each method's top neurons (before: {_f(dele['before'], 2)}), and in brackets the change "
+                            "of the other training sequences' loss (nats)."))
+        figures.append(Figure.from_mpl(line_figure(np.array(fr) * 100, {m: [p["target_extractable"] for p in c]
+                                                                        for m, c in dele["curves"].items()},
+                                                   xlabel="% of MLP neurons dropped", ylabel="still extractable",
+                                                   ylim=(-0.02, 1.02), title="Deletion by localization method"),
+                                       f"DEL curves on `{dele['group']}`.", "lm-deletion"))
     return Section("Memorized sequences", text=text, figures=[Figure.from_mpl(fig, "Mean extraction match by "
-                                                                              "repetition count.", "lm-extraction")],
+                                                                              "repetition count.", "lm-extraction"),
+                                                               *figures],
                    tables=[Table(["group", "repeats", "n", *methods], rows, "Mean score per group."),
                            Table(["method", *planted], auroc_rows, "AUROC of each planted group against the "
                                                                    "reference (1 = perfect separation, 0.5 = chance)."),
                            Table(["", *methods], agree_rows, "Spearman correlation of the scores over the planted and "
                                                              "reference sequences."),
-                           Table(["group", *(f"k={kk}" for kk in ks)], rate_rows, "k-extractable share per group.")],
+                           Table(["group", *(f"k={kk}" for kk in ks)], rate_rows, "k-extractable share per group."),
+                           *tables],
                    numbers={"auroc": data["auroc"], "extractable_rate": rates, "induction_strength": ind["strength"]},
                    headline=headline)
