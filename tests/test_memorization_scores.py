@@ -60,6 +60,15 @@ def test_self_influence_score_is_the_ekfac_self_influence(trained):
     assert torch.allclose(s.scores["self_influence"], want.double(), rtol=1e-6)
 
 
+def test_a_group_named_like_the_internal_one_changes_nothing(trained):
+    task, model = trained
+    odd = task.with_groups(_scored=task.groups["planted_r1"])  # a caller's group with the internal name
+    a = scores(model, odd, methods=["extractable", "loss"], k=3)
+    b = scores(model, task, methods=["extractable", "loss"], k=3)
+    assert a.rows.tolist() == b.rows.tolist()
+    assert all(torch.equal(a.scores[m], b.scores[m]) for m in ("extractable", "loss"))
+
+
 def test_token_accuracy_by_hand(trained):
     task, model = trained
     acc = token_accuracy(model, task, "test", batch_size=3)

@@ -170,13 +170,16 @@ def scores(model: nn.Module, task: SequenceTask, methods: Sequence[str] = SCORE_
                   owner="memorization.scores (prefix length, BOS included)")
     sel = task.mask(split) | task.groups[reference]  # the reference is always scored: the gap and AUROCs need it
     rows = sel.nonzero().flatten()  # [n]
-    scoped = task.with_groups(_scored=sel) if "_scored" not in task.groups else task
+    name = "_scored"
+    while name in task.groups:  # a group of the caller's may already have the name
+        name += "_"
+    scoped = task.with_groups(**{name: sel})
     out: dict[str, Tensor] = {}
     for method in dict.fromkeys(methods):
         if method == "extractable":
-            out[method] = extract(model, scoped, k, split="_scored", batch_size=batch_size, threads=threads).match
+            out[method] = extract(model, scoped, k, split=name, batch_size=batch_size, threads=threads).match
         elif method == "loss":
-            loss = sequence_loss(model, scoped, split="_scored", batch_size=batch_size, threads=threads)  # [n]
+            loss = sequence_loss(model, scoped, split=name, batch_size=batch_size, threads=threads)  # [n]
             ref = torch.isin(rows, task.groups[reference].nonzero().flatten())
             out[method] = float(loss[ref].nanmean()) - loss
         else:
