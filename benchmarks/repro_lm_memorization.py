@@ -215,18 +215,11 @@ def main() -> None:
     f = HERE / "results" / "repro_lm_memorization.json"
     result = json.loads(f.read_text()) if f.exists() else {}
     result["machine"] = "2-core x86 VM, CPU, torch threads 1"
-    if "1" in parts:
-        result["part1"] = part1(out / "lm")
-    if "2" in parts:
-        result["part2"] = part2(out / "repeated")
-    if "3" in parts:
-        result["part3"] = part3(out / "lm")
-    if "4" in parts:
-        result["part4"] = part4(out / "lm")
-    if "5" in parts:
-        result["part5"] = part5(out / "lm")
-    if "6" in parts:
-        result["part6"] = part6(out / "cf")
+    runs = {"1": (part1, "lm"), "2": (part2, "repeated"), "3": (part3, "lm"), "4": (part4, "lm"), "5": (part5, "lm"),
+            "6": (part6, "cf")}  # part -> (function, its folder inside --out)
+    for part in sorted(parts):
+        fn, folder = runs[part]
+        result[f"part{part}"] = fn(out / folder)
     f.write_text(json.dumps(result, indent=1, allow_nan=True))
     print(json.dumps(result, indent=1)[:4000])
 

@@ -387,14 +387,14 @@ def memorization_analysis(model, task: SequenceTask, *, k: int | None = None, pr
     planted = s.planted_groups()
     if planted and models.has_mlp(model):  # DEL (Chang et al. 2024) on the most repeated planted group
         group = planted[-1][1]
-        if memorization.extract(model, task, s.k, split=group).rate > 0:
+        before = memorization.extract(model, task, s.k, split=group).rate
+        if before > 0:  # nothing to delete when none of the group is extractable
             curves = {}
             for method in memorization.LOCALIZATION_METHODS:
                 loc = memorization.localize(model, task, group, method, progress=False)
                 curves[method] = [p.to_dict() for p in memorization.deletion_curve(model, task, loc, DEL_FRACTIONS,
                                                                                    k=s.k)]
-            out["deletion"] = {"group": group, "fractions": list(DEL_FRACTIONS), "curves": curves,
-                               "before": memorization.extract(model, task, s.k, split=group).rate}
+            out["deletion"] = {"group": group, "fractions": list(DEL_FRACTIONS), "curves": curves, "before": before}
     return out
 
 

@@ -431,7 +431,8 @@ class _SequenceBatches:
     def __init__(self, task: SequenceTask, batch_size: int | None, seed: int):
         self.task, self.seed = task, seed
         self._epochs: dict[int, Tensor] = {}
-        self.per_epoch = len(task.epoch_rows(torch.Generator().manual_seed(0)))
+        reps = task.metadata.get("repeats")
+        self.per_epoch = int(task.train.sum()) if reps is None else int(reps[task.train].sum())  # = len(epoch_rows())
         if self.per_epoch == 0:
             raise ValueError(f"task {task.name!r} has no training sequence to draw (its train rows have repeats 0 or "
                              "it has none); give some train rows repeats >= 1")

@@ -180,8 +180,7 @@ def scores(model: nn.Module, task: SequenceTask, methods: Sequence[str] = SCORE_
             out[method] = extract(model, scoped, k, split=name, batch_size=batch_size, threads=threads).match
         elif method == "loss":
             loss = sequence_loss(model, scoped, split=name, batch_size=batch_size, threads=threads)  # [n]
-            ref = torch.isin(rows, task.groups[reference].nonzero().flatten())
-            out[method] = float(loss[ref].nanmean()) - loss
+            out[method] = float(loss[task.groups[reference][rows]].nanmean()) - loss
         else:
             out[method] = _self_influence(model, task, rows, batch_size, damping, threads, progress)
     groups = {g: m[rows] for g, m in task.groups.items()}
