@@ -23,7 +23,7 @@ import torch
 
 import mechgrok as mg
 from mechgrok import circuits
-from mechgrok.analyze import overlap_analysis
+from mechgrok.analyses import overlap_analysis
 
 
 def _time(fn, trials: int) -> float:

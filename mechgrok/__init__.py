@@ -17,14 +17,14 @@ from mechgrok.train import TrainConfig, evaluate, train
 __version__ = "0.1.0"
 
 __all__ = ["tasks", "models", "presets", "train", "TrainConfig", "evaluate", "Run", "capture",
-           "ActivationCache", "load_cache", "measures", "memorization", "neurons", "circuits", "analyze", "report", "sae", "influence", "sweep", "sweep_figure", "gather",
+           "ActivationCache", "load_cache", "measures", "memorization", "neurons", "circuits", "analyze", "analyses", "report", "sae", "influence", "sweep", "sweep_figure", "gather",
            "__version__"]
 
 
 def __getattr__(name: str):
-    # The report pulls in matplotlib and sae pulls in sae-lens; load them (and influence) on first
-    # use to keep `import mechgrok` light.
-    if name in ("report", "sae", "influence"):
+    # The report (and the analyses, whose sections it holds) pull in matplotlib and sae pulls in
+    # sae-lens; load them (and influence) on first use to keep `import mechgrok` light.
+    if name in ("report", "analyses", "sae", "influence"):
         import importlib
 
         return importlib.import_module(f"mechgrok.{name}")

@@ -111,7 +111,8 @@ def _demo_run(preset: str, folder: str, only: tuple[str, ...] | None, steps: int
               level: int | None = None) -> str:
     """Train (or resume) one demo run and run the analyses it lacks (those written after its last
     checkpoint are kept); a worker process's job (hence the logging setup)."""
-    from mechgrok.analyze import ANALYSES, analyze
+    from mechgrok.analyses import ANALYSES
+    from mechgrok.analyze import analyze
     from mechgrok.run import Run
 
     if level is not None:  # a worker process: log at the parent's level, saying which run each line is about

@@ -70,13 +70,13 @@ def test_cli_analyze_only_and_errors(corrupted_run, capsys):
 
 def test_influence_analysis(corrupted_run):
     from mechgrok._stats import auroc
-    from mechgrok.analyze import influence_analysis
+    from mechgrok.analyses import influence_analysis
 
     assert auroc([3, 4], [1, 2]) == 1.0 and auroc([1, 2], [2, 3]) == 0.125 and auroc([], [1]) is None
     data = influence_analysis(corrupted_run, n_queries=8, k=5, progress=False)
     task = corrupted_run.task()
-    assert data["base_rates"]["frac_corrupted"] == int(task.train_corrupted.sum()) / int(task.train.sum())
-    last = data["steps"][str(corrupted_run.steps()[-1])]
+    assert data.base_rates["frac_corrupted"] == int(task.train_corrupted.sum()) / int(task.train.sum())
+    last = data.steps[str(corrupted_run.steps()[-1])]
     assert set(last["groups"]) == {"corrupted train", "test"}
     n_train = int(task.train.sum())
     for r in last["groups"].values():
@@ -88,7 +88,7 @@ def test_influence_analysis(corrupted_run):
     si = last["self_influence"]
     assert len(si["clean"]) + len(si["corrupted"]) == int(task.train.sum()) and min(si["clean"] + si["corrupted"]) >= 0
     assert 0 <= si["auroc_corrupted"] <= 1
-    ek = mg.influence.EKFAC.load(corrupted_run.path / data["factors"], corrupted_run.load_model(corrupted_run.steps()[-1]),
+    ek = mg.influence.EKFAC.load(corrupted_run.path / data.factors, corrupted_run.load_model(corrupted_run.steps()[-1]),
                                  task)
     assert ek.fitted
 
@@ -118,7 +118,7 @@ def test_crafted_sub_task_names_write_nothing_outside_the_run(multi_run, tmp_pat
 
 def test_overlap_analysis_checks_names_itself(multi_run, monkeypatch):
     """Defense in depth: a Task that skipped its own checks still cannot make the analysis write outside."""
-    from mechgrok.analyze import overlap_analysis
+    from mechgrok.analyses import overlap_analysis
 
     task = multi_run.task()
     object.__setattr__(task, "task_names", ("add", "../../escape"))  # bypasses Task's validation

@@ -93,7 +93,7 @@ def test_overlap_analysis_and_report(tmp_path, monkeypatch):
                    out=tmp_path / "multi", progress=False)
     # this 60-step model has learned neither operation: by default nothing would be compared
     # (test_overlap_skips_unlearned_operations); here every operation counts as learned, to test the machinery
-    monkeypatch.setattr(sys.modules["mechgrok.analyze"], "LEARNED_ACC", 0.0)  # mg.analyze is the function
+    monkeypatch.setattr(sys.modules["mechgrok.analyses.overlap"], "LEARNED_ACC", 0.0)
     written = mg.analyze(run, only=["overlap", "circuits", "progress"], progress=False)
     assert set(written) == {"overlap", "circuits", "progress"}
     import json
@@ -125,7 +125,7 @@ def test_overlap_skips_unlearned_operations(tmp_path):
     operation under the learned threshold is left out, and with fewer than two learned nothing is compared."""
     import json
 
-    from mechgrok.analyze import overlap_analysis
+    from mechgrok.analyses import overlap_analysis
 
     task = mg.tasks.multi_task([("add", 7), ("sub", 7), ("mul", 7)], train_frac=0.6, seed=0)
     model = mg.models.transformer(task, n_layers=1, d_model=16, n_heads=2, d_mlp=32, seed=0)
@@ -134,9 +134,9 @@ def test_overlap_skips_unlearned_operations(tmp_path):
     acc = {k: v["test"]["acc"] for k, v in mg.evaluate(run.load_model(40), task, by_task=True).items()}
     assert max(acc.values()) < 0.95  # 40 steps: nothing learned
     data = overlap_analysis(run, features=False, progress=False)
-    assert data["names"] == [] and data["not_learned"] == ["add", "sub", "mul"] and "skipped" in data
-    assert "pairs" not in data and not (run.path / "analysis" / "overlap").exists()
-    run.write_analysis("overlap", data)
+    assert data.names == [] and data.not_learned == ["add", "sub", "mul"] and data.skipped is not None
+    assert data.pairs is None and not (run.path / "analysis" / "overlap").exists()
+    run.write_analysis("overlap", data.to_json())
     html = mg.report.build(run).read_text()
     assert "Not computed" in html and 'class="error"' not in html
     # a threshold between the operations' accuracies: only those above it are compared
@@ -144,8 +144,8 @@ def test_overlap_skips_unlearned_operations(tmp_path):
     cut = (acc[order[0]] + acc[order[1]]) / 2
     assert acc[order[0]] < cut < acc[order[1]]  # measured: add 0.05, sub 0.20, mul 0.30 (distinct)
     data = overlap_analysis(run, features=False, learned_acc=cut, progress=False)
-    assert data["not_learned"] == [order[0]] and set(data["names"]) == set(order[1:])
-    assert set(data["pairs"]) == {"|".join(n for n in task.task_names if n in order[1:])}
-    assert json.dumps(data, default=str)  # JSON-ready
+    assert data.not_learned == [order[0]] and set(data.names) == set(order[1:])
+    assert set(data.pairs) == {"|".join(n for n in task.task_names if n in order[1:])}
+    assert json.dumps(data.to_json())  # JSON-ready
     with pytest.raises(ValueError, match="learned_acc"):
         overlap_analysis(run, learned_acc=1.5, progress=False)

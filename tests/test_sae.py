@@ -263,15 +263,15 @@ def test_analysis_over_training_and_report(tmp_path):
     model = mg.models.transformer(task, n_layers=1, d_model=16, n_heads=2, d_mlp=32, seed=0)
     run = mg.train(model, task, mg.TrainConfig(steps=40, eval_every=20, checkpoint_every=20), out=tmp_path / "r",
                    progress=False)
-    from mechgrok.analyze import sae_analysis
+    from mechgrok.analyses import sae_analysis
 
     data = sae_analysis(run, steps=60, training_sae_steps=30, n_random=2, n_training_steps=2, progress=False)
-    assert data["hook"] == HOOK and data["settings"]["d_sae"] == 64 and data["settings"]["k"] == 4
-    assert data["over_training"]["steps"] == [0, 20] and len(data["over_training"]["l0"]) == 2
-    assert sum(data["counts"][k] for k in mg.sae.LABELS) == 64
+    assert data.hook == HOOK and data.settings["d_sae"] == 64 and data.settings["k"] == 4
+    assert data.over_training["steps"] == [0, 20] and len(data.over_training["l0"]) == 2
+    assert sum(data.counts[k] for k in mg.sae.LABELS) == 64
     assert (run.path / "analysis" / "sae" / "final" / "cfg.json").is_file()
     assert (run.path / "analysis" / "sae" / "step_000020" / "cfg.json").is_file()
-    run.write_analysis("sae", data)
+    run.write_analysis("sae", data.to_json())
     html = mg.report.build(run).read_text()
     assert ">SAE features</h2>" in html and 'class="error"' not in html
     assert mg.sae.pick_steps([0, 10, 20, 30, 40], 3) == [0, 20, 40]

@@ -30,10 +30,7 @@ from mechgrok.report.sections import (SECTIONS, Figure, Section, SectionFn, Tabl
                                       unregister)
 from mechgrok.run import Run
 
-from mechgrok.report import analyses as _analyses  # noqa: E402,F401  (registers the analysis sections)
-from mechgrok.report import influence as _influence  # noqa: E402,F401
-from mechgrok.report import memorization as _memorization  # noqa: E402,F401
-from mechgrok.report import sae as _sae  # noqa: E402,F401
+import mechgrok.analyses  # noqa: E402,F401  (registers the analyses' report sections)
 
 __all__ = ["build", "Section", "Figure", "Table", "section", "unregister", "SECTIONS", "first_step"]
 

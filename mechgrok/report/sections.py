@@ -5,19 +5,20 @@ A section is a function ``(run: Run) -> Section | None`` registered with ``@sect
 they return; ``None`` means "my data are absent" (the section is left out), and an exception is
 shown as an error box in the section's place (and logged) without stopping the report.
 
-How to add a section for a new analysis that writes ``analysis/ipr.json`` (``run.write_analysis``)::
+A section for an analysis lives in that analysis' module, beside its typed result
+(``mechgrok/analyses/``; its docstring shows the whole recipe)::
 
-    @section(order=40, analysis="ipr")
-    def neuron_ipr(run):
-        data = read_analysis(run, "ipr")
+    @section(order=45, title="Neuron IPR", analysis="ipr")
+    def ipr_section(run):
+        data = IPRAnalysis.load(run)          # None: the analysis was not run
         if data is None:
             return None
-        return Section("Neuron IPR", text=f"Mean IPR: **{data['mean']:.3f}**.", numbers={"mean": data["mean"]})
+        return Section("Neuron IPR", text=f"Mean IPR: **{data.mean:.3f}**.", numbers={"mean": data.mean})
 
-Put it in this file, or in a module that ``mechgrok/report/__init__.py`` imports. ``analysis="ipr"``
-tells the catch-all "Other analyses" section that this file now has a section of its own. Figures:
+``analysis="ipr"`` tells the catch-all "Other analyses" section that ``analysis/ipr.json`` has a
+section of its own. Sections that read no analysis (the training ones) live in this file. Figures:
 ``Figure.from_mpl(figures.line_figure(x, {...}), "caption")``; tables: ``Table(header, rows)``.
-Built-in orders: 10 run configuration, 20 training, 1000 other analyses.
+Built-in orders: 10 run configuration, 20 training, 30–80 the analyses, 1000 other analyses.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 
 from mechgrok._io import child_path
 from mechgrok.report.figures import fig_to_png, line_figure
+from mechgrok.report.text import sig
 from mechgrok.run import GENERALIZED_ACC, MEMORIZED_ACC, Run, first_step
 
 __all__ = ["Section", "Figure", "Table", "section", "unregister", "SECTIONS", "first_step", "series",
@@ -213,7 +215,7 @@ def _pct(v: float | None) -> str:
 @section(order=20, title="Training")
 def training(run: Run) -> Section | None:
     hist = run.history()
-    if not hist or is_sequence_run(run):  # a language-model run has its own (mechgrok.report.memorization)
+    if not hist or is_sequence_run(run):  # a language-model run has its own (lm_training)
         return None
     x = series(hist, "step") + 1
     last_step = int(hist[-1]["step"])
@@ -346,3 +348,30 @@ def other_analyses(run: Run) -> Section | None:
     if unreadable:
         text += "\n\nCould not be read: " + "; ".join(unreadable) + "."
     return Section("Other analyses", text=text, tables=tables, numbers=numbers)
+
+
+@section(order=20, title="Training (language model)")
+def lm_training(run: Run) -> Section | None:
+    """Report section: next-token loss and exact match per group of a language-model run."""
+    hist = run.history()
+    if not hist or not is_sequence_run(run):
+        return None
+    groups = list(run.task().groups)
+    x = series(hist, "step") + 1
+    last = hist[-1]
+    figs = [Figure.from_mpl(line_figure(x, {g: series(hist, f"{g}_loss") for g in groups}, ylabel="loss (nats/token)",
+                                        logy=True, title="Next-token loss per group"),
+                            "Mean loss per target token of each group of sequences over training (log–log).",
+                            "lm-loss"),
+            Figure.from_mpl(line_figure(x, {g: series(hist, f"{g}_exact") for g in groups}, ylabel="share",
+                                        ylim=(-0.02, 1.02), title="Sequences with every target right"),
+                            "Share of each group's sequences whose every target token is predicted right under "
+                            "teacher forcing (`exact`).", "lm-exact")]
+    rows = [[g, sig(last.get(f"{g}_loss")), sig(last.get(f"{g}_acc")), sig(last.get(f"{g}_exact"))] for g in groups]
+    headline = (f"after {last['step']} steps: held-out structured loss {sig(last.get('test_loss'))} nats/token, "
+                f"token accuracy {sig(last.get('test_acc'))}")
+    return Section("Training (language model)", text="Next-token training over each sequence's target tokens; "
+                   "rows repeated R times per epoch are in groups `planted_r{R}`.", figures=figs,
+                   tables=[Table(["group", "loss", "token accuracy", "exact"], rows, f"At step {last['step']}.")],
+                   numbers={"final": {k: v for k, v in last.items() if k != "step"}, "final_step": last["step"]},
+                   headline=headline)
