@@ -109,3 +109,23 @@ def test_an_analysis_returning_the_wrong_type_is_an_error(run):
         assert not (run.path / "analysis" / "count_test.json").exists()
     finally:
         ANALYSES.pop("count_test")
+
+
+def test_local_complexity_analysis_on_a_relu_mlp_only(run, tmp_path, caplog):
+    task = mg.tasks.modular_arithmetic(p=7, train_frac=0.6, seed=0)
+    relu = mg.train(mg.models.mlp(task, width=32, act="relu", bias=True, seed=0), task,
+                    mg.TrainConfig(steps=20, lr=1e-2, eval_every=10, checkpoint_every=10), out=tmp_path / "relu",
+                    progress=False)
+    written = mg.analyze(relu, only=["local_complexity"], progress=False)
+    data = mg.analyses.LocalComplexityAnalysis.load(relu)
+    assert set(written) == {"local_complexity"} and data.radii == [0.1, 1.0]
+    from mechgrok.measures.local_complexity import local_complexity_over_training
+
+    direct = local_complexity_over_training(relu, radius=1.0, progress=False)
+    assert data.results[1]["mean"]["train"] == pytest.approx(list(direct.mean["train"]))  # the measure's numbers
+    assert data.results[1]["steps"] == [0, 10, 20]
+    html = mg.report.build(relu).read_text()
+    assert ">Local complexity</h2>" in html and 'class="error"' not in html
+    with caplog.at_level(logging.INFO, logger="mechgrok.analyze"):  # the transformer run: not a ReLU MLP
+        assert mg.analyze(run, only=["local_complexity"], progress=False) == {}
+    assert "counts the linear regions of a ReLU MLP" in caplog.text

@@ -33,6 +33,7 @@ from mechgrok.analyses._base import ANALYSES, Analysis, Result, analysis, one_an
 
 # the order of these imports is the order ``analyze`` runs them in
 from mechgrok.analyses.progress import ProgressAnalysis, phase_boundaries  # isort: skip
+from mechgrok.analyses.local_complexity import LocalComplexityAnalysis, local_complexity_analysis  # isort: skip
 from mechgrok.analyses.neurons import NeuronAnalysis, neuron_analysis  # isort: skip
 from mechgrok.analyses.circuits import CircuitAnalysis, circuit_analysis, prune_nodes  # isort: skip
 from mechgrok.analyses.overlap import LEARNED_ACC, OverlapAnalysis, overlap_analysis  # isort: skip
@@ -41,7 +42,8 @@ from mechgrok.analyses.influence import InfluenceAnalysis, influence_analysis  #
 from mechgrok.analyses.memorization import DEL_FRACTIONS, MemorizationAnalysis, memorization_analysis  # isort: skip
 
 __all__ = ["ANALYSES", "Analysis", "Result", "analysis", "one_answer_task", "sequence_task",
-           "ProgressAnalysis", "phase_boundaries", "NeuronAnalysis", "neuron_analysis",
+           "ProgressAnalysis", "phase_boundaries", "LocalComplexityAnalysis", "local_complexity_analysis",
+           "NeuronAnalysis", "neuron_analysis",
            "CircuitAnalysis", "circuit_analysis", "prune_nodes", "OverlapAnalysis", "overlap_analysis", "LEARNED_ACC",
            "SAEAnalysis", "sae_analysis", "sae_config", "InfluenceAnalysis", "influence_analysis",
            "MemorizationAnalysis", "memorization_analysis", "DEL_FRACTIONS"]
