@@ -1,25 +1,50 @@
 """Losses and softmax statistics used for training and evaluation.
 
-All losses are computed in float64 (the grokking papers' practice: float32 cross-entropy rounds
-the loss of confidently correct examples to exactly zero — Prieto et al. 2025's "softmax collapse").
+Every loss is computed in float64 by default (the grokking papers' practice: float32 cross-entropy
+rounds the loss of confidently correct examples to exactly zero — Prieto et al. 2025's "softmax
+collapse"). Each takes ``dtype=`` to compute in float32 instead (``TrainConfig(loss_dtype="float32")``,
+the precision Prieto et al. study): the logits are cast to ``dtype`` and every step of the loss and of
+its backward runs in it. ``loss_fn(name, dtype)`` returns the loss bound to a precision.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["LOSSES", "loss_fn", "cross_entropy", "mse", "stablemax_cross_entropy", "stablemax",
-           "softmax_collapse", "token_nll", "IGNORE"]
+__all__ = ["LOSSES", "LOSS_DTYPES", "loss_fn", "loss_dtype", "cross_entropy", "mse", "stablemax_cross_entropy",
+           "stablemax", "softmax_collapse", "token_nll", "IGNORE"]
 
 IGNORE = -100
 """The target of a position that carries no loss (PyTorch's and Hugging Face's ignore index)."""
 
+#: The precisions a loss can be computed in, by name (``TrainConfig.loss_dtype``).
+LOSS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
-def cross_entropy(logits: Float[Tensor, "batch d_out"], labels: Int[Tensor, " batch"], reduction: str = "mean") -> Tensor:
-    """Mean cross-entropy in float64 (``reduction="none"``: one value per example ``[batch]``)."""
-    return torch.nn.functional.cross_entropy(logits.double(), labels, reduction=_reduction(reduction))
+
+def loss_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``dtype`` (a name in ``LOSS_DTYPES`` or the torch dtype itself) as a torch dtype; an error otherwise.
+
+    >>> loss_dtype("float32")
+    torch.float32
+    """
+    if isinstance(dtype, str) and dtype in LOSS_DTYPES:
+        return LOSS_DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in LOSS_DTYPES.values():
+        return dtype
+    raise ValueError(f"loss dtype must be one of {sorted(LOSS_DTYPES)} (the precision of the loss and its gradient), "
+                     f"got {dtype!r}")
+
+
+def cross_entropy(logits: Float[Tensor, "batch d_out"], labels: Int[Tensor, " batch"], reduction: str = "mean", *,
+                  dtype: torch.dtype = torch.float64) -> Tensor:
+    """Mean cross-entropy in ``dtype`` (float64 unless given; ``reduction="none"``: one value per
+    example ``[batch]``). In float32 an example whose correct logit leads every other by more than
+    ``24 ln 2 ≈ 16.6`` has loss exactly 0 and gradient exactly 0 on that logit (softmax collapse)."""
+    return torch.nn.functional.cross_entropy(logits.to(loss_dtype(dtype)), labels, reduction=_reduction(reduction))
 
 
 def _reduction(reduction: str) -> str:
@@ -32,12 +57,14 @@ def _reduce(per_example: Tensor, reduction: str) -> Tensor:
     return per_example.mean() if _reduction(reduction) == "mean" else per_example
 
 
-def mse(logits: Float[Tensor, "batch d_out"], labels: Int[Tensor, " batch"], reduction: str = "mean") -> Tensor:
+def mse(logits: Float[Tensor, "batch d_out"], labels: Int[Tensor, " batch"], reduction: str = "mean", *,
+        dtype: torch.dtype = torch.float64) -> Tensor:
     """Mean squared error to one-hot targets, averaged over examples *and* classes (as
-    ``nn.MSELoss``), in float64. Doshi et al. 2023 train their MLP with this loss.
-    ``reduction="none"``: the mean over classes of each example ``[batch]``."""
-    target = torch.nn.functional.one_hot(labels, logits.shape[-1]).double()
-    return _reduce(((logits.double() - target) ** 2).mean(-1), reduction)
+    ``nn.MSELoss``), in ``dtype`` (float64 unless given). Doshi et al. 2023 train their MLP with this
+    loss. ``reduction="none"``: the mean over classes of each example ``[batch]``."""
+    dtype = loss_dtype(dtype)
+    target = torch.nn.functional.one_hot(labels, logits.shape[-1]).to(dtype)
+    return _reduce(((logits.to(dtype) - target) ** 2).mean(-1), reduction)
 
 
 def _s(x: Tensor) -> Tensor:
@@ -53,30 +80,49 @@ def stablemax(logits: Float[Tensor, "batch d_out"]) -> Float[Tensor, "batch d_ou
 
 
 def stablemax_cross_entropy(logits: Float[Tensor, "batch d_out"], labels: Int[Tensor, " batch"],
-                            reduction: str = "mean") -> Tensor:
-    """Cross-entropy with StableMax in place of softmax, float64 (``reduction="none"``: ``[batch]``)."""
-    s = _s(logits.double())
+                            reduction: str = "mean", *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Cross-entropy with StableMax in place of softmax, in ``dtype`` (float64 unless given;
+    ``reduction="none"``: ``[batch]``)."""
+    s = _s(logits.to(loss_dtype(dtype)))
     log_p = torch.log(s.gather(-1, labels[:, None]).squeeze(-1)) - torch.log(s.sum(-1))
     return _reduce(-log_p, reduction)
 
 
-def token_nll(logits: Float[Tensor, "batch pos d_out"], targets: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos"]:
-    """Per-token next-token cross-entropy in float64, ``0`` where ``targets == IGNORE``.
+def token_nll(logits: Float[Tensor, "batch pos d_out"], targets: Int[Tensor, "batch pos"], *,
+              dtype: torch.dtype = torch.float64) -> Float[Tensor, "batch pos"]:
+    """Per-token next-token cross-entropy in ``dtype`` (float64 unless given), ``0`` where
+    ``targets == IGNORE``.
 
     ``logits[b, t]`` predicts ``targets[b, t]`` (TL-style ``[batch, pos, vocab]`` logits; a
     ``SequenceTask``'s targets are already aligned with its inputs)."""
-    return torch.nn.functional.cross_entropy(logits.double().transpose(1, 2), targets, ignore_index=IGNORE,
-                                             reduction="none")
+    return torch.nn.functional.cross_entropy(logits.to(loss_dtype(dtype)).transpose(1, 2), targets,
+                                             ignore_index=IGNORE, reduction="none")
 
 
 LOSSES = {"cross_entropy": cross_entropy, "mse": mse, "stablemax": stablemax_cross_entropy}
 
 
-def loss_fn(name: str):
-    """The loss function registered as ``name`` in ``LOSSES``; a clear error for unknown names."""
-    if name not in LOSSES:
+def loss_fn(name: str, dtype: str | torch.dtype = "float64"):
+    """The loss function registered as ``name`` in ``LOSSES``, computing in ``dtype`` (a name in
+    ``LOSS_DTYPES`` or the torch dtype); a clear error for an unknown name or precision.
+
+    The float64 loss is the registered function itself; another precision is that function with
+    ``dtype`` bound (it still takes ``reduction=``).
+
+    >>> loss_fn("cross_entropy") is cross_entropy
+    True
+    >>> float(loss_fn("cross_entropy", "float32")(torch.tensor([[20.0, 0.0]]), torch.tensor([0])))
+    0.0
+    """
+    if not isinstance(name, str) or name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
-    return LOSSES[name]
+    dtype = loss_dtype(dtype)
+    fn = LOSSES[name]
+    if dtype == torch.float64:
+        return fn
+    bound = functools.partial(fn, dtype=dtype)
+    bound.__name__ = f"{fn.__name__}_{str(dtype).removeprefix('torch.')}"  # type: ignore[attr-defined]
+    return bound
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from mechgrok._io import atomic_write_text
 from mechgrok._runfolder import open_run, resume_point
 from mechgrok._threads import torch_threads
 from mechgrok.checkpoints import load_training_state, save_training_state
-from mechgrok.losses import IGNORE, loss_fn, softmax_collapse
+from mechgrok.losses import IGNORE, LOSS_DTYPES, loss_fn, softmax_collapse
 from mechgrok.run import RUN_FORMAT, Run, checkpoint_name
 from mechgrok.tasks import SequenceTask, Task
 
@@ -62,6 +62,12 @@ class TrainConfig:
     Every field is checked on construction (``_FIELD_CHECKS``): integers that are not bools, finite
     floats, positive counts; a wrong value is a ``TypeError`` / ``ValueError`` saying what the field
     must be. Numbers are stored as plain ``int`` / ``float`` (``lr=1`` becomes ``1.0``).
+
+    ``loss_dtype`` and ``adam_eps`` exist to reproduce Prieto et al. 2025 ("Grokking at the edge of
+    numerical stability"): a float32 loss lets softmax collapse zero the gradients of confidently
+    correct examples (``mechgrok.measures.stability``), and a tiny ``adam_eps`` keeps AdamW from damping
+    the tiny gradients left after it. Both apply to the training loss and to the losses in
+    ``history.jsonl``; the model itself stays in its own dtype.
     """
 
     steps: int = 8000  # number of optimizer updates
@@ -70,7 +76,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas (Nanda et al. 2023)
     warmup: int = 0  # linear warm-up steps from 0 to lr
     batch_size: int | None = None  # None = full batch (all training examples every step)
-    loss: str = "cross_entropy"  # cross_entropy | mse (one-hot targets) | stablemax; all in float64
+    loss: str = "cross_entropy"  # cross_entropy | mse (one-hot targets) | stablemax; in loss_dtype
+    loss_dtype: str = "float64"  # precision of the loss and its backward: float64 | float32 (Prieto et al. 2025)
+    adam_eps: float = 1e-8  # AdamW epsilon (torch's default); Prieto et al. use 1e-25 .. 1e-30 in some runs
     objective: str = "auto"  # last_token (a Task) | next_token (a SequenceTask, over its loss mask) | auto: the task's
     optimizer: str = "adamw"  # adamw | adamw_orthograd (⊥Grad, Prieto et al. 2025)
     dropout: float = 0.0  # dropout on MLP neurons (blocks.*.mlp.hook_post) during training
@@ -92,9 +100,13 @@ class TrainConfig:
         object.__setattr__(self, "betas", tuple(
             _checked("betas", b, check_float, "two numbers in [0, 1), e.g. (0.9, 0.98)",
                      dict(low=0, high=1, high_open=True), shown=betas) for b in betas))
-        for name in ("loss", "optimizer"):
+        for name in ("loss", "optimizer", "loss_dtype"):
             if not isinstance(getattr(self, name), str):
-                raise TypeError(f"TrainConfig: {name} must be a string, got {getattr(self, name)!r}")
+                raise TypeError(f"TrainConfig: {name} must be a string, got {getattr(self, name)!r} "
+                                f"({type(getattr(self, name)).__name__})")
+        if self.loss_dtype not in LOSS_DTYPES:
+            raise ValueError(f"TrainConfig: loss_dtype must be one of {sorted(LOSS_DTYPES)} (the precision of the loss "
+                             f"and its gradient; 'float64' is the default), got {self.loss_dtype!r}")
         try:
             loss_fn(self.loss)
         except ValueError as e:
@@ -107,12 +119,15 @@ class TrainConfig:
                              f"the one the task has), got {self.objective!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as JSON-ready values. ``objective="auto"`` is left out: the task implies it, and
-        run folders written before the field existed keep matching (and resuming)."""
+        """The fields as JSON-ready values. Fields added after run folders existed are left out at
+        their defaults (``_OMITTED_AT_DEFAULT``: ``objective="auto"``, which the task implies,
+        ``loss_dtype="float64"``, ``adam_eps=1e-8``), so that folders written before them keep
+        matching (and resuming); ``from_dict`` fills them back in. Any other value is written."""
         d = asdict(self)
         d["betas"] = list(self.betas)
-        if d["objective"] == "auto":
-            del d["objective"]
+        for name, default in _OMITTED_AT_DEFAULT.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
@@ -123,6 +138,13 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
 
+# Fields whose default value to_dict leaves out (see its docstring), with the dataclass's defaults.
+_OMITTED_AT_DEFAULT = {f.name: f.default for f in fields(TrainConfig)
+                       if f.name in ("objective", "loss_dtype", "adam_eps")}
+# The smallest adam_eps: float32's smallest normal number (1.18e-38). A smaller eps is subnormal or rounds
+# to 0 in a float32 model's optimizer, and a parameter whose gradient is always 0 then updates by 0 / 0 = NaN.
+_ADAM_EPS_MIN = float(torch.finfo(torch.float32).tiny)
+
 # (field, check, what it must be, bounds): one row per number of TrainConfig; None allowed where noted.
 _FIELD_CHECKS: tuple[tuple[str, Callable, str, dict], ...] = (
     ("steps", check_int, "a non-negative integer (optimizer updates)", dict(low=0)),
@@ -131,6 +153,9 @@ _FIELD_CHECKS: tuple[tuple[str, Callable, str, dict], ...] = (
     ("warmup", check_int, "an integer >= 0 (steps of linear warm-up)", dict(low=0)),
     ("batch_size", check_int, "positive (an integer >= 1) or None (full batch)", dict(low=1)),
     ("dropout", check_float, "a number that lies in [0, 1)", dict(low=0, high=1, high_open=True)),
+    ("adam_eps", check_float, f"a number in [{_ADAM_EPS_MIN:.3g}, 1) (AdamW's epsilon: 1e-8 is torch's default, "
+     "Prieto et al. use 1e-25 to 1e-30; below float32's smallest normal number it rounds away)",
+     dict(low=_ADAM_EPS_MIN, high=1, high_open=True)),
     ("eval_every", check_int, "an integer >= 1", dict(low=1)),
     ("checkpoint_every", check_int, "an integer >= 1", dict(low=1)),
     ("seed", check_int, "an integer in [0, 2**64)", dict(low=0, high=2**64 - 1)),
@@ -152,7 +177,8 @@ def _checked(name: str, value: Any, check: Callable, what: str, bounds: dict, sh
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task | SequenceTask, loss: str = "cross_entropy", by_task: bool = False) -> dict:
+def evaluate(model: nn.Module, task: Task | SequenceTask, loss: str = "cross_entropy", by_task: bool = False, *,
+             loss_dtype: str = "float64") -> dict:
     """Accuracy and loss per split: ``{"train": {"acc", "loss"}, "test": ..., "train_clean": ...,
     "train_corrupted": ... (against the corrupted label), "train_corrupted_true": ... (against the
     true label)}``. Empty splits give NaN. One forward pass over all examples.
@@ -160,14 +186,14 @@ def evaluate(model: nn.Module, task: Task | SequenceTask, loss: str = "cross_ent
     ``by_task=True`` (multi-task data) returns ``{sub-task name: that dict}`` instead.
 
     A ``SequenceTask`` gives ``{group: {"loss", "acc", "exact"}}`` for each of its groups
-    (``sequence_metrics``).
+    (``sequence_metrics``). The loss is ``loss`` computed in ``loss_dtype`` (``TrainConfig``'s fields).
     """
     models.check_compatible(model, task)
     if isinstance(task, SequenceTask):
         if by_task:
             raise ValueError(f"{task.name!r} is a SequenceTask, which has one sub-task ('lm'); evaluate it with "
                              "by_task=False")
-        return sequence_metrics(model, task, loss)
+        return sequence_metrics(model, task, loss, loss_dtype=loss_dtype)
     was_training = model.training
     model.eval()
     try:
@@ -175,15 +201,16 @@ def evaluate(model: nn.Module, task: Task | SequenceTask, loss: str = "cross_ent
     finally:
         model.train(was_training)
     if by_task:
-        return {name: metrics_from_logits(logits, task, loss, task_id=i) for i, name in enumerate(task.task_names)}
-    return metrics_from_logits(logits, task, loss)
+        return {name: metrics_from_logits(logits, task, loss, task_id=i, loss_dtype=loss_dtype)
+                for i, name in enumerate(task.task_names)}
+    return metrics_from_logits(logits, task, loss, loss_dtype=loss_dtype)
 
 
 def metrics_from_logits(logits: Tensor, task: Task, loss: str = "cross_entropy",
-                        task_id: int | None = None) -> dict[str, dict[str, float]]:
-    """``evaluate``'s per-split accuracy and loss from final-position logits ``[N, d_out]``
-    (only the examples of sub-task ``task_id`` when given)."""
-    fn = loss_fn(loss)
+                        task_id: int | None = None, *, loss_dtype: str = "float64") -> dict[str, dict[str, float]]:
+    """``evaluate``'s per-split accuracy and loss (``loss`` in ``loss_dtype``) from final-position
+    logits ``[N, d_out]`` (only the examples of sub-task ``task_id`` when given)."""
+    fn = loss_fn(loss, loss_dtype)
     out = {}
     for split in EVAL_SPLITS:
         mask = task.mask("train_corrupted" if split == "train_corrupted_true" else split)
@@ -211,14 +238,14 @@ _EVAL_BATCH = 512  # sequences per forward in sequence_metrics
 
 @torch.no_grad()
 def sequence_metrics(model: nn.Module, task: SequenceTask, loss: str = "cross_entropy",
-                     batch_size: int = _EVAL_BATCH) -> dict[str, dict[str, float]]:
+                     batch_size: int = _EVAL_BATCH, *, loss_dtype: str = "float64") -> dict[str, dict[str, float]]:
     """Next-token loss, token accuracy and sequence exact match per group of ``task``
     (``SEQUENCE_METRICS``): ``{group: {"loss", "acc", "exact"}}``; NaN for a group without targets.
 
     The model runs in eval mode (restored afterwards) on batches of ``batch_size`` sequences; the
-    loss is ``TrainConfig.loss`` (cross-entropy by default) in float64.
+    loss is ``TrainConfig.loss`` (cross-entropy by default) in ``loss_dtype`` (float64 by default).
     """
-    stats = _token_stats(model, task, loss_fn(loss), batch_size)
+    stats = _token_stats(model, task, loss_fn(loss, loss_dtype), batch_size)
     return {g: _group_metrics(stats, m) for g, m in task.groups.items()}
 
 
@@ -237,7 +264,7 @@ def _token_stats(model: nn.Module, task: SequenceTask, fn: Callable, batch_size:
             keep = y != IGNORE  # [b, T]
             rows = keep.nonzero()[:, 0]  # [tokens] the batch row of each target token
             flat_logits, flat_y = logits[keep], y[keep]  # [tokens, d_vocab_out], [tokens]
-            per_token = fn(flat_logits, flat_y, reduction="none")  # [tokens] float64
+            per_token = fn(flat_logits, flat_y, reduction="none").double()  # [tokens], summed in float64
             loss_sum[i:i + batch_size] = torch.zeros(len(y), dtype=torch.float64).index_add_(0, rows, per_token)
             right[i:i + batch_size] = torch.zeros(len(y), dtype=torch.float64).index_add_(
                 0, rows, (flat_logits.argmax(-1) == flat_y).double())
@@ -260,7 +287,7 @@ def _group_metrics(stats: tuple[Tensor, ...], mask: Tensor) -> dict[str, float]:
 @torch.no_grad()
 def _sequence_history_row(step: int, model: nn.Module, task: SequenceTask, cfg: TrainConfig, lr: float,
                           elapsed: float) -> dict:
-    stats = _token_stats(model, task, loss_fn(cfg.loss), _EVAL_BATCH)
+    stats = _token_stats(model, task, loss_fn(cfg.loss, cfg.loss_dtype), _EVAL_BATCH)
     row: dict[str, Any] = {"step": step}
     for g, m in task.groups.items():
         for k, v in _group_metrics(stats, m).items():
@@ -279,7 +306,7 @@ def _history_row(step: int, model: nn.Module, task: Task, cfg: TrainConfig, lr: 
     model.eval()
     with torch.no_grad():
         logits = models.final_logits(model, task.inputs).cpu()  # [N, d_out]
-        metrics = metrics_from_logits(logits, task, cfg.loss)
+        metrics = metrics_from_logits(logits, task, cfg.loss, loss_dtype=cfg.loss_dtype)
         wnorm = _weight_norm(model)
         collapse = softmax_collapse(logits[task.train], task.labels[task.train])
     model.train()
@@ -290,7 +317,7 @@ def _history_row(step: int, model: nn.Module, task: Task, cfg: TrainConfig, lr: 
     row.update(weight_norm=wnorm, softmax_collapse=collapse, lr=lr, elapsed_s=round(elapsed, 3))
     if len(task.task_names) > 1:  # per sub-task accuracies: "add/test_acc", ...
         for i, name in enumerate(task.task_names):
-            sub = metrics_from_logits(logits, task, cfg.loss, task_id=i)
+            sub = metrics_from_logits(logits, task, cfg.loss, task_id=i, loss_dtype=cfg.loss_dtype)
             for split in ("train", "test"):
                 v = sub[split]["acc"]
                 row[f"{name}/{split}_acc"] = None if math.isnan(v) else v
@@ -479,7 +506,7 @@ def _next_token_loss(model: nn.Module, task: SequenceTask, rows: Tensor, fn: Cal
 def _train_locked(model: nn.Module, task: Task, cfg: TrainConfig, out: Path, progress: bool,
                   stop_at: int | None, resume: str) -> Run:
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     g = torch.Generator().manual_seed(cfg.seed)
     history_file = out / "history.jsonl"
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
@@ -499,7 +526,7 @@ def _train_locked(model: nn.Module, task: Task, cfg: TrainConfig, out: Path, pro
         log.info("resuming %s from step %d", out, start)
 
     device = models.device_of(model)
-    fn = loss_fn(cfg.loss)
+    fn = loss_fn(cfg.loss, cfg.loss_dtype)
     if isinstance(task, SequenceTask):  # next-token: the loss over every target of the batch's loss masks
         batches = _SequenceBatches(task, cfg.batch_size, cfg.seed)
 

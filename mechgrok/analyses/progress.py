@@ -122,6 +122,17 @@ def progress_section(run: Run) -> Section | None:
                                 "map, mean activation IPR of the neurons, share of neurons explained >= 50% by one "
                                 "frequency, and share of embedding power in the key frequencies.",
                                 name="progress-sparsity"))
+    stability = {label: prog.column(k) for k, label in (("softmax_collapse", "softmax collapse (float32)"),
+                                                          ("softmax_collapse_float64", "softmax collapse (float64)"),
+                                                          ("nlm_alignment", "NLM alignment cos(−∇L, θ)"))
+                 if k in prog.columns}
+    if len(stability) > 1:  # tables written before the float64 and NLM columns had only the first
+        figs.append(Figure.from_mpl(line_figure(x, stability, ylabel="value", title="Numerical stability",
+                                                ylim=(-1.02, 1.02), phases=phases),
+                                    "Prieto et al. 2025: share of training examples whose softmax gives the label "
+                                    "probability exactly 1 (their loss and gradient vanish), and the cosine between "
+                                    "the descent direction and the weights (1: the gradient only scales the logits "
+                                    "up, naïve loss minimization).", name="progress-stability"))
     meta = prog.meta
     of = (f" The measures use the {meta['operation']} examples (this run's first operation)."
           if "+" in str(meta.get("task", "")) and meta.get("operation") else "")

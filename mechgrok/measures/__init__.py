@@ -4,7 +4,10 @@
 - ``grid``: the full (a, b) grid of a task and one forward pass over it.
 - ``keyfreq``: frequencies of the embedding and of the neurons; key frequencies.
 - ``restricted``: restricted and excluded loss.
-- ``sparsity``: Gini of Fourier norms, weight norm, softmax collapse.
+- ``sparsity``: Gini of Fourier norms, weight norm, softmax collapse (of given logits).
+- ``stability``: softmax collapse of a model in float32 / float64 and NLM alignment, over training
+  (Prieto et al. 2025).
+- ``local_complexity``: density of ReLU linear-region boundaries around points (Humayun et al. 2024).
 - ``progress``: all of them on every checkpoint of a run.
 - ``induction``: prefix-matching and copying scores of attention heads (Olsson et al. 2022).
 """
@@ -22,6 +25,14 @@ from mechgrok.measures.keyfreq import (
     neuron_frequencies,
     neuron_ipr,
 )
+from mechgrok.measures.local_complexity import (
+    BoundaryPoints,
+    LocalComplexity,
+    LocalComplexityOverTraining,
+    boundary_points,
+    local_complexity,
+    local_complexity_over_training,
+)
 from mechgrok.measures.progress import PROGRESS_COLUMNS, progress
 from mechgrok.measures.restricted import (
     excluded_logits,
@@ -37,6 +48,12 @@ from mechgrok.measures.sparsity import (
     unembedding_frequency_norms,
     weight_norm,
 )
+from mechgrok.measures.stability import (
+    StabilityOverTraining,
+    model_softmax_collapse,
+    nlm_alignment,
+    stability_over_training,
+)
 
 __all__ = ["InductionScores", "induction_scores", "repeated_sequences", "fourier_basis", "basis_labels", "frequency_power", "ipr", "n_frequencies",
            "TaskGrid", "task_grid", "grid_inputs", "grid_forward", "grid_logits",
@@ -44,4 +61,6 @@ __all__ = ["InductionScores", "induction_scores", "repeated_sequences", "fourier
            "frequency_fractions", "neuron_ipr", "key_frequencies", "key_frequencies_from",
            "key_frequency_projection", "restricted_logits", "excluded_logits", "restricted_loss", "excluded_loss",
            "gini", "fourier_gini", "unembedding_frequency_norms", "weight_norm", "softmax_collapse",
-           "progress", "PROGRESS_COLUMNS"]
+           "model_softmax_collapse", "nlm_alignment", "stability_over_training", "StabilityOverTraining",
+           "LocalComplexity", "LocalComplexityOverTraining", "BoundaryPoints", "local_complexity",
+           "local_complexity_over_training", "boundary_points", "progress", "PROGRESS_COLUMNS"]

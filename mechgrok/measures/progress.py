@@ -4,7 +4,9 @@ Nanda et al. 2023 ("Progress measures for grokking via mechanistic interpretabil
 grokking splits into memorization, circuit formation and cleanup, visible in measures computed
 over training: restricted loss (falls before test loss), excluded loss (rises during circuit
 formation), Gini of the Fourier norms (rises at cleanup) and the weight norm (falls throughout).
-Prieto et al. 2025 ("Grokking at the edge of numerical stability") add softmax collapse.
+Prieto et al. 2025 ("Grokking at the edge of numerical stability") add softmax collapse (in float32
+and in float64) and the alignment of the gradient with naïve loss minimization
+(``mechgrok.measures.stability``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from mechgrok.measures.keyfreq import (
 )
 from mechgrok.measures.restricted import PROJECTABLE_OPS, excluded_loss_from_logits, restricted_loss_from_logits
 from mechgrok.measures.sparsity import gini, unembedding_frequency_norms, weight_norm
+from mechgrok.measures.stability import collapsed, nlm_alignment_on
 from mechgrok.models import mlp_hook
 from mechgrok.run import Run
 
@@ -36,8 +39,9 @@ __all__ = ["progress", "PROGRESS_COLUMNS", "PROGRESS_FORMAT"]
 
 PROGRESS_FORMAT = "mechgrok.progress/1"
 PROGRESS_COLUMNS = ("step", "train_loss", "test_loss", "train_acc", "test_acc", "restricted_loss", "excluded_loss",
-                    "gini_embedding", "gini_unembedding", "weight_norm", "softmax_collapse", "mean_neuron_ipr",
-                    "frac_neurons_explained", "key_embedding_share")
+                    "gini_embedding", "gini_unembedding", "weight_norm", "softmax_collapse",
+                    "softmax_collapse_float64", "nlm_alignment", "mean_neuron_ipr", "frac_neurons_explained",
+                    "key_embedding_share")
 
 
 def _json_float(x: float) -> float | None:
@@ -48,7 +52,8 @@ def _json_float(x: float) -> float | None:
 @torch.no_grad()
 def _measure(model: torch.nn.Module, task, grid: TaskGrid, freqs: Sequence[int] | None, fn, hook: str
              ) -> dict[str, Any]:
-    """All measures of one checkpoint from ONE forward pass over the grid (one row of the table)."""
+    """All measures of one checkpoint (one row of the table): ONE forward pass over the grid, plus one
+    forward and backward pass over the task's training split for ``nlm_alignment``."""
     logits, acts = grid_forward(model, grid, [hook])  # [p, p, d_out], {hook: [p, p, d_mlp]}
     flat = logits.reshape(grid.p * grid.p, -1)[grid.cells]  # [M, d_out], the operation's examples
     row: dict[str, Any] = {}
@@ -67,6 +72,12 @@ def _measure(model: torch.nn.Module, task, grid: TaskGrid, freqs: Sequence[int] 
     row["gini_unembedding"] = gini(unembedding_frequency_norms(model, task, grid.index)[1:].sqrt())
     row["weight_norm"] = weight_norm(model)
     row["softmax_collapse"] = softmax_collapse(flat[grid.train], grid.labels[grid.train])
+    row["softmax_collapse_float64"] = (float(collapsed(flat[grid.train], grid.labels[grid.train], torch.float64)
+                                             .double().mean()) if bool(grid.train.any()) else float("nan"))
+    # the gradient of the run's own training loss over its whole training split (every operation of a
+    # multi-task run: the full-batch step the optimizer takes), not only this grid's operation
+    row["nlm_alignment"] = (nlm_alignment_on(model, task.inputs[task.train], task.labels[task.train], fn)
+                            if bool(task.train.any()) else float("nan"))
     neurons = frequency_fractions(acts[hook])
     row["mean_neuron_ipr"] = float(neuron_ipr(acts[hook]).mean())
     row["frac_neurons_explained"] = float((neurons.fraction >= NEURON_THRESHOLD).double().mean())
@@ -97,15 +108,22 @@ def progress(run: Run | str, steps: Iterable[int] | None = None, freqs: Iterable
         A JSON-friendly dict: one list per column of ``PROGRESS_COLUMNS`` (one entry per step;
         NaN/inf become ``None``), ``"key_frequencies"`` (``KeyFrequencies.to_dict()`` plus the
         ``"step"`` they were read at, or the given ``freqs``) and ``"meta"`` (run, task, op, p,
-        loss, notes). ``train_loss``/``test_loss`` use the run's training loss (so they match
-        ``history.jsonl``); restricted/excluded loss are cross-entropy, and ``None`` for ops other
-        than add/sub. ``gini_*`` are ``fourier_gini``, ``mean_neuron_ipr`` averages ``neuron_ipr``,
-        ``frac_neurons_explained`` is the share of neurons explained >= 0.5 by one frequency and
+        loss, loss_dtype, notes). ``train_loss``/``test_loss`` use the run's training loss in its
+        ``loss_dtype`` (so they match ``history.jsonl``); restricted/excluded loss are cross-entropy,
+        and ``None`` for ops other than add/sub. ``softmax_collapse`` is the share of the
+        operation's training examples whose float32 softmax gives the label probability exactly 1
+        (as in ``history.jsonl``), ``softmax_collapse_float64`` the same in float64 (what zeroes the
+        gradient of a float64 loss); ``nlm_alignment`` is ``cos(−∇L, θ)`` of the run's training loss
+        over the task's whole training split (``mechgrok.measures.stability``; NaN where the
+        gradient is exactly 0). ``gini_*`` are ``fourier_gini``, ``mean_neuron_ipr`` averages
+        ``neuron_ipr``, ``frac_neurons_explained`` is the share of neurons explained >= 0.5 by one frequency and
         ``key_embedding_share`` the share of non-constant embedding power in the key frequencies.
 
-    Cost: per checkpoint, one model build and load, one forward pass over the ``p²`` grid, and a
-    2-D Fourier transform of the neurons (see benchmarks/bench_measures.py). The final checkpoint
-    is evaluated once more to find the key frequencies when ``freqs`` is not given.
+    Cost: per checkpoint, one model build and load, one forward pass over the ``p²`` grid, a
+    2-D Fourier transform of the neurons, and one forward and backward pass over the training split
+    (``nlm_alignment``, about one more grid forward's time; see benchmarks/bench_measures.py and
+    benchmarks/repro_numerical_stability.py). The final checkpoint is evaluated once more to find
+    the key frequencies when ``freqs`` is not given.
     """
     with torch_threads(threads):
         return _progress(Run(run) if not isinstance(run, Run) else run, steps, freqs, progress, key_source,
@@ -125,7 +143,8 @@ def _progress(run: Run, steps, freqs, show: bool, key_source: str, task_name, la
     if key_source not in ("neurons", "embedding"):
         raise ValueError(f"key_source must be 'neurons' or 'embedding', got {key_source!r}")
     loss_name = run.config["train"].get("loss", "cross_entropy")
-    fn, hook = loss_fn(loss_name), mlp_hook(layer)
+    loss_dtype = run.config["train"].get("loss_dtype", "float64")  # absent: a float64 run (TrainConfig.to_dict)
+    fn, hook = loss_fn(loss_name, loss_dtype), mlp_hook(layer)
     notes: list[str] = []
 
     key: dict[str, Any]
@@ -160,6 +179,7 @@ def _progress(run: Run, steps, freqs, show: bool, key_source: str, task_name, la
             v = row[c]
             cols[c].append(v if v is None or isinstance(v, int) else _json_float(v))
     meta = {"format": PROGRESS_FORMAT, "run": str(run.path), "task": task.name, "op": grid.op, "p": grid.p,
-            "operation": grid.name, "loss": loss_name, "layer": layer, "neuron_threshold": NEURON_THRESHOLD,
+            "operation": grid.name, "loss": loss_name, "loss_dtype": loss_dtype, "layer": layer,
+            "neuron_threshold": NEURON_THRESHOLD,
             "notes": notes}
     return {**cols, "key_frequencies": key, "meta": meta}
