@@ -87,20 +87,22 @@ def part2(out_dir: Path) -> dict:
     return {"sweep_seconds": seconds, "rows": rows}
 
 
-def part3(run_dir: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
-    """Chang et al. 2024's benchmarks on the trained ``lm`` model (512 MLP neurons).
+def part3(run_dir: Path, seeds: tuple[int, ...] = (0, 1, 2), methods: tuple[str, ...] | None = None) -> dict:
+    """Chang et al. 2024's benchmarks on the trained ``lm`` model (512 MLP neurons), for ``methods``
+    (default: every localization method).
 
     INJ: 4 never-seen planted sequences are injected into 16 random neurons (3.1%) by fine-tuning those
     neurons only (500 Adam steps at lr 1e-2, a batch of 64 structured training sequences kept; all 4
     become k=8 extractable), then each method localizes them; recall@16 against random (16 / 512). DEL: each method localizes the 32
     ``planted_r100`` sequences (k=8 extractable) and its top 0.1 / 0.5 / 1 / 5% neurons are dropped."""
     mem = mg.memorization
+    methods = tuple(mem.LOCALIZATION_METHODS) if methods is None else methods
     run = mg.Run(run_dir)
     model, task = run.load_model(), run.task()
     n_neurons = model.cfg.n_layers * model.cfg.d_mlp
     held = task.groups["held_out_planted"].nonzero().flatten()
-    inj = {m: [] for m in mem.LOCALIZATION_METHODS}
-    inj_meta, seconds = [], {m: 0.0 for m in mem.LOCALIZATION_METHODS}
+    inj = {m: [] for m in methods}
+    inj_meta, seconds = [], {m: 0.0 for m in methods}
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
         rows = held[torch.randperm(len(held), generator=g)[:N_INJ_ROWS]]
@@ -112,7 +114,7 @@ def part3(run_dir: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
         inj_meta.append({"seed": seed, "neurons": neurons, "extractable_after_injection": rate,
                          "structured_loss_change": float(mem.sequence_loss(injected, task, "test").mean()
                                                          - mem.sequence_loss(model, task, "test").mean())})
-        for m in mem.LOCALIZATION_METHODS:
+        for m in methods:
             t0 = time.perf_counter()
             loc = mem.localize(injected, task, rows, m)
             seconds[m] += time.perf_counter() - t0
@@ -124,7 +126,7 @@ def part3(run_dir: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     g = torch.Generator().manual_seed(0)
     rand = mem.Localization("random", torch.rand(model.cfg.n_layers, model.cfg.d_mlp, generator=g,
                                                   dtype=torch.float64), task.groups["planted_r100"].nonzero().flatten())
-    for m in (*mem.LOCALIZATION_METHODS, "random"):
+    for m in (*methods, "random"):
         loc = rand if m == "random" else mem.localize(model, task, "planted_r100", m)
         dele[m] = [p.to_dict() for p in mem.deletion_curve(model, task, loc, fractions, k=8)]
     out["del"] = {"fractions": list(fractions), "curves": dele,

@@ -6,7 +6,8 @@ The unit is an MLP neuron ``(layer, n)``: entry ``n`` of ``blocks.{layer}.mlp.ho
 all layers. ``localize`` scores each neuron (higher: more responsible for the *target* sequences)
 with one of ``METHODS``, each documented at its function: Chang et al.'s five (activations,
 integrated gradients, zero-out, slimming, hard concrete), mechgrok's direct-logit memorization
-score, and the target's EK-FAC self-influence split over neurons (``ekfac``). The *target loss* is the mean over the
+score, the target's EK-FAC self-influence split over neurons (``ekfac``), and the decoder weights
+of target-selective features of an SAE per layer (``sae``). The *target loss* is the mean over the
 target sequences of each one's mean next-token cross-entropy over its target tokens
 (``task.loss_mask``), as ``sequence_loss`` computes it.
 
@@ -17,8 +18,8 @@ target sequences of each one's mean next-token cross-entropy over its target tok
   ``deletion_curve`` measures whether the target stops being extractable (``extract``) while the
   loss of reference sequences stays where it was.
 
-Limits: MLP neurons only (no heads, no single weights). Every method but ``activations`` and
-``memorization_score`` reads the target alone, so a neuron the target shares with all text scores
+Limits: MLP neurons only (no heads, no single weights). Every method but ``activations``,
+``memorization_score`` and ``sae`` reads the target alone, so a neuron the target shares with all text scores
 high too (Chang et al.'s finding: localized neurons are not specific to one sequence). ``zero_out``
 costs a forward per neuron (small models only). The mask methods run a fixed number of steps with
 no early stopping; their scores depend on ``lam`` and ``steps``.
@@ -49,6 +50,7 @@ __all__ = ["Localization", "localize", "METHODS", "delete", "inject", "inj_recal
            "DeletionPoint", "deletion_curve"]
 
 _L, _R = -0.1, 1.1  # Hard Concrete stretch interval (Louizos et al. 2018)
+_SAE_BATCH = 256  # activation rows per training step of the ``sae`` method's SAEs
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,8 @@ class Localization:
         method: the method's name (``METHODS``).
         scores: ``[n_layers, d_mlp]`` float64; higher = more responsible for the target sequences.
         target_rows: the task rows localized ``[n]``.
-        reference_rows: the rows contrasted against ``[m]`` (``activations``, ``memorization_score``),
-            ``None`` for the methods that read the target alone.
+        reference_rows: the rows contrasted against ``[m]`` (``activations``, ``memorization_score``,
+            ``sae``), ``None`` for the methods that read the target alone.
         options: the method's settings (``lam``, ``steps``, ...), for provenance.
     """
 
@@ -363,11 +365,117 @@ def _ekfac(model, task, target, reference, batch_size, steps, seed, progress, *,
     return score / len(target)
 
 
+def _masked_post(model, task, rows, batch_size) -> list[Float[Tensor, "positions d_mlp"]]:
+    """Each layer's ``hook_post`` at the target-predicting positions of ``rows`` (``task.loss_mask``),
+    ``[positions, d_mlp]`` float32 on the CPU, positions in row-major order."""
+    out: list[list[Tensor]] = [[] for _ in range(models.n_layers(model))]
+    for b in _batches(rows, batch_size):
+        x, y = _xy(model, task, b)
+        cache, keep = _post_acts(model, x), y != IGNORE  # keep: [b, T]
+        for l, parts in enumerate(out):
+            parts.append(cache[models.mlp_hook(l)][keep].float().cpu())  # [b_positions, d_mlp]
+    return [torch.cat(parts) for parts in out]
+
+
+class _TopK(NamedTuple):
+    """A fitted TopK SAE on raw activations: ``z = TopK_k(ReLU((x / scale - b_dec) W_enc + b_enc))``,
+    ``x ≈ scale * (z W_dec + b_dec)``, rows of ``W_dec`` of unit norm."""
+    W_enc: Tensor  # [d, d_sae]
+    b_enc: Tensor  # [d_sae]
+    W_dec: Tensor  # [d_sae, d]
+    b_dec: Tensor  # [d]
+    scale: float  # RMS of the training activations' entries
+    k: int
+
+    def encode(self, x: Float[Tensor, "rows d"]) -> Float[Tensor, "rows d_sae"]:
+        pre = (x / self.scale - self.b_dec) @ self.W_enc + self.b_enc  # [rows, d_sae]
+        top = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
+
+
+def _fit_topk(target: Float[Tensor, "p_t d"], reference: Float[Tensor, "p_r d"], d_sae: int, k: int, steps: int,
+              share: float, lr: float, g: torch.Generator, progress: bool, desc: str) -> _TopK:
+    """Adam on the mean squared reconstruction error of a TopK SAE (Gao et al. 2024: decoder rows
+    renormalised to unit norm after every step, ``W_enc`` initialised to ``W_decᵀ``, ``b_dec`` to the
+    data mean; no AuxK loss). Each step's ``_SAE_BATCH`` rows are drawn with replacement, a
+    ``share`` of them from the target positions and the rest from the reference positions."""
+    n_t = round(share * _SAE_BATCH)
+    pools = [(target, n_t), (reference, _SAE_BATCH - n_t)]
+    scale = math.sqrt(max(sum(n / _SAE_BATCH * float(x.pow(2).mean()) for x, n in pools if n), 1e-24))  # the RMS
+    d = target.shape[1]
+    W_dec = torch.randn(d_sae, d, generator=g)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    mean = sum(n / _SAE_BATCH * x.mean(0) for x, n in pools if n) / scale  # [d]: the batches' expected mean
+    params = [W_dec.T.clone(), torch.zeros(d_sae), W_dec, mean.clone()]  # W_enc, b_enc, W_dec, b_dec
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in tqdm(range(steps), disable=not progress, desc=desc):
+        x = torch.cat([x[torch.randint(len(x), (n,), generator=g)] for x, n in pools if n]) / scale  # [B, d]
+        with torch.enable_grad():
+            z = _TopK(*params, 1.0, k).encode(x)  # [B, d_sae]
+            loss = (z @ params[2] + params[3] - x).pow(2).sum(-1).mean()
+            grads = torch.autograd.grad(loss, params)
+        for p, gr in zip(params, grads):
+            p.grad = gr
+        opt.step()
+        with torch.no_grad():
+            params[2] /= params[2].norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return _TopK(*(p.detach() for p in params), scale, k)
+
+
+def _sae(model, task, target, reference, batch_size, steps, seed, progress, *, expansion, k, sae_steps,
+         target_share, lr, per_layer):
+    """SAE FEATURES (mechgrok's; the firing-rate selectivity of ``mg.memorization.planted_features``
+    turned into neuron scores). Per layer, a TopK SAE (Gao et al. 2024, "Scaling and evaluating
+    sparse autoencoders") with ``expansion * d_mlp`` features, ``k`` active, is trained in memory
+    (``_fit_topk``, ``sae_steps`` Adam steps, seeded by ``seed``) on ``hook_post`` at the
+    target-predicting positions of the target and the reference sequences, ``target_share`` of each
+    batch from the target. Feature ``f``'s selectivity is ``s_f = rate_f(target) - rate_f(reference)``,
+    its firing rates (``z_f > 0``) over those positions; ``a_f`` is its mean activation over the
+    target positions (0 where it does not fire), in the units of the raw activations. Neuron ``n``
+    scores ``Σ_f max(s_f, 0) a_f |W_dec[f, n]|``: the part of the target's reconstruction that the
+    target-selective features carry, spread over neurons by the decoder. ``per_layer=True`` divides
+    each layer's scores by their sum (a neuron's share of its layer's selective reconstruction), so
+    that every layer weighs the same: the raw scores favour the layer whose features are the more
+    target-selective (on the ``lm`` preset, layer 1 over layer 0, so INJ finds only the injected
+    neurons of layer 1; see docs/methods.md for the numbers). The SAE sees the target
+    on ``target_share`` of its inputs, far more than its share of the data, so that features can
+    specialise on it (with ``target_share=0`` it is trained on the reference alone, and a target
+    the model does not encode apart from other text gets no selective features). Limits: the
+    score reads co-activation, not causal effect (a neuron a selective feature writes to scores
+    even if the target's loss does not depend on it); it depends on the SAE's seed and size; with
+    few steps some features stay dead (no AuxK loss), which only removes capacity. The SAEs are
+    plain torch, trained on the CPU and never saved (``mg.sae.train`` writes a folder even with
+    ``out=None``); the activations of every target-predicting position of target and reference are
+    held in memory, float32 (about 310 MB for the ``lm`` preset: 150,700 positions x 256 neurons
+    x 2 layers)."""
+    d = model.cfg.d_mlp
+    d_sae = expansion * d
+    if k > d_sae:
+        raise ValueError(f"localize(method='sae'): k={k} is more than the {d_sae} features (expansion {expansion} x "
+                         f"d_mlp {d}); lower k or raise expansion")
+    acts_t, acts_r = _masked_post(model, task, target, batch_size), _masked_post(model, task, reference, batch_size)
+    g = torch.Generator().manual_seed(seed)
+    score = torch.zeros(models.n_layers(model), d, dtype=torch.float64)
+    for l in range(len(score)):
+        sae = _fit_topk(acts_t[l], acts_r[l], d_sae, k, sae_steps, target_share, lr, g, progress, f"sae layer {l}")
+        z_t = sae.encode(acts_t[l]).double()  # [P_t, d_sae]
+        fired_r = sum((sae.encode(c) > 0).double().sum(0) for c in acts_r[l].split(4096))  # [d_sae]
+        selectivity = (z_t > 0).double().mean(0) - fired_r / len(acts_r[l])  # [d_sae]
+        weight = selectivity.clamp(min=0) * z_t.mean(0) * sae.scale  # [d_sae], in the raw activations' units
+        score[l] = weight @ sae.W_dec.double().abs()  # [d]
+        if per_layer and score[l].sum() > 0:
+            score[l] /= score[l].sum()  # the neuron's share of its layer's selective reconstruction
+    return score
+
+
 class _Method(NamedTuple):
     fn: Callable[..., Tensor]
     options: dict[str, Any]  # its settings and their defaults
     reference: bool  # contrasts with reference sequences
     trains: bool  # optimises masks for ``steps``
+    seeded: bool = False  # draws random numbers from ``seed`` (recorded in the options)
 
 
 METHODS: dict[str, _Method] = {
@@ -375,17 +483,21 @@ METHODS: dict[str, _Method] = {
     "integrated_gradients": _Method(_integrated_gradients, {"ig_steps": 16}, False, False),
     "zero_out": _Method(_zero_out, {}, False, False),
     "slimming": _Method(_slimming, {"lam": 30.0, "lr": 0.1}, False, True),
-    "hard_concrete": _Method(_hard_concrete, {"lam": 30.0, "lr": 0.1, "beta": 2 / 3, "init": 0.5}, False, True),
+    "hard_concrete": _Method(_hard_concrete, {"lam": 30.0, "lr": 0.1, "beta": 2 / 3, "init": 0.5}, False, True, True),
     "memorization_score": _Method(_memorization_score, {}, True, False),
     "ekfac": _Method(_ekfac, {"damping": 0.1}, False, False),
+    "sae": _Method(_sae, {"expansion": 2, "k": 8, "sae_steps": 300, "target_share": 0.5, "lr": 3e-3,
+                          "per_layer": False}, True, False, True),
 }
-"""Localization methods: name -> function, settings (defaults), reads a reference, trains masks."""
+"""Localization methods: name -> function, settings (defaults), reads a reference, trains masks, is seeded."""
 
 _CHECKS: dict[str, tuple[Callable, dict]] = {
     "ig_steps": (check_int, dict(low=1)), "lam": (check_float, dict(low=0.0)),
     "lr": (check_float, dict(low=0.0, low_open=True)), "beta": (check_float, dict(low=0.0, low_open=True)),
     "init": (check_float, dict(low=0.0, high=1.0, low_open=True, high_open=True)),
     "damping": (check_float, dict(low=0.0, low_open=True)),
+    "expansion": (check_int, dict(low=1)), "k": (check_int, dict(low=1)), "sae_steps": (check_int, dict(low=1)),
+    "target_share": (check_float, dict(low=0.0, high=1.0)),
 }
 
 
@@ -411,16 +523,18 @@ def localize(model: nn.Module, task: SequenceTask, target: str | Tensor, method:
         target: a group of ``task`` (``"planted_r10"``) or a 1-D tensor of its row indices.
         method: one of ``METHODS`` (documented at its function: ``_zero_out``, ...).
         reference: the sequences whose behaviour should be kept (group or rows), read by
-            ``activations`` and ``memorization_score`` only (the others refuse it); default: the
-            ``"train"`` rows not in ``target``.
+            ``activations``, ``memorization_score`` and ``sae`` only (the others refuse it); default:
+            the ``"train"`` rows not in ``target``.
         batch_size: sequences (or sequence copies) per forward.
         steps: optimisation steps of ``slimming`` / ``hard_concrete`` (default 200); others refuse it.
-        seed: seeds the gate noise of ``hard_concrete`` (a local generator).
+        seed: seeds the gate noise of ``hard_concrete`` and the SAEs of ``sae`` (a local generator).
         threads: torch threads meanwhile (restored afterwards; None leaves them).
         progress: show progress bars.
         **options: the method's settings, ``METHODS[method].options`` with their defaults:
             ``weight_norm``; ``ig_steps``; ``lam`` and ``lr`` of the mask methods (30 and 0.1,
-            chosen on tiny ``lm_corpus`` models: tune ``lam`` for another model); ``beta``, ``init``.
+            chosen on tiny ``lm_corpus`` models: tune ``lam`` for another model); ``beta``, ``init``;
+            ``damping``; ``sae``'s ``expansion`` (2), ``k`` (8), ``sae_steps`` (300), ``target_share``
+            (0.5), its Adam ``lr`` (3e-3) and ``per_layer`` (False).
 
     Returns:
         A ``Localization`` with ``scores [n_layers, d_mlp]`` (float64).
@@ -428,12 +542,12 @@ def localize(model: nn.Module, task: SequenceTask, target: str | Tensor, method:
     owner = f"localize(method={method!r})"
     if method not in METHODS:
         raise ValueError(f"unknown localization method {method!r}; choose one of {list(METHODS)}")
-    fn, defaults, uses_reference, trains = METHODS[method]
+    fn, defaults, uses_reference, trains, seeded = METHODS[method]
     if unknown := sorted(set(options) - set(defaults)):
         raise TypeError(f"{owner}: unknown options {unknown}; it takes {list(defaults) or 'none'}")
     for name, value in options.items():
-        if name == "weight_norm" and not isinstance(value, bool):
-            raise TypeError(f"{owner}: weight_norm must be True or False, got {value!r}")
+        if name in ("weight_norm", "per_layer") and not isinstance(value, bool):
+            raise TypeError(f"{owner}: {name} must be True or False, got {value!r}")
         if name in _CHECKS:
             options[name] = _CHECKS[name][0](value, name, owner=owner, **_CHECKS[name][1])
     options = {**defaults, **options}
@@ -446,7 +560,7 @@ def localize(model: nn.Module, task: SequenceTask, target: str | Tensor, method:
     target_rows = _rows(task, target, "target", owner)
     if reference is not None and not uses_reference:
         raise ValueError(f"{owner}: this method reads the target alone and would ignore reference=; leave it out "
-                         "(activations and memorization_score contrast with a reference)")
+                         f"({', '.join(m for m, e in METHODS.items() if e.reference)} contrast with a reference)")
     ref_rows = None
     if uses_reference:
         ref_rows = _rows(task, _others(task, target_rows) if reference is None else reference,
@@ -459,7 +573,8 @@ def localize(model: nn.Module, task: SequenceTask, target: str | Tensor, method:
     finally:
         model.train(was_training)
     return Localization(method=method, scores=scores, target_rows=target_rows, reference_rows=ref_rows,
-                        options={**options, **({"steps": steps, "seed": seed} if trains else {})})
+                        options={**options, **({"steps": steps} if trains else {}),
+                                 **({"seed": seed} if trains or seeded else {})})
 
 
 # ---------------------------------------------------------------------------- INJ and DEL
