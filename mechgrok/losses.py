@@ -10,13 +10,14 @@ its backward runs in it. ``loss_fn(name, dtype)`` returns the loss bound to a pr
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 __all__ = ["LOSSES", "LOSS_DTYPES", "loss_fn", "loss_dtype", "cross_entropy", "mse", "stablemax_cross_entropy",
-           "stablemax", "softmax_collapse", "token_nll", "IGNORE"]
+           "stablemax", "softmax_collapse", "collapsed", "SC_DTYPES", "token_nll", "IGNORE"]
 
 IGNORE = -100
 """The target of a position that carries no loss (PyTorch's and Hugging Face's ignore index)."""
@@ -125,14 +126,50 @@ def loss_fn(name: str, dtype: str | torch.dtype = "float64"):
     return bound
 
 
-@torch.no_grad()
-def softmax_collapse(logits: Float[Tensor, "batch d_out"], labels: Int[Tensor, " batch"]) -> float:
-    """Fraction of examples whose float32 softmax gives the label probability exactly 1.
+#: dtypes softmax collapse can be computed in (``collapsed``, ``softmax_collapse``; its absorption threshold is ``-ln(eps / 2)``).
+SC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-    Prieto et al. 2025: once this happens the gradient of those examples is exactly zero in float32,
-    which can stall grokking ("softmax collapse"). Returns NaN for an empty batch.
+
+def collapsed(logits: Float[Tensor, "batch d_out"], labels: Int[Tensor, " batch"], dtype: torch.dtype = torch.float32
+              ) -> Tensor:
+    """``[batch]`` bool: the correct class' softmax probability in ``dtype`` is exactly ``1``.
+
+    Computed with PyTorch's log-softmax in ``dtype`` (the kernel a ``dtype`` cross-entropy uses): an
+    example is collapsed when its log-probability of the label is exactly ``0``, i.e. its loss is exactly
+    ``0`` and so is the gradient on its correct logit, ``exp(0) - 1``. Mathematically that is Prieto et
+    al.'s test ``Σ_j exp(z_j - max z) == 1`` with the label on top; in floating point the two can differ
+    right at the threshold, where the order of the summation decides (2 of 3,000 random float32 examples in
+    tests/test_stability.py), and this one is the one that decides the gradient. A tie for the largest
+    logit sums to at least 2, so it never collapses.
+
+    >>> collapsed(torch.tensor([[17.0, 0.0], [16.0, 0.0], [0.0, 40.0]]), torch.tensor([0, 0, 1])).tolist()
+    [True, False, True]
+    >>> collapsed(torch.tensor([[0.0, 40.0]]), torch.tensor([1]), torch.float64).tolist()
+    [True]
+    """
+    _check_dtype(dtype)
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be [batch, d_out] and labels [batch], got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
+    log_p = torch.log_softmax(logits.detach().to(dtype), dim=-1)  # [batch, d_out], in dtype
+    return (log_p.gather(-1, labels[:, None].to(log_p.device)).squeeze(-1) == 0).cpu()
+
+
+def _check_dtype(dtype: Any) -> None:
+    if dtype not in SC_DTYPES:
+        raise ValueError(f"dtype must be one of {[str(d) for d in SC_DTYPES]} (the precision the softmax is computed "
+                         f"in), got {dtype!r}")
+
+
+@torch.no_grad()
+def softmax_collapse(logits: Float[Tensor, "batch d_out"], labels: Int[Tensor, " batch"],
+                     dtype: torch.dtype = torch.float32) -> float:
+    """Fraction of examples whose softmax in ``dtype`` (float32 by default, as in ``history.jsonl``)
+    gives the label probability exactly 1: the mean of ``collapsed``.
+
+    Prieto et al. 2025: once this happens the gradient of those examples is exactly zero in that
+    precision, which can stall grokking ("softmax collapse"). Returns NaN for an empty batch.
     """
     if logits.shape[0] == 0:
         return float("nan")
-    p = torch.softmax(logits.float(), dim=-1).gather(-1, labels[:, None])
-    return float((p == 1.0).float().mean())
+    return float(collapsed(logits, labels, dtype).double().mean())

@@ -31,7 +31,7 @@ from mechgrok.measures.keyfreq import (
 )
 from mechgrok.measures.restricted import PROJECTABLE_OPS, excluded_loss_from_logits, restricted_loss_from_logits
 from mechgrok.measures.sparsity import gini, unembedding_frequency_norms, weight_norm
-from mechgrok.measures.stability import collapsed, nlm_alignment_on
+from mechgrok.measures.stability import nlm_alignment_on
 from mechgrok.models import mlp_hook
 from mechgrok.run import Run
 
@@ -72,8 +72,7 @@ def _measure(model: torch.nn.Module, task, grid: TaskGrid, freqs: Sequence[int] 
     row["gini_unembedding"] = gini(unembedding_frequency_norms(model, task, grid.index)[1:].sqrt())
     row["weight_norm"] = weight_norm(model)
     row["softmax_collapse"] = softmax_collapse(flat[grid.train], grid.labels[grid.train])
-    row["softmax_collapse_float64"] = (float(collapsed(flat[grid.train], grid.labels[grid.train], torch.float64)
-                                             .double().mean()) if bool(grid.train.any()) else float("nan"))
+    row["softmax_collapse_float64"] = softmax_collapse(flat[grid.train], grid.labels[grid.train], torch.float64)
     # the gradient of the run's own training loss over its whole training split (every operation of a
     # multi-task run: the full-batch step the optimizer takes), not only this grid's operation
     row["nlm_alignment"] = (nlm_alignment_on(model, task.inputs[task.train], task.labels[task.train], fn)

@@ -77,7 +77,7 @@ from tqdm.auto import tqdm
 from mechgrok import models
 from mechgrok._config import check_int
 from mechgrok._threads import torch_threads
-from mechgrok.losses import LOSSES, loss_fn
+from mechgrok.losses import LOSSES, SC_DTYPES, _check_dtype, collapsed, loss_fn
 from mechgrok.run import Run
 from mechgrok.tasks import SequenceTask, Task
 
@@ -85,41 +85,6 @@ __all__ = ["model_softmax_collapse", "nlm_alignment", "nlm_alignment_on", "stabi
            "StabilityOverTraining", "collapsed", "SC_DTYPES", "STABILITY_FORMAT"]
 
 STABILITY_FORMAT = "mechgrok.stability/1"
-#: dtypes ``model_softmax_collapse`` computes the softmax in (its absorption threshold is ``-ln(eps / 2)``).
-SC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def collapsed(logits: Float[Tensor, "batch d_out"], labels: Int[Tensor, " batch"], dtype: torch.dtype = torch.float32
-              ) -> Tensor:
-    """``[batch]`` bool: the correct class' softmax probability in ``dtype`` is exactly ``1``.
-
-    Computed with PyTorch's log-softmax in ``dtype`` (the kernel a ``dtype`` cross-entropy uses): an
-    example is collapsed when its log-probability of the label is exactly ``0``, i.e. its loss is exactly
-    ``0`` and so is the gradient on its correct logit, ``exp(0) - 1``. Mathematically that is Prieto et
-    al.'s test ``Σ_j exp(z_j - max z) == 1`` with the label on top; in floating point the two can differ
-    right at the threshold, where the order of the summation decides (2 of 3,000 random float32 examples in
-    tests/test_stability.py), and this one is the one that decides the gradient. A tie for the largest
-    logit sums to at least 2, so it never collapses.
-
-    >>> collapsed(torch.tensor([[17.0, 0.0], [16.0, 0.0], [0.0, 40.0]]), torch.tensor([0, 0, 1])).tolist()
-    [True, False, True]
-    >>> collapsed(torch.tensor([[0.0, 40.0]]), torch.tensor([1]), torch.float64).tolist()
-    [True]
-    """
-    _check_dtype(dtype)
-    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"logits must be [batch, d_out] and labels [batch], got {tuple(logits.shape)} and "
-                         f"{tuple(labels.shape)}")
-    log_p = torch.log_softmax(logits.detach().to(dtype), dim=-1)  # [batch, d_out], in dtype
-    return (log_p.gather(-1, labels[:, None].to(log_p.device)).squeeze(-1) == 0).cpu()
-
-
-def _check_dtype(dtype: Any) -> None:
-    if dtype not in SC_DTYPES:
-        raise ValueError(f"dtype must be one of {[str(d) for d in SC_DTYPES]} (the precision the softmax is computed "
-                         f"in), got {dtype!r}")
-
-
 def _check_data(model: nn.Module, data: Any, owner: str) -> Task:
     if isinstance(data, SequenceTask):
         raise TypeError(f"{owner} reads one answer per example (a Task); {data.name!r} is a SequenceTask (a target "
