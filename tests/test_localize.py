@@ -14,8 +14,8 @@ import torch
 import mechgrok as mg
 from mechgrok.losses import IGNORE, token_nll
 from mechgrok.memorization import extract, sequence_loss
-from mechgrok.memorization.localize import (METHODS, Localization, delete, deletion_curve, inj_recall, inject,
-                                            localize, random_recall)
+from mechgrok.memorization.benchmarks import delete, deletion_curve, inj_recall, inject, random_recall
+from mechgrok.memorization.localize import METHODS, Localization, localize
 
 V, T, K = 16, 10, 4  # vocabulary, sequence length, prefix length for extraction (BOS + 3 tokens)
 
