@@ -266,7 +266,7 @@ def test_stability_over_training_matches_history(grown_run):
     # fitted (train acc 1 from step 50), no weight decay: more and more of the step grows the weights
     # (measured 0.04 at step 50, 0.35 at step 400; a transformer is not homogeneous, so not near 1)
     assert res.train_acc[1] == 1.0 and res.nlm_alignment[-1] > res.nlm_alignment[1] + 0.2
-    assert res.nlm_alignment[-1] == pytest.approx(nlm_alignment(run.load_model(400), task), abs=1e-12)
+    assert res.nlm_alignment[-1] == pytest.approx(nlm_alignment(run.load_model(400), task), abs=1e-6)  # float32 gradients; the two calls may use different thread counts
     assert res.first_step("softmax_collapse", 0.1) == next(s for s, v in zip(res.steps, res.softmax_collapse)
                                                           if v >= 0.1)
     d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
