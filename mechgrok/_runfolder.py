@@ -32,9 +32,13 @@ from mechgrok.checkpoints import DamagedCheckpoint, is_intact, move_aside
 from mechgrok.run import RESUME_INTACT, HistoryFile, Run, read_history
 from mechgrok.tasks import Task
 
-__all__ = ["open_run", "resume_point", "check_out_path"]
+__all__ = ["open_run", "resume_point", "check_out_path", "RUN_FILES"]
 
 log = logging.getLogger("mechgrok.train")
+
+#: Files besides ``task/`` and ``config.json`` that a run folder may be created with (``open_run(files=)``).
+RUN_FILES = ("masks.safetensors",)
+_Files = dict[str, Callable[[Path], None]]
 
 _TMP_FILE = re.compile(r"^\..+\.tmp$")  # what mechgrok._io.atomic_path leaves when its writer is killed
 # What a run folder made by an older mechgrok holds when it was killed while being created.
@@ -50,6 +54,13 @@ def check_out_path(out: Path) -> None:
                 raise FileExistsError(f"{out} cannot be a run folder{where}: {p} is a file, not a folder; choose "
                                       "a folder path for the run (out= / --out)")
             return
+
+
+def _write_files(folder: Path, files: _Files) -> None:
+    for name, write in files.items():
+        if name not in RUN_FILES:
+            raise ValueError(f"a run folder holds no file {name!r} (it may hold {RUN_FILES})")
+        write(folder / name)
 
 
 def _umask() -> int:
@@ -81,7 +92,7 @@ def _remove_leftovers(out: Path) -> None:
                  ", ".join(str(p.relative_to(out)) for p in removed[:5]))
 
 
-def _build(out: Path, run_config: dict, task: Task) -> tuple[Path, FolderLock]:
+def _build(out: Path, run_config: dict, task: Task, files: _Files) -> tuple[Path, FolderLock]:
     """A complete new run folder in a temporary sibling of ``out``, its lock held."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
@@ -89,6 +100,7 @@ def _build(out: Path, run_config: dict, task: Task) -> tuple[Path, FolderLock]:
     lock = FolderLock(tmp, what="run").acquire()
     try:
         task.save(tmp / "task")
+        _write_files(tmp, files)
         atomic_write_text(tmp / "config.json", json.dumps(run_config, indent=2))
     except BaseException:
         lock.release()
@@ -97,10 +109,10 @@ def _build(out: Path, run_config: dict, task: Task) -> tuple[Path, FolderLock]:
     return tmp, lock
 
 
-def _create(out: Path, run_config: dict, task: Task) -> FolderLock | None:
+def _create(out: Path, run_config: dict, task: Task, files: _Files) -> FolderLock | None:
     """Create the missing run folder ``out`` atomically (built in a sibling, then renamed); ``None``
     when another process created it first."""
-    tmp, lock = _build(out, run_config, task)
+    tmp, lock = _build(out, run_config, task, files)
     try:
         os.rename(tmp, out)
     except OSError:
@@ -113,7 +125,7 @@ def _create(out: Path, run_config: dict, task: Task) -> FolderLock | None:
     return lock
 
 
-def _create_in_place(out: Path, run_config: dict, task: Task) -> FolderLock | None:
+def _create_in_place(out: Path, run_config: dict, task: Task, files: _Files) -> FolderLock | None:
     """Make a run in the existing folder ``out`` (empty, or holding only what an interrupted creation
     left). The folder stays (it may be a working directory, or one the caller made); the lock is taken
     first and ``config.json`` written last, so an interrupted creation is recognised as one next time
@@ -124,20 +136,23 @@ def _create_in_place(out: Path, run_config: dict, task: Task) -> FolderLock | No
             lock.release()
             return None
         for p in out.iterdir():
-            if p.name == "task" or _CREATION_LEFTOVER.match(p.name):
+            if p.name == "task" or p.name in RUN_FILES or _CREATION_LEFTOVER.match(p.name):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         task.save(out / "task")
+        _write_files(out, files)
         atomic_write_text(out / "config.json", json.dumps(run_config, indent=2))
     except BaseException:
         shutil.rmtree(out / "task", ignore_errors=True)
+        for name in files:
+            (out / name).unlink(missing_ok=True)
         lock.release()
         raise
     return lock
 
 
-def _replace(out: Path, run_config: dict, task: Task, old_lock: FolderLock | None) -> FolderLock:
+def _replace(out: Path, run_config: dict, task: Task, old_lock: FolderLock | None, files: _Files) -> FolderLock:
     """Swap a new run folder in for ``out``; the old one is deleted once the new one is in place."""
-    tmp, lock = _build(out, run_config, task)
+    tmp, lock = _build(out, run_config, task, files)
     trash = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         os.rename(out, trash)
@@ -159,21 +174,25 @@ def _interrupted_creation(out: Path) -> bool:
     """``out`` holds nothing but what a creation leaves when killed: nothing, temporary files, or
     mechgrok's ``.lock`` with (perhaps) ``task/`` and no ``config.json``."""
     names = {p.name for p in out.iterdir() if not _CREATION_LEFTOVER.match(p.name)}
-    return not names or (".lock" in names and names <= {".lock", "task"})
+    return not names or (".lock" in names and names <= {".lock", "task", *RUN_FILES})
 
 
-def open_run(out: Path, run_config: dict, task: Task, overwrite: bool) -> FolderLock:
+def open_run(out: Path, run_config: dict, task: Task, overwrite: bool, *, files: _Files | None = None) -> FolderLock:
     """Create or reuse the run folder ``out`` (a path with a name: not ``.``) for ``run_config`` and
     return its lock, held.
+
+    ``files`` (names from ``RUN_FILES``) are written into a new folder before its ``config.json``
+    (``{name: writer(path)}``; a reused folder already has them, as its equal config records).
 
     A folder with the same config is reused; one with another config, a damaged ``config.json``,
     or other contents is refused unless ``overwrite``.
     """
+    files = {} if files is None else files
     check_out_path(out)
     _remove_stale_siblings(out)
     for _ in range(3):
         if not out.exists() or _interrupted_creation(out):
-            lock = (_create if not out.exists() else _create_in_place)(out, run_config, task)
+            lock = (_create if not out.exists() else _create_in_place)(out, run_config, task, files)
             if lock is not None:
                 return lock
             continue
@@ -183,7 +202,7 @@ def open_run(out: Path, run_config: dict, task: Task, overwrite: bool) -> Folder
                 raise FileExistsError(f"{out} exists and is not a mechgrok run; choose another folder or "
                                       "pass overwrite=True (--overwrite) to replace it")
             log.warning("overwriting %s as requested", out)
-            return _replace(out, run_config, task, None)
+            return _replace(out, run_config, task, None, files)
         lock = FolderLock(out, what="run").acquire()
         try:
             _remove_leftovers(out)
@@ -200,7 +219,7 @@ def open_run(out: Path, run_config: dict, task: Task, overwrite: bool) -> Folder
                 raise FileExistsError(f"{out} holds a run with a different config ({diff}); choose another "
                                       "folder or pass overwrite=True (--overwrite) to replace it")
             log.warning("overwriting %s as requested", out)
-            return _replace(out, run_config, task, lock)
+            return _replace(out, run_config, task, lock, files)
         except BaseException:
             lock.release()
             raise

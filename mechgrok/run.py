@@ -141,6 +141,23 @@ class Run:
                           source=str(self.checkpoint(step)))
         return model
 
+    def masks(self) -> dict[str, torch.Tensor] | None:
+        """The weight masks this run trained with (``train(..., masks=...)``, a lottery ticket):
+        ``{parameter name: bool tensor}``, checked against the hash in ``config.json``; ``None`` for a
+        run without masks. ``config["masks"]`` holds their summary and where they came from."""
+        info = self.config.get("masks")
+        if info is None:
+            return None
+        f = self.path / "masks.safetensors"
+        if not f.exists():
+            raise FileNotFoundError(f"{f} is missing, but {self.path}/config.json says the run trained with masks: "
+                                    "restore the file (the checkpoints hold the masked weights, not the masks)")
+        tensors = checkpoints.read(f)
+        if checkpoints.content_hash(tensors) != info.get("sha256"):
+            raise checkpoints.DamagedCheckpoint(f, f"{f} holds other masks than {self.path}/config.json records "
+                                                   "(their hashes differ); restore the file")
+        return {k: v.bool() for k, v in tensors.items()}
+
     # --------------------------------------------------------------- analysis results
     def write_analysis(self, name: str, result: dict[str, Any]) -> Path:
         """Write ``analysis/NAME.json`` atomically (NaN/inf become null; tensors become lists)."""

@@ -31,14 +31,36 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mechgrok import models
+from mechgrok import checkpoints, models
 from mechgrok._config import check_float, check_int
 from mechgrok._config import from_dict as config_from_dict
 from mechgrok._io import atomic_write_text
 from mechgrok._runfolder import open_run, resume_point
 from mechgrok._threads import torch_threads
+from mechgrok._training import (
+    _next_token_loss,
+    _SequenceBatches,
+    MASKS_FILE,
+    OutputScale,
+    apply_masks,
+    check_masks,
+    dropout_hooks,
+    mask_grads,
+    mask_summary,
+    orthogonalize_grads,
+)
 from mechgrok.checkpoints import load_training_state, save_training_state
-from mechgrok.losses import IGNORE, LOSS_DTYPES, loss_fn, softmax_collapse
+from mechgrok.evaluation import (  # noqa: F401 - evaluate, metrics_from_logits, sequence_metrics: public here too
+    _EVAL_BATCH,
+    EVAL_SPLITS,
+    SEQUENCE_METRICS,
+    _group_metrics,
+    _token_stats,
+    evaluate,
+    metrics_from_logits,
+    sequence_metrics,
+)
+from mechgrok.losses import LOSS_DTYPES, loss_fn, softmax_collapse
 from mechgrok.run import RUN_FORMAT, Run, checkpoint_name
 from mechgrok.tasks import SequenceTask, Task
 
@@ -48,9 +70,6 @@ __all__ = ["TrainConfig", "train", "evaluate", "metrics_from_logits", "sequence_
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("auto", "last_token", "next_token")
-# evaluate() splits: train_corrupted scores corrupted examples against their (corrupted) training
-# label, train_corrupted_true against their true label.
-EVAL_SPLITS = ("train", "test", "train_clean", "train_corrupted", "train_corrupted_true")
 HISTORY_KEYS = ("step", *(f"{s}_{m}" for s in EVAL_SPLITS for m in ("loss", "acc")),
                 "weight_norm", "softmax_collapse", "lr", "elapsed_s")
 
@@ -68,6 +87,14 @@ class TrainConfig:
     correct examples (``mechgrok.measures.stability``), and a tiny ``adam_eps`` keeps AdamW from damping
     the tiny gradients left after it. Both apply to the training loss and to the losses in
     ``history.jsonl``; the model itself stays in its own dtype.
+
+    ``output_scale`` (α) and ``center_output`` reproduce Kumar et al. 2024 ("Grokking as the transition
+    from lazy to rich training dynamics"; Chizat et al. 2019): the run trains the predictor
+    ``α·(f(x; θ) − f(x; θ₀))`` (``θ₀`` the weights at step 0; without centring ``α·f(x; θ)``) with the
+    loss divided by α², so a larger α is lazier (the weights move less for the same change of output).
+    ``history.jsonl`` scores that predictor (its loss without the 1/α²). Only for a ``Task`` (one
+    label per example). The model saved in the checkpoints is ``f(·; θ)`` itself: analyses that load it
+    see the network, not the centred, scaled predictor.
     """
 
     steps: int = 8000  # number of optimizer updates
@@ -79,6 +106,8 @@ class TrainConfig:
     loss: str = "cross_entropy"  # cross_entropy | mse (one-hot targets) | stablemax; in loss_dtype
     loss_dtype: str = "float64"  # precision of the loss and its backward: float64 | float32 (Prieto et al. 2025)
     adam_eps: float = 1e-8  # AdamW epsilon (torch's default); Prieto et al. use 1e-25 .. 1e-30 in some runs
+    output_scale: float = 1.0  # α: train α·f (Kumar et al. 2024: larger is lazier); loss divided by α²
+    center_output: bool = False  # train α·(f(x; θ) − f(x; θ₀)), the predictor that is 0 at step 0
     objective: str = "auto"  # last_token (a Task) | next_token (a SequenceTask, over its loss mask) | auto: the task's
     optimizer: str = "adamw"  # adamw | adamw_orthograd (⊥Grad, Prieto et al. 2025)
     dropout: float = 0.0  # dropout on MLP neurons (blocks.*.mlp.hook_post) during training
@@ -100,6 +129,9 @@ class TrainConfig:
         object.__setattr__(self, "betas", tuple(
             _checked("betas", b, check_float, "two numbers in [0, 1), e.g. (0.9, 0.98)",
                      dict(low=0, high=1, high_open=True), shown=betas) for b in betas))
+        if not isinstance(self.center_output, bool):
+            raise TypeError(f"TrainConfig: center_output must be True or False, got {self.center_output!r} "
+                            f"({type(self.center_output).__name__})")
         for name in ("loss", "optimizer", "loss_dtype"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"TrainConfig: {name} must be a string, got {getattr(self, name)!r} "
@@ -121,7 +153,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON-ready values. Fields added after run folders existed are left out at
         their defaults (``_OMITTED_AT_DEFAULT``: ``objective="auto"``, which the task implies,
-        ``loss_dtype="float64"``, ``adam_eps=1e-8``), so that folders written before them keep
+        ``loss_dtype="float64"``, ``adam_eps=1e-8``, ``output_scale=1.0``, ``center_output=False``), so that folders written before them keep
         matching (and resuming); ``from_dict`` fills them back in. Any other value is written."""
         d = asdict(self)
         d["betas"] = list(self.betas)
@@ -140,7 +172,7 @@ class TrainConfig:
 
 # Fields whose default value to_dict leaves out (see its docstring), with the dataclass's defaults.
 _OMITTED_AT_DEFAULT = {f.name: f.default for f in fields(TrainConfig)
-                       if f.name in ("objective", "loss_dtype", "adam_eps")}
+                       if f.name in ("objective", "loss_dtype", "adam_eps", "output_scale", "center_output")}
 # The smallest adam_eps: float32's smallest normal number (1.18e-38). A smaller eps is subnormal or rounds
 # to 0 in a float32 model's optimizer, and a parameter whose gradient is always 0 then updates by 0 / 0 = NaN.
 _ADAM_EPS_MIN = float(torch.finfo(torch.float32).tiny)
@@ -156,6 +188,8 @@ _FIELD_CHECKS: tuple[tuple[str, Callable, str, dict], ...] = (
     ("adam_eps", check_float, f"a number in [{_ADAM_EPS_MIN:.3g}, 1) (AdamW's epsilon: 1e-8 is torch's default, "
      "Prieto et al. use 1e-25 to 1e-30; below float32's smallest normal number it rounds away)",
      dict(low=_ADAM_EPS_MIN, high=1, high_open=True)),
+    ("output_scale", check_float, "a positive finite number (α of Kumar et al. 2024: 1 is ordinary training, larger "
+     "is lazier)", dict(low=0, low_open=True)),
     ("eval_every", check_int, "an integer >= 1", dict(low=1)),
     ("checkpoint_every", check_int, "an integer >= 1", dict(low=1)),
     ("seed", check_int, "an integer in [0, 2**64)", dict(low=0, high=2**64 - 1)),
@@ -171,117 +205,6 @@ def _checked(name: str, value: Any, check: Callable, what: str, bounds: dict, sh
         got = value if shown is None else shown
         kind = f" ({type(got).__name__})" if isinstance(e, TypeError) else ""
         raise type(e)(f"TrainConfig: {name} must be {what}, got {got!r}{kind}") from None
-
-
-# ---------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, task: Task | SequenceTask, loss: str = "cross_entropy", by_task: bool = False, *,
-             loss_dtype: str = "float64") -> dict:
-    """Accuracy and loss per split: ``{"train": {"acc", "loss"}, "test": ..., "train_clean": ...,
-    "train_corrupted": ... (against the corrupted label), "train_corrupted_true": ... (against the
-    true label)}``. Empty splits give NaN. One forward pass over all examples.
-
-    ``by_task=True`` (multi-task data) returns ``{sub-task name: that dict}`` instead.
-
-    A ``SequenceTask`` gives ``{group: {"loss", "acc", "exact"}}`` for each of its groups
-    (``sequence_metrics``). The loss is ``loss`` computed in ``loss_dtype`` (``TrainConfig``'s fields).
-    """
-    models.check_compatible(model, task)
-    if isinstance(task, SequenceTask):
-        if by_task:
-            raise ValueError(f"{task.name!r} is a SequenceTask, which has one sub-task ('lm'); evaluate it with "
-                             "by_task=False")
-        return sequence_metrics(model, task, loss, loss_dtype=loss_dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        logits = models.final_logits(model, task.inputs).cpu()  # [N, d_out], scored next to the task's labels
-    finally:
-        model.train(was_training)
-    if by_task:
-        return {name: metrics_from_logits(logits, task, loss, task_id=i, loss_dtype=loss_dtype)
-                for i, name in enumerate(task.task_names)}
-    return metrics_from_logits(logits, task, loss, loss_dtype=loss_dtype)
-
-
-def metrics_from_logits(logits: Tensor, task: Task, loss: str = "cross_entropy",
-                        task_id: int | None = None, *, loss_dtype: str = "float64") -> dict[str, dict[str, float]]:
-    """``evaluate``'s per-split accuracy and loss (``loss`` in ``loss_dtype``) from final-position
-    logits ``[N, d_out]`` (only the examples of sub-task ``task_id`` when given)."""
-    fn = loss_fn(loss, loss_dtype)
-    out = {}
-    for split in EVAL_SPLITS:
-        mask = task.mask("train_corrupted" if split == "train_corrupted_true" else split)
-        if task_id is not None:
-            mask = mask & (task.task_ids == task_id)
-        labels = (task.true_labels if split in ("test", "train_corrupted_true") else task.labels)[mask]
-        if not bool(mask.any()):
-            out[split] = {"acc": float("nan"), "loss": float("nan")}
-            continue
-        lg = logits[mask]
-        out[split] = {"acc": float((lg.argmax(-1) == labels).double().mean()), "loss": float(fn(lg, labels))}
-    return out
-
-
-#: What ``sequence_metrics`` (and a next-token run's history, as ``GROUP_METRIC``) gives per group.
-SEQUENCE_METRICS = {
-    "loss": "mean loss (cross-entropy: nats) per target token of the group, every token weighted equally",
-    "acc": "share of target tokens whose argmax is right (teacher forcing: each position sees the true prefix)",
-    "exact": "share of sequences with every target token right; for a sequence whose targets are all the tokens "
-             "after position k - 1 this equals k-extractability (greedy decoding from the true k-token prefix "
-             "reproduces the rest: see mg.memorization.extract)",
-}
-_EVAL_BATCH = 512  # sequences per forward in sequence_metrics
-
-
-@torch.no_grad()
-def sequence_metrics(model: nn.Module, task: SequenceTask, loss: str = "cross_entropy",
-                     batch_size: int = _EVAL_BATCH, *, loss_dtype: str = "float64") -> dict[str, dict[str, float]]:
-    """Next-token loss, token accuracy and sequence exact match per group of ``task``
-    (``SEQUENCE_METRICS``): ``{group: {"loss", "acc", "exact"}}``; NaN for a group without targets.
-
-    The model runs in eval mode (restored afterwards) on batches of ``batch_size`` sequences; the
-    loss is ``TrainConfig.loss`` (cross-entropy by default) in ``loss_dtype`` (float64 by default).
-    """
-    stats = _token_stats(model, task, loss_fn(loss, loss_dtype), batch_size)
-    return {g: _group_metrics(stats, m) for g, m in task.groups.items()}
-
-
-@torch.no_grad()
-def _token_stats(model: nn.Module, task: SequenceTask, fn: Callable, batch_size: int) -> tuple[Tensor, ...]:
-    """Per sequence ``[N]`` (float64): summed loss over its targets, targets whose argmax is right,
-    number of targets."""
-    was_training = model.training
-    model.eval()
-    device = models.device_of(model)
-    loss_sum, right, count = (torch.zeros(task.n, dtype=torch.float64) for _ in range(3))
-    try:
-        for i in range(0, task.n, batch_size):
-            y = task.targets[i:i + batch_size]  # [b, T]
-            logits = model(task.inputs[i:i + batch_size].to(device)).cpu()  # [b, T, d_vocab_out]
-            keep = y != IGNORE  # [b, T]
-            rows = keep.nonzero()[:, 0]  # [tokens] the batch row of each target token
-            flat_logits, flat_y = logits[keep], y[keep]  # [tokens, d_vocab_out], [tokens]
-            per_token = fn(flat_logits, flat_y, reduction="none").double()  # [tokens], summed in float64
-            loss_sum[i:i + batch_size] = torch.zeros(len(y), dtype=torch.float64).index_add_(0, rows, per_token)
-            right[i:i + batch_size] = torch.zeros(len(y), dtype=torch.float64).index_add_(
-                0, rows, (flat_logits.argmax(-1) == flat_y).double())
-            count[i:i + batch_size] = keep.sum(-1).double()
-    finally:
-        model.train(was_training)
-    return loss_sum, right, count
-
-
-def _group_metrics(stats: tuple[Tensor, ...], mask: Tensor) -> dict[str, float]:
-    loss_sum, right, count = (t[mask] for t in stats)
-    n_tokens = float(count.sum())
-    if n_tokens == 0:
-        return {"loss": float("nan"), "acc": float("nan"), "exact": float("nan")}
-    has = count > 0
-    return {"loss": float(loss_sum.sum()) / n_tokens, "acc": float(right.sum()) / n_tokens,
-            "exact": float((right[has] == count[has]).double().mean())}
 
 
 @torch.no_grad()
@@ -300,12 +223,13 @@ def _weight_norm(model: nn.Module) -> float:
     return math.sqrt(sum(float((p.double() ** 2).sum()) for p in model.parameters()))
 
 
-def _history_row(step: int, model: nn.Module, task: Task, cfg: TrainConfig, lr: float, elapsed: float) -> dict:
+def _history_row(step: int, model: nn.Module, task: Task, cfg: TrainConfig, lr: float, elapsed: float,
+                 scale: OutputScale) -> dict:
     if isinstance(task, SequenceTask):
         return _sequence_history_row(step, model, task, cfg, lr, elapsed)
     model.eval()
     with torch.no_grad():
-        logits = models.final_logits(model, task.inputs).cpu()  # [N, d_out]
+        logits = scale(models.final_logits(model, task.inputs)).cpu()  # [N, d_out], the trained predictor's
         metrics = metrics_from_logits(logits, task, cfg.loss, loss_dtype=cfg.loss_dtype)
         wnorm = _weight_norm(model)
         collapse = softmax_collapse(logits[task.train], task.labels[task.train])
@@ -325,33 +249,6 @@ def _history_row(step: int, model: nn.Module, task: Task, cfg: TrainConfig, lr: 
 
 
 # ---------------------------------------------------------------------------- optimisation pieces
-
-
-@torch.no_grad()
-def _orthogonalize_grads(params: list[nn.Parameter]) -> None:
-    """⊥Grad (Prieto et al. 2025): drop the gradient component parallel to the weights, then rescale
-    to the original gradient norm, per parameter tensor."""
-    for p in params:
-        if p.grad is None:
-            continue
-        w, g = p.view(-1), p.grad.view(-1)
-        g_orth = g - (torch.dot(w, g) / (torch.dot(w, w) + 1e-30)) * w
-        p.grad.copy_((g_orth * (g.norm() / (g_orth.norm() + 1e-30))).view_as(p.grad))
-
-
-def _dropout_hooks(model: nn.Module, rate: float, g: torch.Generator) -> list:
-    """Forward hooks applying inverted dropout to every MLP's neurons, drawing masks from ``g`` (a CPU
-    generator, so a seed gives the same masks on every device)."""
-    handles = []
-    for layer in range(models.n_layers(model)):
-        module = model.get_submodule(models.mlp_hook(layer))
-
-        def hook(_m, _inp, out, keep=1.0 - rate):
-            mask = (torch.rand(out.shape, generator=g) < keep).to(device=out.device, dtype=out.dtype)
-            return out * mask / keep
-
-        handles.append(module.register_forward_hook(hook))
-    return handles
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -374,7 +271,8 @@ def _keep_history(file: Path, rows: list[dict], upto: int) -> float:
 
 
 def train(model: nn.Module, task: Task, config: TrainConfig | None = None, out: str | Path | None = None, *,
-          overwrite: bool = False, progress: bool = True, stop_at: int | None = None, resume: str = "last") -> Run:
+          overwrite: bool = False, progress: bool = True, stop_at: int | None = None, resume: str = "last",
+          masks: dict[str, Tensor] | None = None, masks_meta: dict[str, Any] | None = None) -> Run:
     """Train ``model`` on ``task``'s training split, **updating the model in place**.
 
     Args:
@@ -393,6 +291,12 @@ def train(model: nn.Module, task: Task, config: TrainConfig | None = None, out: 
             ``"intact"`` moves damaged checkpoints to ``checkpoints/damaged/`` and resumes from the
             newest intact checkpoint whose history is complete (``mechgrok train --resume-intact``).
             Either way the result is bitwise what an uninterrupted run gives.
+        masks: ``{parameter name: 0/1 tensor of its shape}``: weights held at exactly 0 all through
+            training (a lottery ticket, ``mg.tickets``); the model's masked-out weights are zeroed at
+            step 0. Saved as ``RUN/masks.safetensors`` (``Run.masks()``) and recorded (hash, weights kept)
+            in ``config.json``, so a resume must pass the same masks.
+        masks_meta: JSON-ready facts about where the masks came from, kept in ``config.json``
+            (``mg.tickets`` records the source run, step, sparsity and kind).
 
     Returns:
         The ``Run`` (its folder holds config, task, checkpoints and ``history.jsonl``).
@@ -410,6 +314,10 @@ def train(model: nn.Module, task: Task, config: TrainConfig | None = None, out: 
         stop_at = check_int(stop_at, "stop_at", low=0, owner="train")
     models.check_compatible(model, task)
     _objective(cfg, task)
+    if isinstance(task, SequenceTask) and (cfg.output_scale != 1.0 or cfg.center_output):
+        raise ValueError(f"TrainConfig: output_scale={cfg.output_scale:g}, center_output={cfg.center_output} scale and "
+                         f"centre one label's logits per example (a Task); {task.name!r} is a SequenceTask: train it "
+                         "with output_scale=1.0 and center_output=False")
     if cfg.dropout and not models.has_mlp(model):
         raise ValueError(f"TrainConfig: dropout={cfg.dropout} acts on MLP neurons (blocks.*.mlp.hook_post), but this "
                          "model is attention-only; train it with dropout=0")
@@ -423,9 +331,21 @@ def train(model: nn.Module, task: Task, config: TrainConfig | None = None, out: 
     # the objective is the task's (checked above), so it is recorded as "auto": one run whichever way it was given
     run_config = {"format": RUN_FORMAT, "task": task.config, "model": model_spec,
                   "train": cfg.replace(objective="auto").to_dict()}
-    lock = open_run(out, json.loads(json.dumps(run_config)), task, overwrite)
+    files = {}
+    if masks is not None:
+        masks = check_masks(model, masks)
+        run_config["masks"] = {"file": MASKS_FILE, "sha256": checkpoints.content_hash(masks), **mask_summary(masks),
+                               "meta": {} if masks_meta is None else masks_meta}
+        files[MASKS_FILE] = lambda path: checkpoints.write(path, masks)
+    elif masks_meta is not None:
+        raise ValueError("masks_meta describes masks, but masks is None; pass the masks too")
     try:
-        return _train_locked(model, task, cfg, out, progress, stop_at, resume)
+        run_config = json.loads(json.dumps(run_config, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"masks_meta must hold only JSON values (str, numbers, lists, dicts): {e}") from None
+    lock = open_run(out, run_config, task, overwrite, files=files)
+    try:
+        return _train_locked(model, task, cfg, out, progress, stop_at, resume, masks)
     finally:
         lock.release()
 
@@ -440,71 +360,20 @@ def _objective(cfg: TrainConfig, task: Task | SequenceTask) -> str:
     return want
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    """A seed of its own for each epoch's shuffle (a 64-bit mix of the run's seed and the epoch)."""
-    return (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + 1) % 2**64
-
-
-class _SequenceBatches:
-    """The training rows of each step of a next-token run.
-
-    Step ``s`` takes rows ``[s·B, (s+1)·B)`` of the endless stream of epochs, each epoch being
-    ``task.epoch_rows`` (every train row ``repeats`` times) shuffled by a generator seeded with
-    ``_epoch_seed(seed, epoch)``. A batch is therefore a function of the step alone: resuming
-    needs no sampler state. ``batch_size=None`` (or one at least an epoch) takes a whole epoch,
-    unshuffled, every step.
-    """
-
-    def __init__(self, task: SequenceTask, batch_size: int | None, seed: int):
-        self.task, self.seed = task, seed
-        self._epochs: dict[int, Tensor] = {}
-        reps = task.metadata.get("repeats")
-        self.per_epoch = int(task.train.sum()) if reps is None else int(reps[task.train].sum())  # = len(epoch_rows())
-        if self.per_epoch == 0:
-            raise ValueError(f"task {task.name!r} has no training sequence to draw (its train rows have repeats 0 or "
-                             "it has none); give some train rows repeats >= 1")
-        if not bool(task.loss_mask[self._epoch(0)].any()):
-            raise ValueError(f"task {task.name!r}: no training sequence has a target (its loss mask, targets != "
-                             f"{IGNORE}, is empty on every train row), so there is nothing to learn; set the targets "
-                             "of the tokens to predict")
-        self.full = batch_size is None or batch_size >= self.per_epoch
-        self.batch_size = self.per_epoch if self.full else batch_size
-
-    def _epoch(self, e: int) -> Tensor:
-        if e not in self._epochs:
-            if len(self._epochs) > 2:  # steps only move forward: keep the few epochs a batch can span
-                self._epochs.pop(min(self._epochs))
-            self._epochs[e] = self.task.epoch_rows(torch.Generator().manual_seed(_epoch_seed(self.seed, e)))
-        return self._epochs[e]
-
-    def rows(self, step: int) -> Tensor:
-        """The task rows of step ``step`` ``[B]``."""
-        if self.full:
-            idx = self.task.train.nonzero().squeeze(1)
-            reps = self.task.metadata.get("repeats")
-            return idx if reps is None else torch.repeat_interleave(idx, reps[idx].long())
-        start, end = step * self.batch_size, (step + 1) * self.batch_size
-        parts = []
-        for e in range(start // self.per_epoch, (end - 1) // self.per_epoch + 1):
-            lo, hi = max(start - e * self.per_epoch, 0), min(end - e * self.per_epoch, self.per_epoch)
-            parts.append(self._epoch(e)[lo:hi])
-        return torch.cat(parts)
-
-
-def _next_token_loss(model: nn.Module, task: SequenceTask, rows: Tensor, fn: Callable) -> Tensor:
-    """The loss ``fn`` over every target token of the sequences ``rows`` ``[B]`` (a row listed twice
-    counts twice): the mean over the batch's target tokens, each weighted equally."""
-    device = models.device_of(model)
-    y = task.targets[rows].to(device)  # [B, T]
-    keep = y != IGNORE
-    logits = model(task.inputs[rows].to(device))  # [B, T, d_vocab_out]
-    if not bool(keep.any()):  # a batch of sequences without targets: no loss (weight decay still acts)
-        return logits.sum() * 0.0
-    return fn(logits[keep], y[keep])
+def _init_logits(model: nn.Module, task: Task, out: Path, fresh: bool) -> Tensor:
+    """``f(x; θ₀)`` ``[N, d_out]`` on every example: the model as passed in (a fresh start) or the step-0
+    checkpoint (a resume)."""
+    source = model if fresh else Run(out).load_model(0, device=models.device_of(model))
+    was_training = source.training
+    source.eval()
+    with torch.no_grad():
+        f0 = models.final_logits(source, task.inputs.to(models.device_of(model)))
+    source.train(was_training)
+    return f0.detach()
 
 
 def _train_locked(model: nn.Module, task: Task, cfg: TrainConfig, out: Path, progress: bool,
-                  stop_at: int | None, resume: str) -> Run:
+                  stop_at: int | None, resume: str, masks: dict[str, Tensor] | None) -> Run:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -524,6 +393,9 @@ def _train_locked(model: nn.Module, task: Task, cfg: TrainConfig, out: Path, pro
             return Run(out)
         elapsed0 = _keep_history(history_file, history.rows, start)
         log.info("resuming %s from step %d", out, start)
+    if masks is not None and start == 0:
+        apply_masks(model, masks)  # the ticket: the initial weights times the mask
+    scale = OutputScale(cfg.output_scale, _init_logits(model, task, out, start == 0) if cfg.center_output else None)
 
     device = models.device_of(model)
     fn = loss_fn(cfg.loss, cfg.loss_dtype)
@@ -534,17 +406,20 @@ def _train_locked(model: nn.Module, task: Task, cfg: TrainConfig, out: Path, pro
             return _next_token_loss(model, task, batches.rows(step), fn)
     else:  # last-token: one label per example
         x, y = task.inputs[task.train].to(device), task.labels[task.train].to(device)  # [n_train, n_ctx], [n_train]
+        rows = task.train.nonzero().squeeze(1).to(device)  # [n_train] task row of each training example
 
         def batch_loss(step: int) -> Tensor:
             if cfg.batch_size is None or cfg.batch_size >= len(y):
-                xb, yb = x, y
+                xb, yb, rb = x, y, rows
             else:
                 idx = torch.randperm(len(y), generator=g)[: cfg.batch_size].to(device)
-                xb, yb = x[idx], y[idx]
-            return fn(models.training_logits(model, xb), yb)
+                xb, yb, rb = x[idx], y[idx], rows[idx]
+            if scale.identity:
+                return fn(models.training_logits(model, xb), yb)
+            return fn(scale(models.training_logits(model, xb), rb), yb) / cfg.output_scale ** 2
 
     with torch_threads(cfg.threads):
-        hooks = _dropout_hooks(model, cfg.dropout, g) if cfg.dropout else []
+        hooks = dropout_hooks(model, cfg.dropout, g) if cfg.dropout else []
         t0 = time.perf_counter() - elapsed0
         bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {out.name}", unit="step")
         model.train()
@@ -554,8 +429,9 @@ def _train_locked(model: nn.Module, task: Task, cfg: TrainConfig, out: Path, pro
                     if step % cfg.eval_every == 0 or step == cfg.steps:
                         for h in hooks:
                             h.remove()
-                        row = _history_row(step, model, task, cfg, _lr_at(step, cfg), time.perf_counter() - t0)
-                        hooks = _dropout_hooks(model, cfg.dropout, g) if cfg.dropout else []
+                        row = _history_row(step, model, task, cfg, _lr_at(step, cfg), time.perf_counter() - t0,
+                                           scale)
+                        hooks = dropout_hooks(model, cfg.dropout, g) if cfg.dropout else []
                         hist.write(json.dumps(row) + "\n")
                         hist.flush()
                         bar.set_postfix(train=f"{row['train_acc']:.3f}", test=f"{row['test_acc'] or 0:.3f}")
@@ -575,9 +451,13 @@ def _train_locked(model: nn.Module, task: Task, cfg: TrainConfig, out: Path, pro
                             f"or with overwrite=True ({out} keeps the checkpoints written so far)")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    if masks is not None:
+                        mask_grads(model, masks)
                     if cfg.optimizer == "adamw_orthograd":
-                        _orthogonalize_grads(params)
+                        orthogonalize_grads(params)
                     opt.step()
+                    if masks is not None:  # AdamW leaves them at 0 already; this keeps it exact
+                        apply_masks(model, masks)
                     bar.update(1)
         finally:
             for h in hooks:

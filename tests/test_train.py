@@ -11,7 +11,8 @@ import torch
 
 import mechgrok as mg
 from mechgrok import losses, models
-from mechgrok.train import HISTORY_KEYS, TrainingDiverged, _orthogonalize_grads
+from mechgrok._training import orthogonalize_grads as _orthogonalize_grads
+from mechgrok.train import HISTORY_KEYS, TrainingDiverged
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import torch
 import mechgrok as mg
 from mechgrok import losses, models
 from mechgrok.tasks import IGNORE, SequenceTask
-from mechgrok.train import SEQUENCE_METRICS, _next_token_loss, _SequenceBatches
+from mechgrok._training import _next_token_loss, _SequenceBatches
+from mechgrok.evaluation import SEQUENCE_METRICS
 
 
 @pytest.fixture(scope="module")
