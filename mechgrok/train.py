@@ -320,7 +320,7 @@ def train(model: nn.Module, task: Task, config: TrainConfig | None = None, out: 
                          "with output_scale=1.0 and center_output=False")
     if cfg.dropout and not models.has_mlp(model):
         raise ValueError(f"TrainConfig: dropout={cfg.dropout} acts on MLP neurons (blocks.*.mlp.hook_post), but this "
-                         "model is attention-only; train it with dropout=0")
+                         f"model is {models.mlp_kind(model)} (no such layer); train it with dropout=0")
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="mechgrok-run-"))
     if out.name in ("", ".", ".."):  # the run folder needs a name (its temporary siblings are named after it)
         out = out.resolve()

@@ -29,11 +29,12 @@ Adding an analysis is one new module here plus one import line below::
         return None if data is None else Section("Neuron IPR", text=f"Mean IPR {data.mean:.3f}.")
 """
 
-from mechgrok.analyses._base import ANALYSES, Analysis, Result, analysis, one_answer_task, sequence_task
+from mechgrok.analyses._base import ANALYSES, Analysis, Result, analysis, dense_mlp_task, one_answer_task, sequence_task
 
 # the order of these imports is the order ``analyze`` runs them in
 from mechgrok.analyses.progress import ProgressAnalysis, phase_boundaries  # isort: skip
 from mechgrok.analyses.local_complexity import LocalComplexityAnalysis, local_complexity_analysis  # isort: skip
+from mechgrok.analyses.pathways import MoEPathwaysAnalysis, moe_pathways_analysis  # isort: skip
 from mechgrok.analyses.neurons import NeuronAnalysis, neuron_analysis  # isort: skip
 from mechgrok.analyses.circuits import CircuitAnalysis, circuit_analysis, prune_nodes  # isort: skip
 from mechgrok.analyses.overlap import LEARNED_ACC, OverlapAnalysis, overlap_analysis  # isort: skip
@@ -41,8 +42,9 @@ from mechgrok.analyses.sae import SAEAnalysis, sae_analysis, sae_config  # isort
 from mechgrok.analyses.influence import InfluenceAnalysis, influence_analysis  # isort: skip
 from mechgrok.analyses.memorization import DEL_FRACTIONS, MemorizationAnalysis, memorization_analysis  # isort: skip
 
-__all__ = ["ANALYSES", "Analysis", "Result", "analysis", "one_answer_task", "sequence_task",
+__all__ = ["ANALYSES", "Analysis", "Result", "analysis", "one_answer_task", "dense_mlp_task", "sequence_task",
            "ProgressAnalysis", "phase_boundaries", "LocalComplexityAnalysis", "local_complexity_analysis",
+           "MoEPathwaysAnalysis", "moe_pathways_analysis",
            "NeuronAnalysis", "neuron_analysis",
            "CircuitAnalysis", "circuit_analysis", "prune_nodes", "OverlapAnalysis", "overlap_analysis", "LEARNED_ACC",
            "SAEAnalysis", "sae_analysis", "sae_config", "InfluenceAnalysis", "influence_analysis",

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, TypeVar
 
 from mechgrok.run import Run
 
-__all__ = ["Result", "Analysis", "ANALYSES", "analysis", "one_answer_task", "sequence_task"]
+__all__ = ["Result", "Analysis", "ANALYSES", "analysis", "one_answer_task", "dense_mlp_task", "sequence_task"]
 
 R = TypeVar("R", bound="Result")
 
@@ -96,6 +96,20 @@ def one_answer_task(run: Run) -> str | None:
 
     if isinstance(run.task(), SequenceTask):
         return "a language-model run (a SequenceTask) has no single answer per example; its analysis is 'memorization'"
+    return None
+
+
+def dense_mlp_task(run: Run) -> str | None:
+    """``applies`` of the analyses that read MLP neurons (``blocks.L.mlp.hook_post``) of a one-answer
+    task: not for language-model runs, not for mixture-of-experts models (whose neurons belong to
+    experts that each see only the tokens routed to them)."""
+    if (reason := one_answer_task(run)) is not None:
+        return reason
+    spec = run.config.get("model") or {}
+    experts = (spec.get("kwargs") or {}).get("num_experts") or (spec.get("config") or {}).get("num_experts")
+    if experts:
+        return (f"this run's model is a mixture of {experts} experts per block, which has no single MLP neuron layer "
+                "(blocks.L.mlp.hook_post) for this analysis to read; its analysis is 'moe_pathways'")
     return None
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mechgrok.analyses._base import Result, analysis, one_answer_task
+from mechgrok.analyses._base import Result, analysis, dense_mlp_task
 from mechgrok.report.text import acc, fixed
 from mechgrok.analyses.neurons import SPLITS
 from mechgrok.report.sections import Figure, Section, Table, run_file, section
@@ -94,7 +94,7 @@ def circuit_analysis(model, task, out_dir: Path, *, method: str = "eap-ig", leve
     return CircuitAnalysis(method, level, evaluate(model, task), **info, **extra)
 
 
-@analysis(CircuitAnalysis, applies=one_answer_task)
+@analysis(CircuitAnalysis, applies=dense_mlp_task)
 def _circuits(run: Run, progress: bool) -> CircuitAnalysis:
     step = run.steps()[-1]
     return dataclasses.replace(circuit_analysis(run.load_model(step), run.task(), run.path / "analysis" / "circuits",

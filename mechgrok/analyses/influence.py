@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mechgrok.analyses._base import Result, analysis, one_answer_task
+from mechgrok.analyses._base import Result, analysis, dense_mlp_task
 from mechgrok.report.text import fixed
 from mechgrok.report.figures import new_figure
 from mechgrok.report.sections import Figure, Section, Table, section
@@ -129,7 +129,7 @@ def _example(task, top, i: int) -> dict[str, Any]:
             "top": [describe(int(j)) | {"score": float(sv)} for j, sv in zip(top.indices[i][:5], top.scores[i][:5])]}
 
 
-@analysis(InfluenceAnalysis, applies=one_answer_task)
+@analysis(InfluenceAnalysis, applies=dense_mlp_task)
 def _influence(run: Run, progress: bool) -> InfluenceAnalysis:
     return influence_analysis(run, progress=progress)
 

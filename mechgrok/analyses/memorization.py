@@ -5,7 +5,7 @@ scores' agreement, extractability per prefix length, induction strength, DEL cur
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -14,6 +14,9 @@ from mechgrok.report.figures import line_figure
 from mechgrok.report.sections import Figure, Section, Table, section
 from mechgrok.report.text import sig
 from mechgrok.run import Run
+
+if TYPE_CHECKING:
+    from mechgrok.tasks import SequenceTask
 
 __all__ = ["MemorizationAnalysis", "memorization_analysis", "memorized_sequences", "DEL_FRACTIONS"]
 

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mechgrok.analyses._base import Result, analysis, one_answer_task
+from mechgrok.analyses._base import Result, analysis, dense_mlp_task
 from mechgrok.report.text import acc
 from mechgrok.report.figures import new_figure
 from mechgrok.report.sections import Figure, Section, Table, section
@@ -84,7 +84,7 @@ def neuron_analysis(model, task, *, layer: int = 0, seeds: Sequence[int] = (0, 1
     return NeuronAnalysis(layer, evaluate(model, task), scores, groups_, sweeps, pruned, frequency, power)
 
 
-@analysis(NeuronAnalysis, applies=one_answer_task)
+@analysis(NeuronAnalysis, applies=dense_mlp_task)
 def _neurons(run: Run, progress: bool) -> NeuronAnalysis:
     step = run.steps()[-1]
     return dataclasses.replace(neuron_analysis(run.load_model(step), run.task(), progress=progress), step=step)

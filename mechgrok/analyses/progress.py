@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mechgrok.analyses._base import Result, analysis
+from mechgrok.analyses._base import Result, analysis, dense_mlp_task
 from mechgrok.report.figures import line_figure
 from mechgrok.report.sections import Figure, Section, Table, section
 from mechgrok.run import GENERALIZED_ACC, MEMORIZED_ACC, Run, first_step
@@ -46,8 +46,9 @@ class ProgressAnalysis(Result):
 
 def _applies(run: Run) -> str | None:
     kind = run.task().config.get("kind")
-    return None if kind in ("modular_arithmetic", "multi_task") else \
-        f"the Fourier measures need modular arithmetic; this run trains on {kind!r}"
+    if kind not in ("modular_arithmetic", "multi_task"):
+        return f"the Fourier measures need modular arithmetic; this run trains on {kind!r}"
+    return dense_mlp_task(run)  # the neuron measures read blocks.L.mlp.hook_post
 
 
 @analysis(ProgressAnalysis, applies=_applies)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mechgrok.analyses._base import Result, analysis, one_answer_task
+from mechgrok.analyses._base import Result, analysis, dense_mlp_task
 from mechgrok.report.text import fixed
 from mechgrok.report.figures import line_figure, new_figure
 from mechgrok.report.sections import Figure, Section, Table, section
@@ -109,7 +109,7 @@ def sae_analysis(run: Run, *, hook: str | None = None, architecture: str = "topk
         ablation=study, over_training={"sae_steps": training_sae_steps, **over})
 
 
-@analysis(SAEAnalysis, applies=one_answer_task)
+@analysis(SAEAnalysis, applies=dense_mlp_task)
 def _sae(run: Run, progress: bool) -> SAEAnalysis:
     return sae_analysis(run, progress=progress)
 

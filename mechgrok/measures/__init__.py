@@ -8,6 +8,8 @@
 - ``stability``: softmax collapse of a model in float32 / float64 and NLM alignment, over training
   (Prieto et al. 2025).
 - ``local_complexity``: density of ReLU linear-region boundaries around points (Humayun et al. 2024).
+- ``pathways``: the experts a mixture-of-experts model routes each example through, their edit
+  distance between examples and their consistency across layers (Li et al. 2025).
 - ``progress``: all of them on every checkpoint of a run.
 - ``induction``: prefix-matching and copying scores of attention heads (Olsson et al. 2022).
 """
@@ -32,6 +34,15 @@ from mechgrok.measures.local_complexity import (
     boundary_points,
     local_complexity,
     local_complexity_over_training,
+)
+from mechgrok.measures.pathways import (
+    ExpertPathways,
+    PathwaysOverTraining,
+    expert_pathways,
+    pathway_consistency,
+    pathway_distance,
+    pathway_edit_distance,
+    pathways_over_training,
 )
 from mechgrok.measures.progress import PROGRESS_COLUMNS, progress
 from mechgrok.measures.restricted import (
@@ -63,4 +74,6 @@ __all__ = ["InductionScores", "induction_scores", "repeated_sequences", "fourier
            "gini", "fourier_gini", "unembedding_frequency_norms", "weight_norm", "softmax_collapse",
            "model_softmax_collapse", "nlm_alignment", "stability_over_training", "StabilityOverTraining",
            "LocalComplexity", "LocalComplexityOverTraining", "BoundaryPoints", "local_complexity",
-           "local_complexity_over_training", "boundary_points", "progress", "PROGRESS_COLUMNS"]
+           "local_complexity_over_training", "boundary_points", "progress", "PROGRESS_COLUMNS",
+           "ExpertPathways", "PathwaysOverTraining", "expert_pathways", "pathway_consistency", "pathway_distance",
+           "pathway_edit_distance", "pathways_over_training"]

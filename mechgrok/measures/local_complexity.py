@@ -57,6 +57,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mechgrok import models
 from mechgrok._config import check_float, check_int
 from mechgrok._threads import torch_threads
 from mechgrok.measures.relu import _check_frame, _check_points, _ReluNet, relu_layers

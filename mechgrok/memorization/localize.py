@@ -501,8 +501,9 @@ def _check_model(model: nn.Module, task: SequenceTask | None, owner: str) -> Non
     elif not isinstance(model, models.HookedTransformer):
         raise TypeError(f"{owner} needs a HookedTransformer, got {type(model).__name__}")
     if not models.has_mlp(model):
-        raise ValueError(f"{owner}: this model is attention-only, so it has no MLP neurons to localize or drop; "
-                         "build it with MLPs (mg.models.transformer(..., attn_only=False))")
+        raise ValueError(f"{owner}: this model is {models.mlp_kind(model)}, so it has no layer of MLP neurons "
+                         "(blocks.L.mlp.hook_post) to localize or drop; build it with dense MLPs "
+                         "(mg.models.transformer(..., attn_only=False, num_experts=None))")
 
 
 def localize(model: nn.Module, task: SequenceTask, target: str | Tensor, method: str, *,

@@ -43,7 +43,7 @@ from mechgrok.models.logits import final_logits, training_logits
 from mechgrok.models.pretrained import PRETRAINED_ARCHITECTURES, from_pretrained
 # load_state and state_tensors (checkpoints.py, run.py, benchmarks) are public but, as before, not in __all__
 from mechgrok.models.saving import build, load, load_state, save, spec, state_tensors
-from mechgrok.models.structure import has_mlp, mlp_hook, n_layers, patchable
+from mechgrok.models.structure import has_mlp, mlp_hook, mlp_kind, n_layers, patchable
 
 # Private helpers kept at the address they had when models was one file: tests/test_pretrained.py
 # monkeypatches ``models._tl_loading.get_pretrained_state_dict`` (an attribute of transformer-lens's
@@ -56,6 +56,6 @@ from mechgrok.models.logits import _fast_last_block  # noqa: F401
 
 __all__ = ["HookedMLP", "HookedRootModule", "HookPoint", "HookedTransformer", "HookedTransformerConfig",
            "transformer", "mlp", "from_pretrained", "save", "load", "spec", "build", "final_logits",
-           "training_logits", "patchable", "check_compatible", "check_inputs", "mlp_hook", "n_layers", "has_mlp",
+           "training_logits", "patchable", "check_compatible", "check_inputs", "mlp_hook", "n_layers", "has_mlp", "mlp_kind",
            "device_of", "TL_VERSION", "TRANSFORMER_ACTS", "MLP_ACTS", "POSITIONAL",
            "PRETRAINED_ARCHITECTURES", "POST_NORM_ARCHITECTURES"]

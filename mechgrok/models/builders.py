@@ -2,8 +2,8 @@
 
 - ``transformer(task, ...)``: a ``HookedTransformer`` with no LayerNorm and ReLU by default, as in
   the grokking papers (Nanda et al. 2023); options for rotary or shortformer positions, parallel
-  attention + MLP, grouped-query attention, gated MLPs, attention-only models, or any
-  ``HookedTransformerConfig`` (``config=``).
+  attention + MLP, grouped-query attention, gated MLPs, attention-only models, mixture-of-experts
+  MLPs, or any ``HookedTransformerConfig`` (``config=``).
 - ``mlp(task, width, act, ...)``: a ``HookedMLP`` (Doshi et al. 2023).
 
 Both are sized from the task, seeded without touching the global RNG, initialised on the CPU (the
@@ -48,7 +48,7 @@ POSITIONAL = ("standard", "rotary", "shortformer")
 # The options added after v0.1 and their defaults: a model built with the defaults keeps the spec it
 # had then (these keys are left out), so older run folders still match and load.
 _NEW_OPTIONS = {"positional": "standard", "rotary_dim": None, "parallel_attn_mlp": False, "n_key_value_heads": None,
-                "gated_mlp": False, "attn_only": False}
+                "gated_mlp": False, "attn_only": False, "num_experts": None, "experts_per_token": None}
 _SIZE_OPTIONS = {"n_layers": 1, "d_model": 128, "n_heads": 4, "d_head": None, "d_mlp": 512, "act_fn": "relu",
                  "normalization": None, "d_vocab": None, "d_vocab_out": None, "n_ctx": None}
 
@@ -58,7 +58,8 @@ def transformer(task: Task | None = None, *, n_layers: int = 1, d_model: int = 1
                 normalization: str | None = None, seed: int | None = None, d_vocab: int | None = None,
                 d_vocab_out: int | None = None, n_ctx: int | None = None, positional: str = "standard",
                 rotary_dim: int | None = None, parallel_attn_mlp: bool = False, n_key_value_heads: int | None = None,
-                gated_mlp: bool = False, attn_only: bool = False, config: HookedTransformerConfig | None = None,
+                gated_mlp: bool = False, attn_only: bool = False, num_experts: int | None = None,
+                experts_per_token: int | None = None, config: HookedTransformerConfig | None = None,
                 device: str | torch.device | None = None) -> HookedTransformer:
     """A ``HookedTransformer`` sized for ``task`` (vocabulary and context read from it).
 
@@ -80,6 +81,12 @@ def transformer(task: Task | None = None, *, n_layers: int = 1, d_model: int = 1
         gated_mlp: ``W_out(act(x W_gate) * (x W_in))`` (SwiGLU-style, as Llama) instead of
             ``W_out(act(x W_in))``.
         attn_only: no MLPs (``d_mlp``, ``act_fn`` and ``gated_mlp`` then do not apply).
+        num_experts: a mixture-of-experts MLP in every block (transformer-lens's ``MoE``, as
+            Mixtral): ``num_experts`` gated experts of width ``d_mlp`` each and a linear router
+            ``W_gate``; each token goes to its ``experts_per_token`` highest-softmax experts, whose
+            outputs are summed weighted by their (unrenormalised) softmax weights. Hooks
+            ``blocks.L.mlp.hook_expert_indices`` / ``hook_expert_weights``. ``None``: a dense MLP.
+        experts_per_token: ``k`` of the top-k routing (required with ``num_experts``; 1 or 2 are usual).
         config: any ``HookedTransformerConfig`` instead of the options above (which must then be
             left at their defaults); it is copied, never modified. ``seed`` (or ``config.seed``)
             seeds the initialisation, ``device`` overrides ``config.device``, and ``task``, when
@@ -101,7 +108,8 @@ def transformer(task: Task | None = None, *, n_layers: int = 1, d_model: int = 1
                        act_fn=act_fn, normalization=normalization, d_vocab=d_vocab, d_vocab_out=d_vocab_out,
                        n_ctx=n_ctx, positional=positional, rotary_dim=rotary_dim,
                        parallel_attn_mlp=parallel_attn_mlp, n_key_value_heads=n_key_value_heads,
-                       gated_mlp=gated_mlp, attn_only=attn_only)
+                       gated_mlp=gated_mlp, attn_only=attn_only, num_experts=num_experts,
+                       experts_per_token=experts_per_token)
         given = {k for k, v in options.items() if v != {**_SIZE_OPTIONS, **_NEW_OPTIONS}[k]}
         if given:
             raise TypeError(f"{owner}: pass either config= or the options {sorted(given)}, not both (set them on "
@@ -123,10 +131,12 @@ def transformer(task: Task | None = None, *, n_layers: int = 1, d_model: int = 1
         raise ValueError(f"{owner}: normalization must be None, 'LN' or 'RMS', got {normalization!r}")
     options = _check_options(owner, n_heads=n_heads, d_head=d_head, positional=positional, rotary_dim=rotary_dim,
                              parallel_attn_mlp=parallel_attn_mlp, n_key_value_heads=n_key_value_heads,
-                             gated_mlp=gated_mlp, attn_only=attn_only)
+                             gated_mlp=gated_mlp, attn_only=attn_only, num_experts=num_experts,
+                             experts_per_token=experts_per_token)
     target = _device(device, owner)
     tl_options = dict(positional_embedding_type=positional, parallel_attn_mlp=parallel_attn_mlp,
-                      n_key_value_heads=n_key_value_heads, gated_mlp=gated_mlp, attn_only=attn_only)
+                      n_key_value_heads=n_key_value_heads, gated_mlp=gated_mlp, attn_only=attn_only,
+                      num_experts=options["num_experts"], experts_per_token=options["experts_per_token"])
     if rotary_dim is not None:
         tl_options["rotary_dim"] = rotary_dim
     cfg = HookedTransformerConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head,
@@ -144,7 +154,8 @@ def transformer(task: Task | None = None, *, n_layers: int = 1, d_model: int = 1
 
 def _check_options(owner: str, *, n_heads: int, d_head: int, positional: str, rotary_dim: int | None,
                    parallel_attn_mlp: bool, n_key_value_heads: int | None, gated_mlp: bool,
-                   attn_only: bool) -> dict[str, Any]:
+                   attn_only: bool, num_experts: int | None = None,
+                   experts_per_token: int | None = None) -> dict[str, Any]:
     """The architecture options of ``transformer``, checked; each error says how to fix it."""
     positional = _check_choice(positional, "positional", POSITIONAL, owner)
     parallel_attn_mlp, gated_mlp, attn_only = (_check_bool(v, k, owner) for k, v in (
@@ -167,8 +178,22 @@ def _check_options(owner: str, *, n_heads: int, d_head: int, positional: str, ro
         which = " and ".join(k for k, v in (("gated_mlp", gated_mlp), ("parallel_attn_mlp", parallel_attn_mlp)) if v)
         raise ValueError(f"{owner}: an attention-only model has no MLP, so {which} cannot apply; drop "
                          f"{'them' if ' and ' in which else 'it'} or attn_only")
+    if num_experts is None and experts_per_token is not None:
+        raise ValueError(f"{owner}: experts_per_token={experts_per_token} applies only to a mixture-of-experts MLP; "
+                         "pass num_experts too, or leave experts_per_token out")
+    if num_experts is not None:
+        num_experts = check_int(num_experts, "num_experts", low=1, owner=owner)
+        if experts_per_token is None:
+            raise ValueError(f"{owner}: num_experts={num_experts} needs experts_per_token, the k of top-k routing "
+                             "(1 or 2 are usual); pass it")
+        experts_per_token = check_int(experts_per_token, "experts_per_token", low=1, high=num_experts, owner=owner)
+        if attn_only or gated_mlp:
+            raise ValueError(f"{owner}: num_experts makes every MLP a mixture of gated experts, so "
+                             f"{'attn_only (no MLP)' if attn_only else 'gated_mlp (the experts are already gated)'} "
+                             "cannot apply; drop it or num_experts")
     return dict(positional=positional, rotary_dim=rotary_dim, parallel_attn_mlp=parallel_attn_mlp,
-                n_key_value_heads=n_key_value_heads, gated_mlp=gated_mlp, attn_only=attn_only)
+                n_key_value_heads=n_key_value_heads, gated_mlp=gated_mlp, attn_only=attn_only,
+                num_experts=num_experts, experts_per_token=experts_per_token)
 
 
 def _from_config(task: Task | None, config: Any, seed: int | None, device: Any, owner: str) -> HookedTransformer:

@@ -18,7 +18,7 @@ from torch import nn
 from mechgrok._config import check_int
 from mechgrok.models._tl import HookedTransformer
 
-__all__ = ["n_layers", "has_mlp", "mlp_hook", "patchable"]
+__all__ = ["n_layers", "has_mlp", "mlp_kind", "mlp_hook", "patchable"]
 
 
 def n_layers(model: nn.Module) -> int:
@@ -27,8 +27,19 @@ def n_layers(model: nn.Module) -> int:
 
 
 def has_mlp(model: nn.Module) -> bool:
-    """Whether ``model``'s blocks have MLP neurons (``mlp_hook``): not an attention-only transformer."""
-    return not (isinstance(model, HookedTransformer) and model.cfg.attn_only)
+    """Whether ``model``'s blocks have one layer of MLP neurons (``mlp_hook``): not an attention-only
+    transformer, nor a mixture-of-experts one (whose neurons are each expert's, ``blocks.L.mlp.experts.E``)."""
+    return not (isinstance(model, HookedTransformer) and (model.cfg.attn_only or model.cfg.num_experts))
+
+
+def mlp_kind(model: nn.Module) -> str:
+    """What a model's blocks have instead of MLP neurons, for messages: ``"attention-only"``,
+    ``"mixture-of-experts"``, or ``"dense"`` (it has them)."""
+    if isinstance(model, HookedTransformer) and model.cfg.attn_only:
+        return "attention-only"
+    if isinstance(model, HookedTransformer) and model.cfg.num_experts:
+        return "mixture-of-experts"
+    return "dense"
 
 
 def mlp_hook(layer: int = 0, where: str = "post") -> str:
