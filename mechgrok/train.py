@@ -17,6 +17,7 @@ stops being finite ends training with an error naming the step (lower the learni
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -94,7 +95,10 @@ class TrainConfig:
     loss divided by α², so a larger α is lazier (the weights move less for the same change of output).
     ``history.jsonl`` scores that predictor (its loss without the 1/α²). Only for a ``Task`` (one
     label per example). The model saved in the checkpoints is ``f(·; θ)`` itself: analyses that load it
-    see the network, not the centred, scaled predictor.
+    see the network, not the centred, scaled predictor. Under AdamW the 1/α² is nearly a no-op (Adam's
+    step does not depend on the loss's scale): the counterpart of the paper's gradient-descent rule
+    ``lr ∝ 1/α²`` is ``lr ∝ 1/α`` (benchmarks/repro_lazy_rich.py), and weight decay pulls the weights
+    towards 0, not towards θ₀.
     """
 
     steps: int = 8000  # number of optimizer updates
@@ -153,8 +157,9 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON-ready values. Fields added after run folders existed are left out at
         their defaults (``_OMITTED_AT_DEFAULT``: ``objective="auto"``, which the task implies,
-        ``loss_dtype="float64"``, ``adam_eps=1e-8``, ``output_scale=1.0``, ``center_output=False``), so that folders written before them keep
-        matching (and resuming); ``from_dict`` fills them back in. Any other value is written."""
+        ``loss_dtype="float64"``, ``adam_eps=1e-8``, ``output_scale=1.0``, ``center_output=False``), so
+        that folders written before them keep matching (and resuming); ``from_dict`` fills them back in.
+        Any other value is written."""
         d = asdict(self)
         d["betas"] = list(self.betas)
         for name, default in _OMITTED_AT_DEFAULT.items():
@@ -363,7 +368,12 @@ def _objective(cfg: TrainConfig, task: Task | SequenceTask) -> str:
 def _init_logits(model: nn.Module, task: Task, out: Path, fresh: bool) -> Tensor:
     """``f(x; θ₀)`` ``[N, d_out]`` on every example: the model as passed in (a fresh start) or the step-0
     checkpoint (a resume)."""
-    source = model if fresh else Run(out).load_model(0, device=models.device_of(model))
+    if fresh:
+        source = model
+    else:  # the step-0 weights in a copy of the model itself (its dtype and device, unlike Run.load_model)
+        source = copy.deepcopy(model)
+        file = out / "checkpoints" / checkpoint_name(0)
+        models.load_state(source, {k: v for k, v in checkpoints.read(file).items() if "/" not in k}, source=str(file))
     was_training = source.training
     source.eval()
     with torch.no_grad():
@@ -395,8 +405,6 @@ def _train_locked(model: nn.Module, task: Task, cfg: TrainConfig, out: Path, pro
         log.info("resuming %s from step %d", out, start)
     if masks is not None and start == 0:
         apply_masks(model, masks)  # the ticket: the initial weights times the mask
-    scale = OutputScale(cfg.output_scale, _init_logits(model, task, out, start == 0) if cfg.center_output else None)
-
     device = models.device_of(model)
     fn = loss_fn(cfg.loss, cfg.loss_dtype)
     if isinstance(task, SequenceTask):  # next-token: the loss over every target of the batch's loss masks
@@ -419,6 +427,8 @@ def _train_locked(model: nn.Module, task: Task, cfg: TrainConfig, out: Path, pro
             return fn(scale(models.training_logits(model, xb), rb), yb) / cfg.output_scale ** 2
 
     with torch_threads(cfg.threads):
+        scale = OutputScale(cfg.output_scale,
+                            _init_logits(model, task, out, start == 0) if cfg.center_output else None)
         hooks = dropout_hooks(model, cfg.dropout, g) if cfg.dropout else []
         t0 = time.perf_counter() - elapsed0
         bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {out.name}", unit="step")

@@ -284,5 +284,6 @@ def test_every_analysis_on_an_moe_run_applies_or_says_why_and_the_report_builds(
         assert name not in written
         assert f"analysis {name!r}" in caplog.text
     assert caplog.text.count("no single MLP neuron layer") == 5
+    assert "analysis 'lazy_rich'" in caplog.text and "data-dependent choice" in caplog.text
     html = mg.report.build(moe_run).read_text()
     assert "MoE expert pathways" in html

@@ -35,6 +35,7 @@ from mechgrok.analyses._base import ANALYSES, Analysis, Result, analysis, dense_
 from mechgrok.analyses.progress import ProgressAnalysis, phase_boundaries  # isort: skip
 from mechgrok.analyses.local_complexity import LocalComplexityAnalysis, local_complexity_analysis  # isort: skip
 from mechgrok.analyses.pathways import MoEPathwaysAnalysis, moe_pathways_analysis  # isort: skip
+from mechgrok.analyses.lazy_rich import LazyRichAnalysis, lazy_rich_analysis  # isort: skip
 from mechgrok.analyses.neurons import NeuronAnalysis, neuron_analysis  # isort: skip
 from mechgrok.analyses.circuits import CircuitAnalysis, circuit_analysis, prune_nodes  # isort: skip
 from mechgrok.analyses.overlap import LEARNED_ACC, OverlapAnalysis, overlap_analysis  # isort: skip
@@ -44,7 +45,7 @@ from mechgrok.analyses.memorization import DEL_FRACTIONS, MemorizationAnalysis, 
 
 __all__ = ["ANALYSES", "Analysis", "Result", "analysis", "one_answer_task", "dense_mlp_task", "sequence_task",
            "ProgressAnalysis", "phase_boundaries", "LocalComplexityAnalysis", "local_complexity_analysis",
-           "MoEPathwaysAnalysis", "moe_pathways_analysis",
+           "MoEPathwaysAnalysis", "moe_pathways_analysis", "LazyRichAnalysis", "lazy_rich_analysis",
            "NeuronAnalysis", "neuron_analysis",
            "CircuitAnalysis", "circuit_analysis", "prune_nodes", "OverlapAnalysis", "overlap_analysis", "LEARNED_ACC",
            "SAEAnalysis", "sae_analysis", "sae_config", "InfluenceAnalysis", "influence_analysis",

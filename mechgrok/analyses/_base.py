@@ -10,7 +10,8 @@ from typing import Any, ClassVar, TypeVar
 
 from mechgrok.run import Run
 
-__all__ = ["Result", "Analysis", "ANALYSES", "analysis", "one_answer_task", "dense_mlp_task", "sequence_task"]
+__all__ = ["Result", "Analysis", "ANALYSES", "analysis", "one_answer_task", "dense_mlp_task", "moe_experts",
+           "sequence_task"]
 
 R = TypeVar("R", bound="Result")
 
@@ -99,15 +100,19 @@ def one_answer_task(run: Run) -> str | None:
     return None
 
 
+def moe_experts(run: Run) -> int | None:
+    """The number of experts per block of the run's model (from its recorded spec), ``None`` for a dense one."""
+    spec = run.config.get("model") or {}
+    return (spec.get("kwargs") or {}).get("num_experts") or (spec.get("config") or {}).get("num_experts") or None
+
+
 def dense_mlp_task(run: Run) -> str | None:
     """``applies`` of the analyses that read MLP neurons (``blocks.L.mlp.hook_post``) of a one-answer
     task: not for language-model runs, not for mixture-of-experts models (whose neurons belong to
     experts that each see only the tokens routed to them)."""
     if (reason := one_answer_task(run)) is not None:
         return reason
-    spec = run.config.get("model") or {}
-    experts = (spec.get("kwargs") or {}).get("num_experts") or (spec.get("config") or {}).get("num_experts")
-    if experts:
+    if experts := moe_experts(run):
         return (f"this run's model is a mixture of {experts} experts per block, which has no single MLP neuron layer "
                 "(blocks.L.mlp.hook_post) for this analysis to read; its analysis is 'moe_pathways'")
     return None

@@ -8,6 +8,8 @@
 - ``stability``: softmax collapse of a model in float32 / float64 and NLM alignment, over training
   (Prieto et al. 2025).
 - ``local_complexity``: density of ReLU linear-region boundaries around points (Humayun et al. 2024).
+- ``ntk``: empirical NTK, its alignment with the labels, kernel and weight movement from
+  initialization (lazy vs rich training, Kumar et al. 2024).
 - ``pathways``: the experts a mixture-of-experts model routes each example through, their edit
   distance between examples and their consistency across layers (Li et al. 2025).
 - ``progress``: all of them on every checkpoint of a run.
@@ -34,6 +36,15 @@ from mechgrok.measures.local_complexity import (
     boundary_points,
     local_complexity,
     local_complexity_over_training,
+)
+from mechgrok.measures.ntk import (
+    FeatureMovement,
+    LazyRichOverTraining,
+    empirical_ntk,
+    feature_movement,
+    kernel_distance,
+    kernel_target_alignment,
+    lazy_rich_over_training,
 )
 from mechgrok.measures.pathways import (
     ExpertPathways,
@@ -76,4 +87,5 @@ __all__ = ["InductionScores", "induction_scores", "repeated_sequences", "fourier
            "LocalComplexity", "LocalComplexityOverTraining", "BoundaryPoints", "local_complexity",
            "local_complexity_over_training", "boundary_points", "progress", "PROGRESS_COLUMNS",
            "ExpertPathways", "PathwaysOverTraining", "expert_pathways", "pathway_consistency", "pathway_distance",
-           "pathway_edit_distance", "pathways_over_training"]
+           "pathway_edit_distance", "pathways_over_training", "FeatureMovement", "LazyRichOverTraining",
+           "empirical_ntk", "feature_movement", "kernel_distance", "kernel_target_alignment", "lazy_rich_over_training"]
