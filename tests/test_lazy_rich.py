@@ -293,6 +293,21 @@ def test_centred_run_resumes_bitwise(task, tmp_path):
     assert strip == [{k: v for k, v in r.items() if k != "elapsed_s"} for r in part.history()]
 
 
+def test_centred_float64_run_resumes_bitwise(task, tmp_path):
+    """On a resume f(x; θ₀) comes from the step-0 checkpoint loaded into a copy of the model itself, so a
+    float64 model keeps its float64 f₀ (Run.load_model would build a float32 one)."""
+    c = cfg(steps=6, output_scale=3.0, center_output=True)
+    full_model = mlp(task, "square").double()
+    full = mg.train(full_model, task, c, out=tmp_path / "full", progress=False)
+    part_model = mlp(task, "square").double()
+    mg.train(part_model, task, c, out=tmp_path / "part", progress=False, stop_at=3)
+    mg.train(part_model, task, c, out=tmp_path / "part", progress=False)
+    assert all(p.dtype == torch.float64 for p in part_model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(full_model.parameters(), part_model.parameters()))
+    strip = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in full.history()]
+    assert strip == [{k: v for k, v in r.items() if k != "elapsed_s"} for r in mg.Run(tmp_path / "part").history()]
+
+
 def test_output_scale_options_are_validated_and_omitted_at_default():
     for bad in (0, 0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="output_scale"):
