@@ -7,7 +7,7 @@
 ['test', 'train']
 """
 
-from mechgrok import circuits, measures, memorization, models, neurons, presets, tasks
+from mechgrok import circuits, measures, memorization, models, neurons, presets, tasks, tickets
 from mechgrok.analyze import analyze
 from mechgrok.capture import ActivationCache, capture, load_cache
 from mechgrok.run import Run
@@ -17,7 +17,7 @@ from mechgrok.train import TrainConfig, evaluate, train
 __version__ = "0.1.0"
 
 __all__ = ["tasks", "models", "presets", "train", "TrainConfig", "evaluate", "Run", "capture",
-           "ActivationCache", "load_cache", "measures", "memorization", "neurons", "circuits", "analyze", "analyses", "report", "sae", "influence", "sweep", "sweep_figure", "gather",
+           "ActivationCache", "load_cache", "measures", "memorization", "neurons", "tickets", "circuits", "analyze", "analyses", "report", "sae", "influence", "sweep", "sweep_figure", "gather",
            "__version__"]
 
 

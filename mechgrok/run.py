@@ -40,7 +40,7 @@ from torch import nn
 from mechgrok import checkpoints, models
 from mechgrok import tasks as _tasks
 from mechgrok._config import check_int
-from mechgrok._io import atomic_write_text, read_json, to_jsonable
+from mechgrok._io import atomic_write_text, child_path, read_json, to_jsonable
 
 __all__ = ["Run", "checkpoint_name", "read_history", "HistoryFile", "RUN_FORMAT", "RESUME_INTACT", "first_step",
            "MEMORIZED_ACC", "GENERALIZED_ACC"]
@@ -148,7 +148,7 @@ class Run:
         info = self.config.get("masks")
         if info is None:
             return None
-        f = self.path / "masks.safetensors"
+        f = child_path(self.path, info.get("file", "masks.safetensors"), what="masks file", source=self.path / "config.json")
         if not f.exists():
             raise FileNotFoundError(f"{f} is missing, but {self.path}/config.json says the run trained with masks: "
                                     "restore the file (the checkpoints hold the masked weights, not the masks)")

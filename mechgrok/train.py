@@ -403,8 +403,11 @@ def _train_locked(model: nn.Module, task: Task, cfg: TrainConfig, out: Path, pro
             return Run(out)
         elapsed0 = _keep_history(history_file, history.rows, start)
         log.info("resuming %s from step %d", out, start)
-    if masks is not None and start == 0:
-        apply_masks(model, masks)  # the ticket: the initial weights times the mask
+    if masks is not None:  # once, on the parameters' device and dtype (not twice a step)
+        named = dict(model.named_parameters())
+        masks = {k: m.to(device=named[k].device, dtype=named[k].dtype) for k, m in masks.items()}
+        if start == 0:
+            apply_masks(model, masks)  # the ticket: the initial weights times the mask
     device = models.device_of(model)
     fn = loss_fn(cfg.loss, cfg.loss_dtype)
     if isinstance(task, SequenceTask):  # next-token: the loss over every target of the batch's loss masks

@@ -29,7 +29,7 @@ def analysed(corrupted_run):
 @pytest.mark.slow(seconds=10)
 def test_analyze_writes_json_and_report(corrupted_run, analysed):
     written = analysed
-    assert set(written) == {"progress", "neurons", "circuits", "sae", "influence"}
+    assert set(written) == {"progress", "lazy_rich", "neurons", "circuits", "sae", "influence", "tickets"}
     prog = json.loads(written["progress"].read_text())
     assert prog["step"] == corrupted_run.steps()
     neurons = json.loads(written["neurons"].read_text())

@@ -42,6 +42,7 @@ from mechgrok.analyses.overlap import LEARNED_ACC, OverlapAnalysis, overlap_anal
 from mechgrok.analyses.sae import SAEAnalysis, sae_analysis, sae_config  # isort: skip
 from mechgrok.analyses.influence import InfluenceAnalysis, influence_analysis  # isort: skip
 from mechgrok.analyses.memorization import DEL_FRACTIONS, MemorizationAnalysis, memorization_analysis  # isort: skip
+from mechgrok.analyses.tickets import TICKET_SPARSITIES, TicketAnalysis, ticket_analysis  # isort: skip
 
 __all__ = ["ANALYSES", "Analysis", "Result", "analysis", "one_answer_task", "dense_mlp_task", "sequence_task",
            "ProgressAnalysis", "phase_boundaries", "LocalComplexityAnalysis", "local_complexity_analysis",
@@ -49,4 +50,5 @@ __all__ = ["ANALYSES", "Analysis", "Result", "analysis", "one_answer_task", "den
            "NeuronAnalysis", "neuron_analysis",
            "CircuitAnalysis", "circuit_analysis", "prune_nodes", "OverlapAnalysis", "overlap_analysis", "LEARNED_ACC",
            "SAEAnalysis", "sae_analysis", "sae_config", "InfluenceAnalysis", "influence_analysis",
-           "MemorizationAnalysis", "memorization_analysis", "DEL_FRACTIONS"]
+           "MemorizationAnalysis", "memorization_analysis", "DEL_FRACTIONS",
+           "TicketAnalysis", "ticket_analysis", "TICKET_SPARSITIES"]
