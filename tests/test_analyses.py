@@ -129,3 +129,22 @@ def test_local_complexity_analysis_on_a_relu_mlp_only(run, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="mechgrok.analyze"):  # the transformer run: not a ReLU MLP
         assert mg.analyze(run, only=["local_complexity"], progress=False) == {}
     assert "counts the linear regions of a ReLU MLP" in caplog.text
+
+
+def test_the_report_lists_the_analyses_not_shown_with_why(tmp_path):
+    """Every registered analysis without a result gets a row: the reason it does not apply, or the
+    command that runs it; a run with every result has no such section."""
+    from mechgrok.analyses import ANALYSES
+    from mechgrok.analyses.not_run import not_run_section
+
+    task = mg.tasks.modular_arithmetic(p=7, op="add", train_frac=0.5, seed=0)
+    run = mg.train(mg.models.mlp(task, width=8, act="relu"), task, mg.TrainConfig(steps=2, eval_every=1,
+                   checkpoint_every=1), out=tmp_path / "r", progress=False)
+    sec = not_run_section(run)
+    assert set(sec.numbers) == set(ANALYSES)
+    assert sec.numbers["moe_pathways"].startswith("does not apply:") and "mixture-of-experts" in sec.numbers["moe_pathways"]
+    assert sec.numbers["local_complexity"] == f"applies, not run yet: mechgrok analyze {run.path} --only local_complexity"
+    mg.analyze(run, only=["local_complexity"], progress=False)
+    assert "local_complexity" not in not_run_section(run).numbers
+    html = mg.report.build(run).read_text()
+    assert ">Analyses not shown</h2>" in html and "mixture-of-experts" in html

@@ -392,8 +392,11 @@ def test_analysis_skips_with_its_reason(task, tmp_path):
     lm = mg.train(mg.models.transformer(corpus, n_layers=1, d_model=8, n_heads=2, d_mlp=16, seed=0), corpus,
                   mg.TrainConfig(steps=0), out=tmp_path / "lm", progress=False)
     assert "SequenceTask" in lazy_rich_applies(lm)
-    sec = lazy_rich_section(lm)
-    assert sec.text.startswith("Not measured on this run:") and not sec.figures
+    assert lazy_rich_section(lm) is None  # no result, no section of its own; the report says why instead
+    from mechgrok.analyses.not_run import not_run_section
+
+    why = not_run_section(lm).numbers["lazy_rich"]
+    assert why.startswith("does not apply:") and "SequenceTask" in why
     big = mg.train(mg.models.mlp(task, width=30_000, act="square"), task, mg.TrainConfig(steps=0),
                    out=tmp_path / "big", progress=False)
     assert "cut-off of 250,000" in lazy_rich_applies(big)

@@ -43,6 +43,7 @@ from mechgrok.analyses.sae import SAEAnalysis, sae_analysis, sae_config  # isort
 from mechgrok.analyses.influence import InfluenceAnalysis, influence_analysis  # isort: skip
 from mechgrok.analyses.memorization import DEL_FRACTIONS, MemorizationAnalysis, memorization_analysis  # isort: skip
 from mechgrok.analyses.tickets import TICKET_SPARSITIES, TicketAnalysis, ticket_analysis  # isort: skip
+from mechgrok.analyses import not_run  # isort: skip  # noqa: F401, E402 - the "Analyses not shown" section, last
 
 __all__ = ["ANALYSES", "Analysis", "Result", "analysis", "one_answer_task", "dense_mlp_task", "sequence_task",
            "ProgressAnalysis", "phase_boundaries", "LocalComplexityAnalysis", "local_complexity_analysis",

@@ -133,13 +133,11 @@ def _index_at(steps: np.ndarray, step: int | None) -> int | None:
 
 @section(order=38, title="Lazy and rich training", analysis="lazy_rich")
 def lazy_rich_section(run: Run) -> Section | None:
-    """Report section: NTK alignment and movement over training (``analysis/lazy_rich.json``); on runs
-    where the analysis does not apply, one sentence saying why."""
+    """Report section: NTK alignment and movement over training (``analysis/lazy_rich.json``); where the
+    analysis does not apply, the "Analyses not shown" section says why."""
     data = LazyRichAnalysis.load(run)
     if data is None:
-        reason = lazy_rich_applies(run)
-        return None if reason is None else Section("Lazy and rich training",
-                                                   text=f"Not measured on this run: {reason}.")
+        return None
     d = data.over_training
     steps = np.array(d["steps"], dtype=float)
     hist = run.history()
