@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -119,6 +120,20 @@ class Run:
         if not d.exists():
             return []
         return sorted(int(m.group(1)) for f in d.iterdir() if (m := _CKPT.match(f.name)))
+
+    def select_steps(self, steps: Iterable[int] | None = None, *, owner: str = "") -> list[int]:
+        """``steps`` (default: every checkpoint) sorted and de-duplicated, after checking that each has a
+        checkpoint; the error names the missing ones and those available (``owner``: who asks)."""
+        available = self.steps()
+        if not available:
+            raise FileNotFoundError(f"{self.path} has no checkpoints; train it first")
+        if steps is None:
+            return available
+        wanted = sorted({check_int(s, "steps", low=0, owner=owner) for s in steps})
+        if missing := [s for s in wanted if s not in available]:
+            raise ValueError(f"{owner + ': ' if owner else ''}no checkpoints at steps {missing} in {self.path}; "
+                             f"available: {available}")
+        return wanted
 
     def checkpoint(self, step: int) -> Path:
         return self.path / "checkpoints" / checkpoint_name(step)

@@ -518,15 +518,11 @@ def lazy_rich_over_training(run: Run | str, steps: Iterable[int] | None = None, 
     seed = check_int(seed, "seed", low=0, owner=owner)
     if outputs is not None:
         outputs = check_int(outputs, "outputs", low=1, owner=owner)
-    available = run.steps()
-    if not available:
-        raise FileNotFoundError(f"{run.path} has no checkpoints; train it first")
+    available = run.select_steps(owner=owner)
     if available[0] != 0:
         raise ValueError(f"{run.path} has no step-0 checkpoint (its first is step {available[0]}); the initial weights "
                          "are the reference of every measure here")
-    wanted = available if steps is None else sorted({0, *(check_int(s, "steps", low=0, owner=owner) for s in steps)})
-    if missing := [s for s in wanted if s not in available]:
-        raise ValueError(f"{owner}: no checkpoints at steps {missing} in {run.path}; available: {available}")
+    wanted = run.select_steps(None if steps is None else [0, *steps], owner=owner)
     task = run.task()
     if isinstance(task, SequenceTask):
         raise TypeError(f"{run.path} trains a SequenceTask (next-token); {owner} reads one answer per example (a "

@@ -538,12 +538,7 @@ def pathways_over_training(run: Run | str, steps: Iterable[int] | None = None, *
     """
     owner = "pathways_over_training"
     run = run if isinstance(run, Run) else Run(run)
-    available = run.steps()
-    if not available:
-        raise FileNotFoundError(f"{run.path} has no checkpoints; train it first")
-    wanted = available if steps is None else sorted({check_int(s, "steps", low=0, owner=owner) for s in steps})
-    if missing := [s for s in wanted if s not in available]:
-        raise ValueError(f"{owner}: no checkpoints at steps {missing} in {run.path}; available: {available}")
+    wanted = run.select_steps(steps, owner=owner)
     n_examples = check_int(n_examples, "n_examples", low=2, owner=owner)
     n_pairs = check_int(n_pairs, "n_pairs", low=1, owner=owner)
     seed = check_int(seed, "seed", low=0, owner=owner)

@@ -132,13 +132,7 @@ def progress(run: Run | str, steps: Iterable[int] | None = None, freqs: Iterable
 def _progress(run: Run, steps, freqs, show: bool, key_source: str, task_name, layer: int) -> dict[str, Any]:
     task = run.task()
     grid = task_grid(task, task_name)
-    available = run.steps()
-    if not available:
-        raise FileNotFoundError(f"{run.path} has no checkpoints; train it first")
-    steps = available if steps is None else sorted(set(int(s) for s in steps))
-    missing = [s for s in steps if s not in available]
-    if missing:
-        raise ValueError(f"no checkpoints at steps {missing} in {run.path}; available: {available}")
+    steps = run.select_steps(steps, owner="progress")
     if key_source not in ("neurons", "embedding"):
         raise ValueError(f"key_source must be 'neurons' or 'embedding', got {key_source!r}")
     loss_name = run.config["train"].get("loss", "cross_entropy")
@@ -154,7 +148,7 @@ def _progress(run: Run, steps, freqs, show: bool, key_source: str, task_name, la
             raise ValueError(f"key frequencies {bad} are outside 1 .. {grid.p // 2} (p = {grid.p})")
         key = {"freqs": freqs, "scores": None, "source": "given", "rule": "passed as freqs=", "p": grid.p, "step": None}
     else:
-        final = available[-1]
+        final = run.steps()[-1]
         model = run.load_model(final)
         if key_source == "neurons":
             _, acts = grid_forward(model, grid, [hook])

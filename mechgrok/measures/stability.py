@@ -75,7 +75,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mechgrok import models
-from mechgrok._config import check_int
 from mechgrok._threads import torch_threads
 from mechgrok.losses import LOSSES, SC_DTYPES, _check_dtype, collapsed, loss_fn
 from mechgrok.run import Run
@@ -287,16 +286,7 @@ def stability_over_training(run: Run | str, steps: Iterable[int] | None = None, 
         example (SC, accuracies) and one forward and backward pass over ``split`` (NLM).
     """
     run = run if isinstance(run, Run) else Run(run)
-    available = run.steps()
-    if not available:
-        raise FileNotFoundError(f"{run.path} has no checkpoints; train it first")
-    if steps is None:
-        wanted = available
-    else:
-        wanted = sorted({check_int(s, "steps", low=0, owner="stability_over_training") for s in steps})
-        missing = [s for s in wanted if s not in available]
-        if missing:
-            raise ValueError(f"no checkpoints at steps {missing} in {run.path}; available: {available}")
+    wanted = run.select_steps(steps, owner="stability_over_training")
     if loss is None:
         loss = run.config["train"].get("loss", "cross_entropy")
     dtype = run.config["train"].get("loss_dtype", "float64")  # absent: a float64 run (TrainConfig.to_dict)
