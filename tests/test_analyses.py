@@ -21,8 +21,15 @@ def run(tmp_path_factory):
                     out=tmp_path_factory.mktemp("analyses") / "run", progress=False)
 
 
-def test_results_round_trip_through_their_files(run):
-    written = mg.analyze(run, only=["progress", "neurons", "circuits"], progress=False)
+@pytest.fixture(scope="module")
+def analysed(run):
+    """``run`` with progress, neurons and circuits written (name -> file), whichever test (and xdist
+    worker) asks first."""
+    return mg.analyze(run, only=["progress", "neurons", "circuits"], progress=False)
+
+
+def test_results_round_trip_through_their_files(run, analysed):
+    written = analysed
     assert set(written) == {"progress", "neurons", "circuits"}
     for name, path in written.items():
         cls = ANALYSES[name].result
@@ -35,7 +42,7 @@ def test_results_round_trip_through_their_files(run):
     assert len(neurons.scores["ipr"]) == 16
 
 
-def test_from_json_says_how_to_rebuild(run):
+def test_from_json_says_how_to_rebuild(run, analysed):
     data = CircuitAnalysis.load(run).to_json()
     newer = data | {"a_field_from_a_newer_version": 1}
     assert CircuitAnalysis.from_json(newer) == CircuitAnalysis.from_json(data)  # unknown keys are ignored
