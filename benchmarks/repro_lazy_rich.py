@@ -35,12 +35,12 @@ import argparse
 import json
 import multiprocessing
 import platform
-import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from _timing import median_seconds  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 LR0, STEPS, EVAL_EVERY, CKPT_EVERY = 1e-2, 4000, 50, 50
@@ -91,14 +91,9 @@ def _train_and_measure(out: str, name: str, alpha: float, lr: float) -> dict:
             "lazy_rich": res.to_dict()}
 
 
-def _median_s(fn, reps: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+
+def _median3(fn) -> float:
+    return median_seconds(fn, reps=3)  # 3 repetitions: the kernel calls take ~0.5 s each
 
 
 def costs(run_path: str) -> dict:
@@ -119,13 +114,13 @@ def costs(run_path: str) -> dict:
             mg.models.final_logits(model, inputs)
 
     n_params = sum(p.numel() for p in model.parameters())
-    t = {"forward_all_examples": _median_s(lambda: forward(task.inputs)),
-         "forward_96": _median_s(lambda: forward(x)),
-         "empirical_ntk_96_exact": _median_s(lambda: empirical_ntk(model, x)),
-         "empirical_ntk_96_outputs_8": _median_s(lambda: empirical_ntk(model, x, outputs=8)),
-         "empirical_ntk_48_exact": _median_s(lambda: empirical_ntk(model, x[:48])),
-         "load_model": _median_s(lambda: run.load_model(step)),
-         "lazy_rich_over_training_per_checkpoint": _median_s(
+    t = {"forward_all_examples": _median3(lambda: forward(task.inputs)),
+         "forward_96": _median3(lambda: forward(x)),
+         "empirical_ntk_96_exact": _median3(lambda: empirical_ntk(model, x)),
+         "empirical_ntk_96_outputs_8": _median3(lambda: empirical_ntk(model, x, outputs=8)),
+         "empirical_ntk_48_exact": _median3(lambda: empirical_ntk(model, x[:48])),
+         "load_model": _median3(lambda: run.load_model(step)),
+         "lazy_rich_over_training_per_checkpoint": _median3(
              lambda: lazy_rich_over_training(run, [step], n_examples=N_EXAMPLES, per_class=PER_CLASS,
                                              progress=False), reps=1) / 2}  # steps 0 and `step`
     return {"seconds": t, "n_parameters": n_params, "d_out": task.d_vocab_out,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from mechgrok._io import to_jsonable
 from mechgrok.measures.pathways import (PATHWAY_METRICS, _correlations, expert_pathways, pathway_consistency,
                                         pathway_distance, pathways_over_training, usage_entropy)
 from mechgrok.run import GENERALIZED_ACC, MEMORIZED_ACC, first_step
+from _timing import median_seconds  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 TASK = dict(p=47, op="add", train_frac=0.5, seed=0)
@@ -94,15 +94,6 @@ def measure(run: mg.Run) -> dict:
     return out
 
 
-def _median_s(fn, reps: int = 7) -> float:
-    fn()  # warm up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
 
 def costs(run: mg.Run) -> dict:
     """Seconds per checkpoint of the pathway metrics against one forward pass over the same examples."""
@@ -128,10 +119,10 @@ def costs(run: mg.Run) -> dict:
         usage_entropy(pw)
 
     pw = expert_pathways(model, x)
-    t = {"forward": _median_s(forward), "expert_pathways": _median_s(lambda: expert_pathways(model, x)),
-         "edit_distance_2000_pairs": _median_s(lambda: pathway_distance(pw.sequences(), pairs)),
-         "all_metrics": _median_s(metrics), "load_model": _median_s(lambda: run.load_model(step)),
-         "pathways_over_training_per_checkpoint": _median_s(lambda: pathways_over_training(
+    t = {"forward": median_seconds(forward), "expert_pathways": median_seconds(lambda: expert_pathways(model, x)),
+         "edit_distance_2000_pairs": median_seconds(lambda: pathway_distance(pw.sequences(), pairs)),
+         "all_metrics": median_seconds(metrics), "load_model": median_seconds(lambda: run.load_model(step)),
+         "pathways_over_training_per_checkpoint": median_seconds(lambda: pathways_over_training(
              run, steps=[step], n_examples=N_EXAMPLES, n_pairs=N_PAIRS, progress=False), reps=3)}
     return {"seconds": t, "n_examples": len(x), "n_pairs": N_PAIRS, "pathway_length": int(pw.sequences().shape[1]),
             "ratio_to_forward": {k: v / t["forward"] for k, v in t.items()},

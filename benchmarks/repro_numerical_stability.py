@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from mechgrok.measures.stability import (
     nlm_alignment_on,
     stability_over_training,
 )
+from _timing import median_seconds  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 PRESET = "test"
@@ -110,15 +110,6 @@ def sweep(out: Path, grid: dict) -> dict:
     return {"sweep_seconds": seconds, "variants": variants}
 
 
-def _median_s(fn, reps: int = 7) -> float:
-    fn()  # warm up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
 
 def costs(run: mg.Run) -> dict:
     """Median seconds of each measure on the last checkpoint, and its ratio to one forward pass; the
@@ -137,19 +128,19 @@ def costs(run: mg.Run) -> dict:
         with torch.no_grad():
             mg.models.final_logits(model, x)
 
-    t = {"forward_train": _median_s(lambda: forward(x_train)),
-         "forward_all": _median_s(lambda: forward(task.inputs)),
-         "forward_grid_with_cache": _median_s(lambda: mg.measures.grid_forward(model, grid, [mg.models.mlp_hook(0)])),
-         "model_softmax_collapse": _median_s(lambda: model_softmax_collapse(model, task)),
-         "nlm_alignment": _median_s(lambda: nlm_alignment(model, task)),
-         "load_model": _median_s(lambda: run.load_model(step)),
-         "stability_over_training_per_checkpoint": _median_s(
+    t = {"forward_train": median_seconds(lambda: forward(x_train)),
+         "forward_all": median_seconds(lambda: forward(task.inputs)),
+         "forward_grid_with_cache": median_seconds(lambda: mg.measures.grid_forward(model, grid, [mg.models.mlp_hook(0)])),
+         "model_softmax_collapse": median_seconds(lambda: model_softmax_collapse(model, task)),
+         "nlm_alignment": median_seconds(lambda: nlm_alignment(model, task)),
+         "load_model": median_seconds(lambda: run.load_model(step)),
+         "stability_over_training_per_checkpoint": median_seconds(
              lambda: stability_over_training(run, steps=[step], progress=False), reps=3),
          # inside mg.measures.progress, per checkpoint: its float64 SC (from the grid's logits, no forward of
          # its own) and its NLM alignment (a forward and backward over the training split)
-         "progress_softmax_collapse_float64": _median_s(lambda: collapsed(train_logits, y_train, torch.float64)),
-         "progress_nlm_alignment": _median_s(lambda: nlm_alignment_on(model, x_train, y_train, fn)),
-         "progress_per_checkpoint": _median_s(
+         "progress_softmax_collapse_float64": median_seconds(lambda: collapsed(train_logits, y_train, torch.float64)),
+         "progress_nlm_alignment": median_seconds(lambda: nlm_alignment_on(model, x_train, y_train, fn)),
+         "progress_per_checkpoint": median_seconds(
              lambda: mg.measures.progress(run, steps=[step], freqs=freqs, progress=False), reps=3)}
     added = t["progress_softmax_collapse_float64"] + t["progress_nlm_alignment"]
     return {"seconds": t, "n_train": int(task.train.sum()), "n_all": int(task.inputs.shape[0]),

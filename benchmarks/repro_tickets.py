@@ -30,12 +30,12 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from _timing import median_seconds  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 PRESET = "test"
@@ -91,15 +91,6 @@ def run_seed(seed: int, out: str) -> dict:
     return res
 
 
-def _median_s(fn, reps: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
 
 def costs(run) -> dict:
     """Seconds of the ``tickets`` analysis per checkpoint and of its parts, against one forward pass."""
@@ -117,12 +108,12 @@ def costs(run) -> dict:
         with torch.no_grad():
             mg.models.final_logits(model, x)
 
-    t = {"forward_all": _median_s(lambda: forward(x_all)), "forward_train": _median_s(lambda: forward(x_train)),
-         "load_model": _median_s(lambda: run.load_model(step)),
-         "magnitude_masks_3_sparsities": _median_s(lambda: tk.magnitude_masks(model, TICKET_SPARSITIES)),
-         "mask_overlap_3": _median_s(lambda: [tk.mask_overlap(f, f) for f in final])}
+    t = {"forward_all": median_seconds(lambda: forward(x_all)), "forward_train": median_seconds(lambda: forward(x_train)),
+         "load_model": median_seconds(lambda: run.load_model(step)),
+         "magnitude_masks_3_sparsities": median_seconds(lambda: tk.magnitude_masks(model, TICKET_SPARSITIES)),
+         "mask_overlap_3": median_seconds(lambda: [tk.mask_overlap(f, f) for f in final])}
     n = len(run.steps())
-    t["ticket_analysis_total"] = _median_s(lambda: ticket_analysis(run, progress=False), reps=3)
+    t["ticket_analysis_total"] = median_seconds(lambda: ticket_analysis(run, progress=False), reps=3)
     t["ticket_analysis_per_checkpoint"] = t["ticket_analysis_total"] / n
     return {"seconds": t, "n_checkpoints": n, "n_all": int(x_all.shape[0]), "n_train": int(x_train.shape[0]),
             "n_weights": sum(int(m.numel()) for m in final[0].values()),
